@@ -72,7 +72,7 @@ def test_layout_rules():
     cfg = load_config(None, ["parallel.ep=3"])
     with pytest.raises(ConfigError, match="parallel.ep=3: must divide the world size"):
         validate_layout(cfg, 4)
-    cfg = load_config(None, ["parallel.ep=2", "model.n_routed_experts=6", "model.n_expert_groups=1"])
+    cfg = load_config(None, ["parallel.ep=4", "model.n_routed_experts=6", "model.n_expert_groups=1"])
     with pytest.raises(ConfigError, match="must divide model.n_routed_experts"):
         validate_layout(cfg, 4)
     cfg = load_config(None, ["train.batch_size=6"])

@@ -1,0 +1,104 @@
+"""Token dispatch for routed experts on one device (``ep = 1``): permute by expert, unpermute.
+
+The MoE layer talks to its routed experts only through a dispatcher (docs/interfaces.md)::
+
+    state = dispatcher.dispatch(x, topk_ids, topk_weights)   # may start async communication
+    ...                                                       # shared experts overlap here
+    expert_x, tokens_per_expert = dispatcher.wait(state)      # [M, D] rows sorted by local expert
+    expert_y = experts(expert_x, tokens_per_expert)
+    y = dispatcher.combine(expert_y, state)                   # [N, D] weighted by topk_weights
+
+:class:`LocalDispatcher` does this without communication; the expert-parallel all-to-all version
+lives in ``moetrain/parallel/expert_parallel.py`` and can reuse :func:`permute` / :func:`unpermute`.
+
+Neither function synchronises with the host: the sort is on device and the per-expert counts are a
+``scatter_add_`` into ``E`` bins (``torch.bincount`` would read ``max()`` back on CUDA).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["permute", "unpermute", "DispatchState", "LocalDispatcher"]
+
+
+def permute(x: torch.Tensor, topk_ids: torch.Tensor, n_experts: int):
+    """Replicate each token K times and sort the copies by expert (stable: token order kept).
+
+    Args:
+        x: ``[N, D]`` tokens.
+        topk_ids: ``[N, K]`` int64 expert ids in ``[0, n_experts)``.
+        n_experts: number of experts ``E``.
+    Returns:
+        ``expert_x [N*K, D]`` (row ``j`` is token ``sorted_idx[j] // K``),
+        ``tokens_per_expert [E]`` int64, ``sorted_idx [N*K]`` int64 (positions in the flattened
+        ``[N*K]`` assignment list, grouped by expert).
+    """
+    K = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1)
+    sorted_idx = torch.sort(flat, stable=True)[1]
+    expert_x = x.index_select(0, sorted_idx // K)
+    tokens_per_expert = torch.zeros(n_experts, dtype=torch.int64, device=flat.device)
+    tokens_per_expert.scatter_add_(0, flat, torch.ones_like(flat))
+    return expert_x, tokens_per_expert, sorted_idx
+
+
+def unpermute(expert_y: torch.Tensor, sorted_idx: torch.Tensor,
+              topk_weights: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`permute` plus the weighted sum over each token's K experts.
+
+    ``y[n] = sum_k topk_weights[n, k] * expert_y[row of (n, k)]``. The K copies are put back in
+    ``[N, K, D]`` order (a permutation: deterministic, no atomics), weighted in fp32 and summed.
+
+    Args:
+        expert_y: ``[N*K, D]`` in the order of ``sorted_idx``.
+        sorted_idx: ``[N*K]`` from :func:`permute`.
+        topk_weights: ``[N, K]`` (fp32 from the gate; gradients flow into it).
+    Returns:
+        ``[N, D]`` fp32 (the caller casts to the activation dtype).
+    """
+    N, K = topk_weights.shape
+    inverse = torch.empty_like(sorted_idx)
+    inverse.scatter_(0, sorted_idx, torch.arange(sorted_idx.numel(), device=sorted_idx.device))
+    y = expert_y.index_select(0, inverse).view(N, K, -1)
+    return (y.float() * topk_weights.float().unsqueeze(-1)).sum(dim=1)
+
+
+@dataclass
+class DispatchState:
+    """What :meth:`LocalDispatcher.dispatch` hands to ``wait`` / ``combine``."""
+
+    expert_x: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    sorted_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    dtype: torch.dtype
+
+
+class LocalDispatcher:
+    """Dispatcher for ``ep = 1``: all ``n_experts`` experts are local.
+
+    ``permute_fn`` / ``unpermute_fn`` are instance attributes (defaults :func:`permute` /
+    :func:`unpermute`) so a fused kernel can be swapped in from outside.
+    """
+
+    def __init__(self, n_experts: int):
+        self.n_experts = n_experts
+        self.permute_fn = permute
+        self.unpermute_fn = unpermute
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> DispatchState:
+        """Sort token copies by expert. ``x [N, D]``, ``topk_ids [N, K]`` int64,
+        ``topk_weights [N, K]``."""
+        expert_x, tpe, sorted_idx = self.permute_fn(x, topk_ids, self.n_experts)
+        return DispatchState(expert_x, tpe, sorted_idx, topk_weights, x.dtype)
+
+    def wait(self, state: DispatchState):
+        """Returns ``(expert_x [N*K, D], tokens_per_expert [E] int64)``; nothing to wait for."""
+        return state.expert_x, state.tokens_per_expert
+
+    def combine(self, expert_y: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """``expert_y [N*K, D]`` -> ``[N, D]`` weighted by ``topk_weights``, in the dtype of x."""
+        return self.unpermute_fn(expert_y, state.sorted_idx, state.topk_weights).to(state.dtype)
