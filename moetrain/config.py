@@ -103,8 +103,9 @@ class CostConfig:
     gpu_type: str = "auto"           # auto (from the device name) | h100 | h200 | h800 | a100 | ...
     gpu_hour_usd: Optional[float] = None    # None = the default price of gpu_type (economics.GPU_SPECS)
     cpu_core_hour_usd: float = 0.05  # price of one CPU core-hour for CPU runs
-    kwh_usd: Optional[float] = None
+    kwh_usd: Optional[float] = None         # price of a kWh: adds cost/energy_usd (GPU runs with NVML)
     budget_usd: Optional[float] = None
+    target_loss: Optional[float] = None     # forecast the steps, GPU-hours and $ to reach this training loss
 
 
 @dataclass
@@ -157,7 +158,7 @@ MODEL_POSITIVE = ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers",
                   "n_routed_experts", "n_activated_experts", "n_expert_groups", "n_limited_groups",
                   "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "rope_theta", "rope_factor",
                   "norm_eps")
-MODEL_NON_NEGATIVE = ("n_dense_layers", "n_shared_experts", "q_lora_rank", "qk_nope_head_dim",
+MODEL_NON_NEGATIVE = ("dropout", "n_dense_layers", "n_shared_experts", "q_lora_rank", "qk_nope_head_dim",
                       "bias_update_speed", "seq_aux_alpha", "switch_aux_alpha", "router_z_loss_coef")
 
 

@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -28,8 +29,9 @@ from moetrain.data import DataError
 from moetrain.data.dataset import TokenWindows, check_vocab, open_dataset
 from moetrain.data.prepare import ensure_prepared
 from moetrain.data.sampler import ResumableSampler, shard
-from moetrain.economics import CostMeter, resolve_pricing
-from moetrain.metrics import JsonlSink, MetricLogger, TensorBoardSink, WandbSink
+from moetrain.economics import CostMeter, resolve_pricing, restart_loss
+from moetrain.energy import open_energy_meter
+from moetrain.metrics import JsonlSink, MetricLogger, TensorBoardSink, WandbSink, write_run_metadata
 from moetrain.model.args import flops_per_token, kv_cache_per_token, param_counts
 from moetrain.model.transformer import Transformer
 from moetrain.parallel.mesh import DistContext, all_reduce_sum, build_mesh, init_distributed, shutdown
@@ -93,6 +95,7 @@ class StopFlag:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, ctx: DistContext):
+        self.started_at = time.perf_counter()  # start-up is charged from here
         self.cfg, self.ctx = cfg, ctx
         self.run_dir = Path(cfg.run.dir)
         self.dp, self.ep = validate_layout(cfg, ctx.world_size)
@@ -141,7 +144,7 @@ class Trainer:
             model = Transformer(args)
         model.init_weights()
         try:
-            self.model, self.raw_model = parallelize(model, cfg, self.ctx)
+            self.model, self.raw_model, self.grad_sync = parallelize(model, cfg, self.ctx)
         except UnavailableFeature as e:
             raise UserError(str(e)) from None
         self.optimizer = build_optimizer(self.raw_model, cfg)
@@ -155,7 +158,13 @@ class Trainer:
                                       cfg.cost.cpu_core_hour_usd, torch.get_num_threads())
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.meter = CostMeter(pricing, self.ctx.world_size, self.flops_per_token)
+        reduce = None  # energy is summed over the ranks' GPUs (collective: every rank reports)
+        if dev.type == "cuda" and self.ctx.distributed:
+            reduce = lambda xs: all_reduce_sum(torch.tensor(xs, dtype=torch.float64, device=dev)).tolist()  # noqa: E731
+        self.meter = CostMeter(pricing, self.ctx.world_size, self.flops_per_token,
+                               energy=open_energy_meter(dev), kwh_usd=cfg.cost.kwh_usd, reduce_sum=reduce,
+                               total_steps=cfg.train.steps, target_loss=cfg.cost.target_loss,
+                               started_at=self.started_at)
 
     def _barrier(self) -> None:
         if self.ctx.distributed:
@@ -169,7 +178,9 @@ class Trainer:
         if cfg.logging.wandb != "disabled":
             name = cfg.run.name or self.run_dir.name
             sinks.append(WandbSink(self.run_dir, cfg.logging.project, name,
-                                   OmegaConf.to_container(cfg, resolve=True), cfg.logging.wandb, self.wandb_id))
+                                   OmegaConf.to_container(cfg, resolve=True), cfg.logging.wandb, self.wandb_id,
+                                   hours_key="cost/gpu_hours" if self.meter.pricing.unit == "gpu"
+                                   else "cost/cpu_core_hours"))
             self.wandb_id = sinks[-1].run_id
         if cfg.logging.tensorboard:
             sinks.append(TensorBoardSink(self.run_dir))
@@ -221,6 +232,9 @@ class Trainer:
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.meter.load_state_dict(state["meter"])
+        lost = restart_loss(self.run_dir / "metrics.jsonl", state["meter"])  # work done past the checkpoint
+        self.meter.add_restart(lost["seconds"], lost["kwh"])
+        self._barrier()  # every rank has read metrics.jsonl before rank 0 truncates it
         self.wandb_id = state.get("wandb_id")
         if self.ctx.is_main:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
@@ -252,6 +266,7 @@ class Trainer:
                 ((ce + aux) / len(micro_batches)).backward()
             ce_sum += ce.detach()
             aux_sum += aux.detach()
+        self.grad_sync()
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
         stats = self.raw_model.moe_stats()
@@ -269,6 +284,8 @@ class Trainer:
         cfg = self.cfg
         self.model.eval()
         n_windows = min(len(self.val_data), cfg.train.eval_batches * cfg.train.batch_size)
+        if n_windows >= cfg.train.batch_size:  # whole global batches: the same windows at every world size
+            n_windows -= n_windows % cfg.train.batch_size
         per_rank = max(1, n_windows // self.ctx.world_size)
         start = self.ctx.rank * per_rank
         idx = list(range(start, min(start + per_rank, len(self.val_data))))
@@ -286,6 +303,7 @@ class Trainer:
         aux = all_reduce_sum(out["aux_t"].clone()).item() / self.ctx.world_size
         rec = {"step": self.step, "tokens": self.meter.tokens, "loss": loss, "lr": out["lr"],
                "grad_norm": out["grad_norm_t"].item(), "moe/aux_loss": aux}
+        self.meter.observe(self.step, loss)  # for the forecasts (steps to the end, cost to cost.target_loss)
         rec.update({k: (v.item() if torch.is_tensor(v) else v) for k, v in out.items() if k.startswith("moe/")})
         rec.update(self.meter.report())
         if self.ctx.device.type == "cuda":
@@ -294,7 +312,9 @@ class Trainer:
 
     def _budget_spent(self, rec: dict) -> bool:
         budget = self.cfg.cost.budget_usd
-        return budget is not None and rec.get("cost/usd", 0.0) >= budget
+        spent = budget is not None and rec.get("cost/usd", 0.0) >= budget
+        flag = torch.tensor([1.0 if spent else 0.0], device=self.ctx.device)
+        return bool(all_reduce_sum(flag).item() > 0)  # ranks agree (their clocks differ slightly)
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -302,6 +322,8 @@ class Trainer:
         self._setup_logging()
         if self.ctx.is_main:
             save_config(cfg, self.run_dir)
+            write_run_metadata(self.run_dir, start_step=self.step, device=self.meter.pricing.device_label,
+                               wandb_id=self.wandb_id)  # run.json: SLURM job id, restarts, hosts
             print(self.describe(), flush=True)
         bar = self._progress_bar()
         self.meter.start_training()
@@ -336,6 +358,7 @@ class Trainer:
             last_val = self._eval_and_log()
         path = self.save() if (cfg.checkpoint.at_end or stopped_by) else None
         final = self.meter.report()
+        self.meter.close()
         summary = {"step": self.step, "val/loss": last_val, "stopped_by": stopped_by,
                    "checkpoint": str(path) if path else None, **final}
         self.logger.summary(summary)
@@ -350,7 +373,7 @@ class Trainer:
         rec = {"step": self.step, "tokens": self.meter.tokens, "val/loss": val, **self.meter.report()}
         self.logger.log(rec)
         if self.ctx.is_main:
-            self._write(f"step {self.step:>6}  val/loss {val:.4f}  ${rec['cost/usd']:.4f}")
+            self._write(f"step {self.step:>6}  val/loss {val:.4f}  {_usd(rec['cost/usd'])}")
         return val
 
     def _progress_bar(self):
@@ -371,7 +394,7 @@ class Trainer:
         mfu = f"  mfu {100 * rec['perf/mfu']:.1f}%" if rec.get("perf/mfu") is not None else ""
         self._write(f"step {rec['step']:>6}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
                     f"gnorm {rec['grad_norm']:.2f}  {rec['perf/tokens_per_s']:,.0f} tok/s{mfu}  "
-                    f"${rec['cost/usd']:.4f}")
+                    f"{_usd(rec['cost/usd'])}")
         if bar is not None:
             bar.n = rec["step"]
             bar.set_postfix(loss=f"{rec['loss']:.3f}", usd=f"{rec['cost/usd']:.4f}", refresh=True)
@@ -383,12 +406,17 @@ class Trainer:
         lines = [f"done: step {s['step']}/{self.cfg.train.steps}"
                  + (f" (stopped by {s['stopped_by']})" if s["stopped_by"] else ""),
                  f"val/loss {val} nats/token",
-                 f"cost {s[hours_key]:.5f} {unit}, ${s['cost/usd']:.4f} "
+                 f"cost {s[hours_key]:.5f} {unit}, {_usd(s['cost/usd'])} "
                  f"(train {s['time/train_s']:.1f}s, eval {s['time/eval_s']:.1f}s, "
                  f"checkpoint {s['time/checkpoint_s']:.1f}s, start-up {s['time/startup_s']:.1f}s)"]
         if s.get("checkpoint"):
             lines.append(f"checkpoint {s['checkpoint']}")
         return "\n".join(lines)
+
+
+def _usd(x: float) -> str:
+    """Dollars with enough digits to be non-zero on a short CPU run."""
+    return f"${x:,.2f}" if x >= 100 else f"${x:.3g}"
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -407,7 +435,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML file of overrides (see configs/)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,7 @@ class ModelArgs:
     mscale: float = 1.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    dropout: float = 0.0          # residual/embedding dropout in training (0 = off, as in DeepSeek-V3)
 
     @property
     def qk_head_dim(self) -> int:
@@ -103,6 +104,8 @@ class ModelArgs:
                 bad(f"{f}={getattr(self, f)} must be > 0")
         if not 0 <= self.n_dense_layers <= self.n_layers:
             bad(f"n_dense_layers={self.n_dense_layers} must be in [0, n_layers={self.n_layers}]")
+        if not 0.0 <= self.dropout < 1.0:
+            bad(f"dropout={self.dropout} must be in [0, 1)")
         if self.qk_rope_head_dim % 2:
             bad(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
         if self.q_lora_rank < 0:
@@ -137,15 +140,16 @@ FLAVORS: dict[str, ModelArgs] = {
     # golden loss curve. vocab_size is taken from the data (256 = bytes).
     "debug": ModelArgs(),
     # Character-level Shakespeare (vocab 65), V3-style routing (sigmoid, expert bias, groups),
-    # 10.7M total / 5.5M activated params; trains in minutes on one GPU.
+    # fine-grained experts (16 routed of 128, top-4, + 2 shared), dropout 0.2 as nanoGPT's baby GPT;
+    # trains in minutes on one GPU.
     "tinyshakespeare": ModelArgs(
-        vocab_size=65, dim=384, inter_dim=1024, moe_inter_dim=64, n_layers=6, n_dense_layers=1,
+        vocab_size=65, dim=384, inter_dim=1024, n_layers=6, n_dense_layers=1,
         n_heads=6, max_seq_len=256,
-        n_routed_experts=16, n_shared_experts=1, n_activated_experts=2,
+        n_routed_experts=16, n_shared_experts=2, n_activated_experts=4, moe_inter_dim=128,
         n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=1.0,
         norm_topk_prob=True, bias_update_speed=1e-3, seq_aux_alpha=1e-4,
         q_lora_rank=0, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-        original_seq_len=256, rope_theta=10000.0, init_std=0.02,
+        original_seq_len=256, rope_theta=10000.0, init_std=0.02, dropout=0.2,
     ),
     # DeepSeek-V2-Lite (HF config.json of deepseek-ai/DeepSeek-V2-Lite): 15.7B total, 2.4B active.
     # V2 balances with aux losses only (expert-level alpha1 = 0.001 for Lite, V2 paper §4.1/App. B),

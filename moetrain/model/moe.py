@@ -335,6 +335,8 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """``x [M, D]`` rows sorted by local expert, ``tokens_per_expert [E]`` (sum ``M``)
         -> ``[M, D]`` in ``x.dtype``."""
+        if torch.is_autocast_enabled(x.device.type):  # autocast does not cover the grouped GEMM
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         w1, w2, w3 = (w.to(x.dtype) for w in (self.w1, self.w2, self.w3))
         if _grouped_mm_supported(x, self.dim, self.inter_dim):
             offs = torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)

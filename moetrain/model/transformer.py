@@ -110,6 +110,7 @@ class Block(nn.Module):
             self.ffn = MLP(args.dim, args.inter_dim, args.init_std, self.out_std)
         else:
             self.ffn = MoE(args, self.out_std)
+        self.drop = nn.Dropout(args.dropout)  # on each residual branch's output (training only)
 
     def reset_parameters(self) -> None:
         self.attn_norm.reset_parameters()
@@ -125,8 +126,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``x [B, T, D]``, RoPE tables ``[T, Dr/2]`` -> ``[B, T, D]``."""
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.ffn(self.ffn_norm(x))
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin))
+        return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
 class Transformer(_Fp32Buffers, nn.Module):
@@ -151,6 +152,7 @@ class Transformer(_Fp32Buffers, nn.Module):
         cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=cuda):
             self.embed = nn.Embedding(args.vocab_size, args.dim)
+            self.drop = nn.Dropout(args.dropout)
             self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
             self.norm = RMSNorm(args.dim, args.norm_eps)
             self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
@@ -189,7 +191,7 @@ class Transformer(_Fp32Buffers, nn.Module):
         if T > self.freqs_cos.shape[0]:
             raise ValueError(f"sequence length {T} > max_seq_len {self.freqs_cos.shape[0]}")
         cos, sin = self.freqs_cos[:T], self.freqs_sin[:T]
-        h = self.embed(tokens)
+        h = self.drop(self.embed(tokens))
         for layer in self.layers:
             h = layer(h, cos, sin)
         return self.output(self.norm(h))

@@ -1,5 +1,4 @@
 """Gate invariants, grouped experts vs. a per-token loop reference, dispatcher, balance losses."""
-import dataclasses
 
 import pytest
 import torch

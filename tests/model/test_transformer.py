@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from moetrain.model import MLP, MoE, RMSNorm, Transformer, get_flavor
-from moetrain.model.args import ModelArgs
 
 
 def v3_like():
