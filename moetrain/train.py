@@ -35,6 +35,8 @@ from moetrain.metrics import JsonlSink, MetricLogger, TensorBoardSink, WandbSink
 from moetrain.model.args import flops_per_token, kv_cache_per_token, param_counts
 from moetrain.model.transformer import Transformer
 from moetrain.parallel.mesh import DistContext, all_reduce_sum, build_mesh, init_distributed, shutdown
+from moetrain.parallel.expert_parallel import A2A_METER, moe_telemetry
+from moetrain.parallel.engine import build_engine
 from moetrain.parallel.parallelize import UnavailableFeature, parallelize
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -123,14 +125,15 @@ class Trainer:
             if not self.ctx.is_main:
                 data_dir = ensure_prepared(cfg.data.corpus, cache, cfg.data.tokenizer, cfg.data.val_fraction)
         self.data_dir = data_dir
-        self.train_data: TokenWindows = open_dataset(data_dir, "train", cfg.train.seq_len)
+        self.train_data: TokenWindows = open_dataset(data_dir, "train", cfg.train.seq_len, shifted=True)
         self.val_data: TokenWindows = open_dataset(data_dir, "val", cfg.train.seq_len)
         self.meta = self.train_data.meta
         if len(self.train_data) < cfg.train.batch_size:
             raise DataError(f"{data_dir}: train split has {len(self.train_data)} windows of train.seq_len="
                             f"{cfg.train.seq_len}, fewer than train.batch_size={cfg.train.batch_size}; "
                             f"lower train.batch_size or train.seq_len")
-        self.sampler = ResumableSampler(len(self.train_data), cfg.train.batch_size, cfg.run.seed)
+        self.sampler = ResumableSampler(len(self.train_data), cfg.train.batch_size, cfg.run.seed,
+                                        n_shifts=self.train_data.n_shifts)
 
     def _setup_model(self) -> None:
         cfg = self.cfg
@@ -145,9 +148,12 @@ class Trainer:
         model.init_weights()
         try:
             self.model, self.raw_model, self.grad_sync = parallelize(model, cfg, self.ctx)
+            # the engine seam (moetrain.parallel.engine): backward, optimizer step, clipping, checkpoints
+            self.engine = build_engine(cfg, self.ctx, self.model, self.raw_model, build_optimizer(self.raw_model, cfg),
+                                       self.grad_sync, self.micro, self.accum)
         except UnavailableFeature as e:
             raise UserError(str(e)) from None
-        self.optimizer = build_optimizer(self.raw_model, cfg)
+        self.model, self.optimizer = self.engine.model, self.engine.optimizer
         self.flops_per_token = flops_per_token(args, cfg.train.seq_len, training=True)
 
     def _setup_meter(self) -> None:
@@ -200,7 +206,8 @@ class Trainer:
             f"({100 * (1 - kv['mla_bytes'] / kv['mha_bytes']):.1f}% smaller)",
             f"layout  world {self.ctx.world_size} = dp {self.dp} x ep {self.ep} on {self.ctx.device.type}; "
             f"global batch {self.cfg.train.batch_size} = {self.ctx.world_size} ranks x {self.accum} micro x "
-            f"{self.micro} seqs of {self.cfg.train.seq_len} tokens",
+            f"{self.micro} seqs of {self.cfg.train.seq_len} tokens"
+            + ("" if self.engine.name == "native" else f"; engine {self.engine.describe()}"),
             f"data    {self.data_dir} ({self.meta['n_train_tokens']:,} train / {self.meta['n_val_tokens']:,} val "
             f"tokens, vocab {self.meta['vocab_size']})",
             f"cost    {p.device_label} at ${p.usd_per_unit_hour:.2f}/{'GPU' if p.unit == 'gpu' else 'core'}-hour"
@@ -216,8 +223,7 @@ class Trainer:
 
     def save(self) -> Path:
         with self.meter.phase("checkpoint"):
-            return ckpt.save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
-                                        self.trainer_state(), keep=self.cfg.checkpoint.keep)
+            return self.engine.save(self.run_dir, self.step, self.trainer_state(), keep=self.cfg.checkpoint.keep)
 
     def maybe_resume(self) -> None:
         cfg = self.cfg
@@ -228,7 +234,7 @@ class Trainer:
             path = Path(cfg.resume)
         if path is None:
             return
-        state = ckpt.load_checkpoint(path, self.raw_model, self.optimizer)
+        state = self.engine.load(path)
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.meter.load_state_dict(state["meter"])
@@ -252,26 +258,25 @@ class Trainer:
     def train_step(self) -> dict:
         cfg = self.cfg
         lr = lr_at(self.step, cfg)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        self.engine.set_lr(lr)
         indices = self.sampler.next_indices()
         micro_batches = shard(indices, self.ctx.rank, self.ctx.world_size, self.micro)
         ce_sum = torch.zeros((), device=self.ctx.device)
         aux_sum = torch.zeros((), device=self.ctx.device)
+        grad_norm = None
         for i, mb in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            with sync:
+            with self.engine.micro_batch(last=i == len(micro_batches) - 1):
                 ce, aux = self._loss(self.train_data.batch(mb))
-                ((ce + aux) / len(micro_batches)).backward()
+                self.engine.backward(ce + aux)  # the engine divides by the accumulation steps
             ce_sum += ce.detach()
             aux_sum += aux.detach()
-        self.grad_sync()
-        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
-        stats = self.raw_model.moe_stats()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            norm = self.engine.step()  # optimizer step at the accumulation boundary only: its pre-clip grad norm
+            grad_norm = norm if norm is not None else grad_norm
+        if grad_norm is None:
+            raise RuntimeError(f"engine {self.engine.name} did not step after {len(micro_batches)} micro-batches")
+        nxt = self.step + 1  # expert-load histograms on eval steps and the last step
+        hist = bool(cfg.train.eval_every and nxt % cfg.train.eval_every == 0) or nxt == cfg.train.steps
+        stats = moe_telemetry(self.raw_model, reduce=all_reduce_sum, hist=hist)  # world-summed loads
         self.raw_model.update_expert_biases(reduce=all_reduce_sum)
         self.step += 1
         self.meter.add_tokens(cfg.train.batch_size * cfg.train.seq_len)
@@ -306,6 +311,7 @@ class Trainer:
         self.meter.observe(self.step, loss)  # for the forecasts (steps to the end, cost to cost.target_loss)
         rec.update({k: (v.item() if torch.is_tensor(v) else v) for k, v in out.items() if k.startswith("moe/")})
         rec.update(self.meter.report())
+        rec.update(A2A_METER.report())  # perf/a2a_ms, perf/a2a_bytes per step (ep > 1)
         if self.ctx.device.type == "cuda":
             rec["mem/peak_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
         return rec

@@ -29,17 +29,24 @@ class TokenWindows:
     token: the last target of one is the first input of the next), so
     ``len(self) == (n_tokens - 1) // seq_len``. Inputs are ``w[:, :-1]``, targets ``w[:, 1:]``.
 
+    With ``shifted=True`` (training) the windows can also start ``s`` tokens later, ``0 <= s < seq_len``,
+    so that successive epochs see the text cut at different places (as random offsets do in nanoGPT,
+    but deterministic and resumable): index ``j`` in ``[0, len(self) * n_shifts)`` means window
+    ``j % len(self)`` shifted by ``j // len(self)``, and ``len(self) == (n_tokens - seq_len) // seq_len``
+    leaves room for the largest shift. ``n_shifts`` is ``seq_len`` (shifted) or 1.
+
     Args:
         bin_path: raw token file (native-endian ``dtype`` values, no header).
         seq_len: tokens per training sequence (>= 1).
         dtype: ``"uint16"`` | ``"uint32"`` (or the numpy dtype).
+        shifted: allow shifted windows (see above).
     Raises:
         DataError: missing file, size not a multiple of the item size, fewer than ``seq_len + 1`` tokens.
 
     Pickles without its data (the memmap is reopened lazily), so it can go to DataLoader workers.
     """
 
-    def __init__(self, bin_path: str | Path, seq_len: int, dtype: str | np.dtype = "uint16"):
+    def __init__(self, bin_path: str | Path, seq_len: int, dtype: str | np.dtype = "uint16", shifted: bool = False):
         self.bin_path = Path(bin_path)
         self.seq_len = int(seq_len)
         if self.seq_len < 1:
@@ -58,7 +65,8 @@ class TokenWindows:
             raise DataError(f"{self.bin_path}: {self.n_tokens} tokens, fewer than seq_len + 1 = "
                             f"{self.seq_len + 1} needed for one window; lower train.seq_len (seq_len={self.seq_len}) "
                             "or prepare more data / a larger val fraction")
-        self._n_windows = (self.n_tokens - 1) // self.seq_len
+        self.n_shifts = self.seq_len if shifted and self.n_tokens >= 2 * self.seq_len else 1
+        self._n_windows = (self.n_tokens - (self.seq_len if self.n_shifts > 1 else 1)) // self.seq_len
         self._offsets = np.arange(self.seq_len + 1, dtype=np.int64)
         self._mm: np.memmap | None = None
 
@@ -74,21 +82,23 @@ class TokenWindows:
         return self._n_windows
 
     def _check(self, idx: np.ndarray) -> None:
-        if idx.size and (idx.min() < 0 or idx.max() >= self._n_windows):
-            bad = int(idx[(idx < 0) | (idx >= self._n_windows)][0])
-            raise IndexError(f"window index {bad} out of range [0, {self._n_windows}) for {self.bin_path}")
+        limit = self._n_windows * self.n_shifts
+        if idx.size and (idx.min() < 0 or idx.max() >= limit):
+            bad = int(idx[(idx < 0) | (idx >= limit)][0])
+            raise IndexError(f"window index {bad} out of range [0, {limit}) for {self.bin_path}")
 
     def batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """Gather windows: ``LongTensor[len(indices), seq_len + 1]`` (int64, CPU, a fresh copy).
 
         Raises:
-            IndexError: an index outside ``[0, len(self))`` (negative indices are not wrapped).
+            IndexError: an index outside ``[0, len(self) * n_shifts)`` (negative indices are not wrapped).
         """
         if isinstance(indices, torch.Tensor):
             indices = indices.cpu().numpy()
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         self._check(idx)
-        pos = idx[:, None] * self.seq_len + self._offsets[None, :]
+        start = (idx % self._n_windows) * self.seq_len + idx // self._n_windows
+        pos = start[:, None] + self._offsets[None, :]
         return torch.from_numpy(self.tokens[pos].astype(np.int64))
 
     def __getitem__(self, i: int) -> torch.Tensor:
@@ -152,7 +162,7 @@ def _max_token(mm: np.ndarray) -> int:
     return int(max(int(mm[s:s + _SCAN_CHUNK // 4].max()) for s in starts))
 
 
-def open_dataset(data_dir: str | Path, split: str, seq_len: int) -> TokenWindows:
+def open_dataset(data_dir: str | Path, split: str, seq_len: int, shifted: bool = False) -> TokenWindows:
     """Open one split of a prepared dataset after checking it against ``meta.json``.
 
     Checks: ``meta.json`` exists and parses; ``<split>.bin`` exists; its byte size equals
@@ -163,6 +173,7 @@ def open_dataset(data_dir: str | Path, split: str, seq_len: int) -> TokenWindows
         data_dir: directory written by :func:`moetrain.data.prepare.prepare`.
         split: ``"train"`` | ``"val"``.
         seq_len: tokens per sequence.
+        shifted: training windows that may start up to ``seq_len - 1`` tokens later (see TokenWindows).
     Returns:
         :class:`TokenWindows` with ``.meta`` (the meta dict) and ``.split`` set.
     Raises:
@@ -186,7 +197,7 @@ def open_dataset(data_dir: str | Path, split: str, seq_len: int) -> TokenWindows
         raise DataError(f"{bp}: the {split} split has {n_expected} tokens, fewer than seq_len + 1 = "
                         f"{seq_len + 1}; lower train.seq_len (seq_len={seq_len}) or prepare more data"
                         + (" / raise the val fraction" if split == "val" else ""))
-    tw = TokenWindows(bp, seq_len, dtype)
+    tw = TokenWindows(bp, seq_len, dtype, shifted=shifted)
     mx = _max_token(tw.tokens)
     if mx >= meta["vocab_size"]:
         raise DataError(f"{bp}: token id {mx} >= vocab_size {meta['vocab_size']} in meta.json (corrupt or "

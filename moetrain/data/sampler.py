@@ -13,7 +13,7 @@ import torch
 
 __all__ = ["ResumableSampler", "shard"]
 
-_STATE_KEYS = ("seed", "epoch", "position", "n_windows", "global_batch_size")
+_STATE_KEYS = ("seed", "epoch", "position", "n_windows", "global_batch_size")  # + "n_shifts" (default 1)
 
 
 class ResumableSampler:
@@ -24,13 +24,18 @@ class ResumableSampler:
     continues into the next epoch's permutation (so a batch may straddle two epochs, and a batch larger than
     ``n_windows`` spans several). Within one epoch every window appears exactly once.
 
+    With ``n_shifts > 1`` every epoch also draws one shift ``s`` in ``[0, n_shifts)`` from the same
+    generator and returns ``window + s * n_windows`` (the index encoding of shifted
+    :class:`~moetrain.data.dataset.TokenWindows`), so each epoch cuts the text at new places.
+
     Args:
         n_windows: number of windows in the dataset (``len(TokenWindows)``), >= 1.
         global_batch_size: sequences per optimizer step over all ranks and micro-batches, >= 1.
         seed: base seed (int).
+        n_shifts: ``TokenWindows.n_shifts`` (1 = no shifts).
     """
 
-    def __init__(self, n_windows: int, global_batch_size: int, seed: int = 0):
+    def __init__(self, n_windows: int, global_batch_size: int, seed: int = 0, n_shifts: int = 1):
         if int(n_windows) < 1:
             raise ValueError(f"n_windows={n_windows}: must be >= 1")
         if int(global_batch_size) < 1:
@@ -38,6 +43,7 @@ class ResumableSampler:
         self.n_windows = int(n_windows)
         self.global_batch_size = int(global_batch_size)
         self.seed = int(seed)
+        self.n_shifts = max(1, int(n_shifts))
         self.epoch = 0
         self.position = 0          # indices of the current epoch already handed out
         self._perm: list[int] | None = None
@@ -47,13 +53,16 @@ class ResumableSampler:
         if self._perm_epoch != self.epoch:
             g = torch.Generator()
             g.manual_seed(self.seed + self.epoch)
-            self._perm = torch.randperm(self.n_windows, generator=g).tolist()
+            perm = torch.randperm(self.n_windows, generator=g)
+            if self.n_shifts > 1:
+                perm += int(torch.randint(self.n_shifts, (1,), generator=g)) * self.n_windows
+            self._perm = perm.tolist()
             self._perm_epoch = self.epoch
         assert self._perm is not None
         return self._perm
 
     def next_indices(self) -> list[int]:
-        """The next global batch: ``list[int]`` of length ``global_batch_size``, values in ``[0, n_windows)``."""
+        """The next global batch: ``list[int]`` of length ``global_batch_size``, values in ``[0, n_windows * n_shifts)``."""
         out: list[int] = []
         need = self.global_batch_size
         while need:
@@ -75,7 +84,8 @@ class ResumableSampler:
     def state_dict(self) -> dict:
         """Plain ints: ``{"seed", "epoch", "position", "n_windows", "global_batch_size"}``."""
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position,
-                "n_windows": self.n_windows, "global_batch_size": self.global_batch_size}
+                "n_windows": self.n_windows, "global_batch_size": self.global_batch_size,
+                "n_shifts": self.n_shifts}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the stream of a saved sampler: the next call returns the first batch it had not yet
@@ -88,8 +98,8 @@ class ResumableSampler:
         missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
             raise ValueError(f"sampler state: missing key(s) {', '.join(missing)}")
-        for k in ("n_windows", "global_batch_size"):
-            if int(state[k]) != getattr(self, k):
+        for k in ("n_windows", "global_batch_size", "n_shifts"):
+            if int(state.get(k, 1)) != getattr(self, k):
                 raise ValueError(f"sampler state has {k}={int(state[k])} but this run has {k}={getattr(self, k)}"
                                  + (" (the dataset or train.seq_len changed since the checkpoint)"
                                     if k == "n_windows" else " (train.batch_size changed since the checkpoint)"))

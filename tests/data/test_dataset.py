@@ -40,6 +40,21 @@ def test_token_windows(tmp_path):
         TokenWindows(p, 200, "uint16")
 
 
+def test_shifted_token_windows(tmp_path):
+    arr = np.arange(103, dtype=np.uint16)
+    p = tmp_path / "t.bin"
+    arr.tofile(p)
+    w = TokenWindows(p, 10, "uint16", shifted=True)
+    assert w.n_shifts == 10 and len(w) == (103 - 10) // 10 == 9
+    # index j = window + shift * len: window 8 shifted by 9 is the last that fits (ends at token 99 + 1)
+    assert w.batch([8 + 9 * 9]).tolist() == [list(range(89, 100))]
+    assert w.batch([3 + 2 * 9]).tolist() == [list(range(32, 43))]
+    assert w.batch([3]).tolist() == [list(range(30, 41))]  # shift 0 = the plain window
+    with pytest.raises(IndexError):
+        w.batch([9 * 10])
+    assert TokenWindows(p, 60, "uint16", shifted=True).n_shifts == 1  # no room for a shift
+
+
 def test_open_dataset(ds, small_text):
     tr = open_dataset(ds, "train", 32)
     va = open_dataset(ds, "val", 32)

@@ -34,7 +34,7 @@ def test_resume_continues_the_same_stream(k):
     s = ResumableSampler(37, 5, seed=11)
     _stream(s, k)
     state = json.loads(json.dumps(s.state_dict()))  # survives a plain-JSON checkpoint
-    assert set(state) == {"seed", "epoch", "position", "n_windows", "global_batch_size"}
+    assert set(state) == {"seed", "epoch", "position", "n_windows", "global_batch_size", "n_shifts"}
     assert all(type(v) is int for v in state.values())
     r = ResumableSampler(37, 5, seed=999)  # seed comes from the state
     r.load_state_dict(state)
@@ -62,3 +62,26 @@ def test_shard_is_world_size_independent():
         shard(batch, 0, 4, 3)
     with pytest.raises(ValueError, match="rank"):
         shard(batch, 4, 4, 2)
+
+
+def test_shifted_epochs_cover_every_window_once_with_one_shift_per_epoch():
+    n, shifts = 37, 8
+    seen_shifts = []
+    s = ResumableSampler(n, n, seed=3, n_shifts=shifts)  # one batch = one epoch
+    for _ in range(6):
+        batch = s.next_indices()
+        assert sorted(i % n for i in batch) == list(range(n))
+        assert len({i // n for i in batch}) == 1 and 0 <= batch[0] // n < shifts
+        seen_shifts.append(batch[0] // n)
+    assert len(set(seen_shifts)) > 1  # the cut moves between epochs
+
+
+def test_shifted_sampler_resumes_and_rejects_other_shift_counts():
+    a = ResumableSampler(20, 6, seed=1, n_shifts=4)
+    for _ in range(5):
+        a.next_indices()
+    b = ResumableSampler(20, 6, seed=1, n_shifts=4)
+    b.load_state_dict(a.state_dict())
+    assert [b.next_indices() for _ in range(7)] == [a.next_indices() for _ in range(7)]
+    with pytest.raises(ValueError, match="n_shifts"):
+        ResumableSampler(20, 6, seed=1, n_shifts=1).load_state_dict(a.state_dict())

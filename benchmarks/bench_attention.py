@@ -1,0 +1,331 @@
+"""Benchmark the MLA attention kernel (kernels/mla_attention.py) against torch SDPA. GPU only.
+
+Times forward and forward+backward, causal, bf16, at DeepSeek MLA head dims (Dqk = 128 nope + 64 rope = 192,
+Dv = 128) for each (B, H) at T = 4096:
+
+* ``triton``        mla_attention(q, k, v) (q/k as one [B, H, T, 192] tensor, split 128 + 64 inside)
+* ``triton_split``  mla_attention_split(q_nope, q_pe, k_nope, k_pe[B, 1, T, 64], v) (k_pe shared by heads)
+* ``sdpa_<backend>`` torch.nn.functional.scaled_dot_product_attention restricted to one backend (cudnn,
+  efficient, math, flash -- flash refuses Dqk != Dv and is reported as unsupported), eager and
+  torch.compile (``--no-compile`` skips the latter).
+
+Correctness is checked first (output and gradients vs the fp32 reference at a small size, and vs SDPA at the
+first benchmark shape). Times are triton.testing.do_bench medians. FLOPs (causal): forward
+2 * B * H * T * T * (Dqk + Dv) / 2, backward 2.5 x forward. Prints a table and writes JSON to
+``<out-dir>/attention_<device>_<date>.json``.
+
+``--sweep`` also times alternative block configurations of the three kernels at one shape and prints the
+best, to tune ``kernels.mla_attention.get_config``.
+
+Usage: python benchmarks/bench_attention.py [--batch 1 2 4] [--heads 16 32 64 128] [--seq 4096]
+                                            [--out-dir benchmarks/results] [--no-compile] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--heads", type=int, nargs="+", default=[16, 32, 64, 128])
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--nope-dim", type=int, default=128, help="qk_nope_head_dim")
+    p.add_argument("--rope-dim", type=int, default=64, help="qk_rope_head_dim")
+    p.add_argument("--v-dim", type=int, default=128, help="v_head_dim")
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--non-causal", action="store_true", help="benchmark full (non-causal) attention")
+    p.add_argument("--impls", nargs="+",
+                   default=["triton", "triton_split", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "sdpa_flash"])
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--no-bwd", action="store_true", help="time the forward only")
+    p.add_argument("--math-max-gib", type=float, default=40.0,
+                   help="skip sdpa_math when its B*H*T*T score matrices would exceed this many GiB")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
+    p.add_argument("--sweep", action="store_true", help="also sweep kernel block configs at one shape")
+    p.add_argument("--sweep-shape", type=int, nargs=2, default=[1, 128], metavar=("B", "H"))
+    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def flops(B, H, T, dqk, dv, causal, bwd):
+    f = 2.0 * B * H * T * T * (dqk + dv) / (2 if causal else 1)
+    return f * 3.5 if bwd else f
+
+
+def make_inputs(B, H, T, dn, dr, dv, dtype, requires_grad):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, H, T, dn + dr, device="cuda", dtype=dtype, generator=g)
+    k_nope = torch.randn(B, H, T, dn, device="cuda", dtype=dtype, generator=g)
+    k_pe = torch.randn(B, 1, T, dr, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(B, H, T, dv, device="cuda", dtype=dtype, generator=g)
+    do = torch.randn(B, H, T, dv, device="cuda", dtype=dtype, generator=g)
+    k = torch.cat([k_nope, k_pe.expand(-1, H, -1, -1)], -1)  # what SDPA and mla_attention need
+    leaves = dict(q=q, k=k, v=v, k_nope=k_nope, k_pe=k_pe)
+    for t in leaves.values():
+        t.requires_grad_(requires_grad)
+    return leaves, do
+
+
+def sdpa_fn(backend_name, causal, compile_):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}[backend_name]
+
+    def f(x):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=causal)
+
+    return torch.compile(f, dynamic=False) if compile_ else f
+
+
+def triton_fn(kind, causal, dn, compile_):
+    from kernels.mla_attention import mla_attention, mla_attention_split
+
+    if kind == "triton":
+        def f(x):
+            return mla_attention(x["q"], x["k"], x["v"], causal=causal)
+    else:
+        def f(x):
+            q = x["q"]
+            return mla_attention_split(q[..., :dn], q[..., dn:], x["k_nope"], x["k_pe"], x["v"], causal=causal)
+    return torch.compile(f, dynamic=False) if compile_ else f
+
+
+def grad_leaves(impl, x):
+    return [x["q"], x["k_nope"], x["k_pe"], x["v"]] if impl == "triton_split" else [x["q"], x["k"], x["v"]]
+
+
+def bench(fn, x, do, bwd, impl, warmup, rep):
+    import triton.testing
+
+    if not bwd:
+        def run():
+            with torch.no_grad():
+                fn(x)
+        leaves = None
+    else:
+        leaves = grad_leaves(impl, x)
+
+        def run():
+            fn(x).backward(do)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    run()  # compile / autotune outside the timing
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    ms = triton.testing.do_bench(run, warmup=warmup, rep=rep, grad_to_none=leaves, return_mode="median")
+    return ms, peak
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def check_correctness(args, dtype, causal):
+    """Small-size check vs the fp32 reference; then the benchmark size vs SDPA (efficient or cuDNN)."""
+    from kernels.mla_attention import mla_attention, mla_attention_ref, mla_attention_split
+
+    dn, dr, dv = args.nope_dim, args.rope_dim, args.v_dim
+    report = {}
+    for (B, H, T) in [(2, 3, 300), (args.batch[0], args.heads[0], args.seq)]:
+        x, do = make_inputs(B, H, T, dn, dr, dv, dtype, True)
+        o = mla_attention(x["q"], x["k"], x["v"], causal=causal)
+        o.backward(do)
+        got = [o.detach()] + [t.grad.clone() for t in (x["q"], x["k"], x["v"])]
+        for t in x.values():
+            t.grad = None
+        o_s = mla_attention_split(x["q"][..., :dn], x["q"][..., dn:], x["k_nope"], x["k_pe"], x["v"], causal=causal)
+        o_s.backward(do)
+        split_err = (o_s.float() - o.float()).abs().max().item()
+        xf = {k_: t.detach().float().requires_grad_() for k_, t in x.items() if k_ in ("q", "k", "v")}
+        if T <= 1024:
+            o_ref = mla_attention_ref(xf["q"], xf["k"], xf["v"], causal=causal)
+            name = "ref_fp32"
+        else:  # T x T fp32 scores of the big shape: use SDPA in fp32 instead
+            o_ref = F.scaled_dot_product_attention(xf["q"], xf["k"], xf["v"], is_causal=causal)
+            name = "sdpa_fp32"
+        o_ref.backward(do.float())
+        want = [o_ref.detach()] + [xf[k_].grad for k_ in ("q", "k", "v")]
+        errs = {}
+        for n, g_, w in zip(("o", "dq", "dk", "dv"), got, want):
+            errs[n] = (g_.float() - w).abs().max().item() / max(w.abs().max().item(), 1e-6)
+        errs["split_vs_combined_o"] = split_err
+        ok = all(v_ < 2e-2 for n, v_ in errs.items() if n != "split_vs_combined_o") and split_err < 2e-2
+        report[f"B{B}_H{H}_T{T}_vs_{name}"] = dict(rel_max_err=errs, ok=ok)
+        print(f"check B={B} H={H} T={T} vs {name}: " + ", ".join(f"{n} {v_:.2e}" for n, v_ in errs.items())
+              + ("  OK" if ok else "  FAIL"))
+        del x, xf, o, o_s, o_ref, got, want
+        torch.cuda.empty_cache()
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+def sweep(args, dtype, causal):
+    import triton.testing
+
+    import kernels.mla_attention as mla
+    from kernels.mla_attention import AttentionConfig
+
+    B, H = args.sweep_shape
+    T, dn, dr, dv = args.seq, args.nope_dim, args.rope_dim, args.v_dim
+    x, do = make_inputs(B, H, T, dn, dr, dv, dtype, True)
+    base = mla.get_config(dn + dr, dv, "cuda", dtype, split=(dn, dr))
+    fwd_f = flops(B, H, T, dn + dr, dv, causal, False)
+    bwd_f = fwd_f * 2.5
+    results = []
+
+    def time_cfg(cfg, part):
+        mla.CONFIG_OVERRIDE = cfg
+        try:
+            if part == "fwd":
+                def run():
+                    with torch.no_grad():
+                        mla.mla_attention(x["q"], x["k"], x["v"], causal=causal)
+                run()
+                ms = triton.testing.do_bench(run, warmup=args.warmup, rep=args.rep, return_mode="median")
+                return ms, fwd_f / ms / 1e9
+            o = mla.mla_attention(x["q"], x["k"], x["v"], causal=causal)
+
+            def run():
+                o.backward(do, retain_graph=True)
+            run()
+            ms = triton.testing.do_bench(run, warmup=args.warmup, rep=args.rep,
+                                         grad_to_none=[x["q"], x["k"], x["v"]], return_mode="median")
+            return ms, bwd_f / ms / 1e9
+        except Exception as e:  # out of shared memory / registers
+            return None, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        finally:
+            mla.CONFIG_OVERRIDE = None
+
+    print(f"\nsweep at B={B} H={H} T={T} (default {base})")
+    fwd_cands = [(128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)]
+    kv_cands = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 1),
+                (32, 128, 8, 2)]
+    q_cands = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 4), (64, 32, 4, 3),
+               (128, 64, 8, 4)]
+    best = {}
+    for part, cands, fields in (("fwd", fwd_cands, ("fwd_block_m", "fwd_block_n", "fwd_warps", "fwd_stages")),
+                                ("bwd_kv", kv_cands, ("kv_block_m", "kv_block_n", "kv_warps", "kv_stages")),
+                                ("bwd_q", q_cands, ("q_block_m", "q_block_n", "q_warps", "q_stages"))):
+        for c in cands:
+            cfg = dataclasses.replace(base, **dict(zip(fields, c)))
+            ms, tf = time_cfg(cfg, "fwd" if part == "fwd" else "bwd")
+            label = f"{part} BM={c[0]} BN={c[1]} warps={c[2]} stages={c[3]}"
+            if ms is None:
+                print(f"  {label:<44} failed: {tf}")
+            else:
+                print(f"  {label:<44} {ms:8.3f} ms {tf:7.1f} TFLOP/s ({'fwd' if part == 'fwd' else 'whole bwd'})")
+                if part not in best or ms < best[part][1]:
+                    best[part] = (c, ms)
+            results.append(dict(part=part, config=c, ms=ms, tflops=tf if ms else None, error=None if ms else tf))
+    print("best: " + ", ".join(f"{p}={c} {ms:.3f} ms" for p, (c, ms) in best.items()))
+    del x, do
+    torch.cuda.empty_cache()
+    return dict(shape=dict(B=B, H=H, T=T), results=results, best={p: list(c) for p, (c, _) in best.items()})
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attention: needs a CUDA GPU (this script is not run in CI)", file=sys.stderr)
+        return 2
+    import triton
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    causal = not args.non_causal
+    dn, dr, dv = args.nope_dim, args.rope_dim, args.v_dim
+    dqk = dn + dr
+    dev_name = torch.cuda.get_device_name()
+    meta = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), device=dev_name,
+                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                T=args.seq, dqk=dqk, nope=dn, rope=dr, dv=dv, dtype=args.dtype, causal=causal,
+                flops_formula="fwd 2*B*H*T*T*(Dqk+Dv)/(2 if causal); fwd+bwd 3.5x fwd",
+                timer="triton.testing.do_bench median")
+    print(f"{dev_name}  torch {torch.__version__}  triton {triton.__version__}  T={args.seq} Dqk={dqk} "
+          f"({dn}+{dr}) Dv={dv} {args.dtype} causal={causal}")
+    from kernels.mla_attention import get_config
+    meta["config"] = dataclasses.asdict(get_config(dqk, dv, "cuda", dtype, split=(dn, dr)))
+
+    checks = check_correctness(args, dtype, causal)
+
+    modes = [False] if args.no_bwd else [False, True]
+    variants = [(impl, False) for impl in args.impls]
+    if not args.no_compile:
+        variants += [(impl, True) for impl in args.impls]
+    rows = []
+    for B in args.batch:
+        for H in args.heads:
+            x, do = make_inputs(B, H, args.seq, dn, dr, dv, dtype, True)
+            for impl, comp in variants:
+                name = impl + (" +compile" if comp else "")
+                if impl == "sdpa_math":
+                    gib = B * H * args.seq * args.seq * 4 / 2**30
+                    if gib > args.math_max_gib:
+                        rows.append(dict(impl=name, B=B, H=H, mode="all", ms=None,
+                                         error=f"skipped: scores {gib:.0f} GiB > --math-max-gib"))
+                        continue
+                try:
+                    fn = (triton_fn(impl, causal, dn, comp) if impl.startswith("triton")
+                          else sdpa_fn(impl.split("_", 1)[1], causal, comp))
+                except Exception as e:
+                    rows.append(dict(impl=name, B=B, H=H, mode="all", ms=None, error=repr(e)[:200]))
+                    continue
+                for bwd in modes:
+                    mode = "fwd+bwd" if bwd else "fwd"
+                    try:
+                        ms, peak = bench(fn, x, do, bwd, impl, args.warmup, args.rep)
+                        tf = flops(B, H, args.seq, dqk, dv, causal, bwd) / ms / 1e9
+                        rows.append(dict(impl=name, B=B, H=H, mode=mode, ms=ms, tflops=tf, peak_gib=peak))
+                    except Exception as e:
+                        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+                        rows.append(dict(impl=name, B=B, H=H, mode=mode, ms=None, error=msg))
+                        if os.environ.get("BENCH_DEBUG"):
+                            traceback.print_exc()
+                    for t in x.values():
+                        t.grad = None
+                    torch.cuda.empty_cache()
+                print(f"  B={B} H={H:<4} {name:<28} " + "  ".join(
+                    f"{rr['mode']}: " + (f"{rr['ms']:.3f} ms {rr['tflops']:.0f} TF/s" if rr["ms"] else rr["error"][:60])
+                    for rr in rows if rr["impl"] == name and rr["B"] == B and rr["H"] == H))
+            del x, do
+            torch.cuda.empty_cache()
+
+    # table
+    print(f"\n{'impl':<30}{'B':>3}{'H':>5}  {'mode':<8}{'ms':>10}{'TFLOP/s':>10}{'peak GiB':>10}")
+    for r in rows:
+        if r["ms"] is None:
+            print(f"{r['impl']:<30}{r['B']:>3}{r['H']:>5}  {r['mode']:<8}  {r['error'][:70]}")
+        else:
+            print(f"{r['impl']:<30}{r['B']:>3}{r['H']:>5}  {r['mode']:<8}{r['ms']:>10.3f}{r['tflops']:>10.1f}"
+                  f"{r['peak_gib']:>10.2f}")
+
+    out = dict(meta=meta, checks=checks, results=rows)
+    if args.sweep:
+        out["sweep"] = sweep(args, dtype, causal)
+    os.makedirs(args.out_dir, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "_" for c in dev_name).strip("_")
+    path = os.path.join(args.out_dir, f"attention_{slug}_{_dt.datetime.now():%Y%m%d_%H%M%S}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"\nwrote {path}")
+    return 0 if all(c["ok"] for c in checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

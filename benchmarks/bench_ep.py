@@ -1,0 +1,402 @@
+"""Expert-parallelism benchmark (GPU; a tiny --smoke mode also runs on CPU/gloo).
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench_ep.py --out results/
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench_ep.py --micro-batch 8 --layers 6   # bigger
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 benchmarks/bench_ep.py --smoke  # CPU check
+
+Sections, in order (rank 0 prints a table and writes <out>/bench_ep_<date>.json):
+
+  1. equivalence  fp32 (TF32 off), a small model: EP over all ranks vs the single-process reference
+                  that every rank computes itself (loss; every gradient, experts all-gathered): relative
+                  errors; the benchmark stops (exit code 1) if they exceed 1e-4.
+  2. throughput   a training step (bf16 autocast, AdamW, grad sync, clipping) of a DeepSeek-V2-Lite-like
+                  model with --layers layers, tokens/s over all GPUs and peak memory per GPU, at ep=1
+                  (dp = world: every GPU holds all experts, the same dispatcher code without communication,
+                  gradients all-reduced over the world) and at ep = world (dp = 1). Also the all-to-all time
+                  per step from the dispatcher's meter (perf/a2a_ms).
+  3. dispatch     one MoE layer's dispatch + wait + combine (forward, identity experts, bf16 rows) vs a raw
+                  all_to_all_single of the same bytes there and back (equal splits): ms and algorithmic GB/s
+                  (bytes sent by one rank / time).
+  4. overlap      one MoE layer (with its shared experts) forward + backward with the token all-to-all
+                  overlapped with the shared experts (async, the default) vs waited at once.
+
+The environment of the lent GPU host needs NVLS / multicast off: this script sets NCCL_NVLS_ENABLE=0,
+TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 before anything initialises NCCL.
+Not part of CI.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["NCCL_NVLS_ENABLE"] = "0"
+os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
+
+import argparse  # noqa: E402
+import datetime as _dt  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+
+def _parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results", help="directory for the JSON result (default: %(default)s)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, few steps (CPU/gloo check of the script)")
+    m = p.add_argument_group("throughput model (DeepSeek-V2-Lite-like)")
+    m.add_argument("--dim", type=int, default=2048)
+    m.add_argument("--layers", type=int, default=4, help="total layers (default: %(default)s)")
+    m.add_argument("--dense-layers", type=int, default=1)
+    m.add_argument("--heads", type=int, default=16)
+    m.add_argument("--experts", type=int, default=64, help="routed experts")
+    m.add_argument("--topk", type=int, default=6)
+    m.add_argument("--moe-inter", type=int, default=1408)
+    m.add_argument("--shared", type=int, default=2, help="shared experts")
+    m.add_argument("--vocab", type=int, default=32768)
+    m.add_argument("--seq", type=int, default=2048)
+    m.add_argument("--micro-batch", type=int, default=8, help="sequences per GPU per step")
+    t = p.add_argument_group("timing")
+    t.add_argument("--steps", type=int, default=10, help="timed training steps")
+    t.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
+    t.add_argument("--reps", type=int, default=20, help="repetitions of the dispatch / overlap timings")
+    t.add_argument("--sections", nargs="+", default=["equivalence", "throughput", "dispatch", "overlap"],
+                   choices=["equivalence", "throughput", "dispatch", "overlap"])
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.dim, args.layers, args.heads, args.experts, args.topk = 64, 3, 2, 8, 2
+        args.moe_inter, args.shared, args.vocab, args.seq, args.micro_batch = 32, 1, 256, 32, 2
+        args.steps, args.warmup, args.reps = 2, 1, 3
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+def _sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timeit(fn, device, reps: int) -> float:
+    """Median wall ms of ``fn()`` over ``reps`` (after one warm-up call), synchronising the device and
+    aligning the ranks (barrier) before each repetition."""
+    import torch.distributed as dist
+    fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        if dist.is_initialized():
+            dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _model_args(a, small=False):
+    from moetrain.model.args import ModelArgs
+    if small:  # the equivalence model
+        return ModelArgs(vocab_size=512, dim=256, inter_dim=512, moe_inter_dim=128, n_layers=3, n_dense_layers=1,
+                         n_heads=4, max_seq_len=128, n_routed_experts=max(8, a.world * 4), n_shared_experts=1,
+                         n_activated_experts=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                         v_head_dim=32, seq_aux_alpha=1e-3, original_seq_len=128)
+    return ModelArgs(vocab_size=a.vocab, dim=a.dim, inter_dim=a.dim * 5, moe_inter_dim=a.moe_inter,
+                     n_layers=a.layers, n_dense_layers=a.dense_layers, n_heads=a.heads, max_seq_len=a.seq,
+                     n_routed_experts=a.experts, n_shared_experts=a.shared, n_activated_experts=a.topk,
+                     kv_lora_rank=min(512, a.dim // 4), qk_nope_head_dim=128 if a.dim >= 1024 else 16,
+                     qk_rope_head_dim=64 if a.dim >= 1024 else 8, v_head_dim=128 if a.dim >= 1024 else 16,
+                     seq_aux_alpha=1e-3, original_seq_len=a.seq)
+
+
+def _ctx(base, dp, ep):
+    import copy
+    from moetrain.parallel.mesh import build_mesh
+    ctx = copy.copy(base)
+    ctx.mesh = None
+    return build_mesh(ctx, dp, ep) if base.distributed else ctx
+
+
+def _xent(model, tokens):
+    import torch.nn.functional as F
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)) + model.aux_loss()
+
+
+# --------------------------------------------------------------------------------------------
+# sections
+# --------------------------------------------------------------------------------------------
+
+def equivalence(a, base) -> dict:
+    import torch
+    import torch.distributed as dist
+    from moetrain.model.transformer import Transformer
+    from moetrain.parallel.expert_parallel import apply_ep, expert_parameter_names
+
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    W, dev = base.world_size, base.device
+    args = _model_args(a, small=True)
+    ctx = _ctx(base, 1, W)
+    with torch.device(dev):
+        torch.manual_seed(0)
+        ref = Transformer(args)
+        torch.manual_seed(0)
+        model = Transformer(args)
+    sync = apply_ep(model, ctx)
+    B, T = 2, 64
+    g = torch.Generator().manual_seed(7)
+    data = torch.randint(0, args.vocab_size, (W * B, T + 1), generator=g).to(dev)
+    ref_loss = 0.0
+    for r in range(W):
+        loss = _xent(ref, data[r * B:(r + 1) * B])
+        (loss / W).backward()
+        ref_loss += loss.item() / W
+    loss = _xent(model, data[base.rank * B:(base.rank + 1) * B])
+    loss.backward()
+    sync()
+    lt = loss.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(lt)
+    mean_loss = lt.item() / W
+    experts = set(expert_parameter_names(model))
+    refp = dict(ref.named_parameters())
+    worst, worst_name = 0.0, ""
+    for n, p in model.named_parameters():
+        gr = p.grad
+        if n in experts and ctx.ep > 1:
+            parts = [torch.empty_like(gr) for _ in range(ctx.ep)]
+            dist.all_gather(parts, gr.contiguous(), group=ctx.mesh.get_group("ep"))
+            gr = torch.cat(parts)
+        err = ((gr - refp[n].grad).norm() / refp[n].grad.norm().clamp_min(1e-30)).item()
+        if err > worst:
+            worst, worst_name = err, n
+    out = {"ranks": W, "loss_ep": mean_loss, "loss_ref": ref_loss,
+           "loss_rel_err": abs(mean_loss - ref_loss) / abs(ref_loss),
+           "grad_max_rel_err": worst, "grad_worst_param": worst_name}
+    out["ok"] = out["loss_rel_err"] < 1e-4 and worst < 1e-4
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    return out
+
+
+def throughput(a, base, ep: int) -> dict:
+    import torch
+    from moetrain.model.transformer import Transformer
+    from moetrain.parallel.expert_parallel import A2A_METER, apply_ep
+    from moetrain.parallel.grad_sync import clip_grad_norm
+
+    W, dev = base.world_size, base.device
+    ctx = _ctx(base, W // ep, ep)
+    args = _model_args(a)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    with torch.device(dev):
+        torch.manual_seed(0)
+        model = Transformer(args)
+    sync = apply_ep(model, ctx)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(base.rank)
+    batches = [torch.randint(0, args.vocab_size, (a.micro_batch, a.seq + 1), generator=g).to(dev)
+               for _ in range(2)]
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+
+    def step(i):
+        with amp:
+            loss = _xent(model, batches[i % 2])
+        loss.backward()
+        sync()
+        clip_grad_norm(model, 1.0, ctx)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(a.warmup):
+        step(i)
+    _sync(dev)
+    A2A_METER.reset()
+    t0 = time.perf_counter()
+    for i in range(a.steps):
+        loss = step(i)
+    _sync(dev)
+    dt = time.perf_counter() - t0
+    a2a = A2A_METER.report()
+    out = {"ep": ep, "dp": W // ep, "params_per_gpu": n_params, "tokens_per_step": W * a.micro_batch * a.seq,
+           "step_ms": dt / a.steps * 1e3, "tokens_per_s": W * a.micro_batch * a.seq * a.steps / dt,
+           "loss": loss.item(), "a2a_ms_per_step": a2a.get("perf/a2a_ms", 0.0),
+           "a2a_bytes_per_step": a2a.get("perf/a2a_bytes", 0.0)}
+    if dev.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    del model, opt, batches
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _routing(N, K, E, dev, seed):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.rand(N, E, generator=g).topk(K, dim=-1)[1].to(dev)
+    w = torch.rand(N, K, generator=g).to(dev)
+    return ids, w / w.sum(-1, keepdim=True)
+
+
+def dispatch_vs_raw(a, base) -> dict:
+    import torch
+    import torch.distributed as dist
+    from moetrain.parallel.expert_parallel import A2AMeter, AllToAllDispatcher
+
+    W, dev = base.world_size, base.device
+    ctx = _ctx(base, 1, W)
+    group = ctx.mesh.get_group("ep")
+    N, D, K, E = a.micro_batch * a.seq, a.dim, a.topk, a.experts
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    x = torch.randn(N, D, device=dev, dtype=dt)
+    ids, w = _routing(N, K, E, dev, 100 + base.rank)
+    disp = AllToAllDispatcher(E, group, meter=A2AMeter())
+
+    def dispatch_combine():
+        with torch.no_grad():
+            st = disp.dispatch(x, ids, w)
+            ex, _ = disp.wait(st)
+            return disp.combine(ex, st)
+
+    send = torch.randn(N * K, D, device=dev, dtype=dt)
+    recv = torch.empty_like(send)
+
+    def raw():
+        dist.all_to_all_single(recv, send, group=group)
+        dist.all_to_all_single(send, recv, group=group)
+
+    ms_disp = _timeit(dispatch_combine, dev, a.reps)
+    ms_raw = _timeit(raw, dev, a.reps)
+    nbytes = 2 * send.numel() * send.element_size()  # there and back, per rank
+    return {"tokens": N, "dim": D, "topk": K, "experts": E, "dtype": str(dt).replace("torch.", ""),
+            "bytes_per_rank": nbytes, "dispatch_combine_ms": ms_disp, "raw_a2a_ms": ms_raw,
+            "dispatch_combine_GBps": nbytes / ms_disp / 1e6, "raw_a2a_GBps": nbytes / ms_raw / 1e6,
+            "overhead_ms": ms_disp - ms_raw}
+
+
+def overlap_gain(a, base) -> dict:
+    import torch
+    from moetrain.model.moe import MoE
+    from moetrain.parallel.expert_parallel import apply_ep
+
+    W, dev = base.world_size, base.device
+    ctx = _ctx(base, 1, W)
+    args = _model_args(a)
+    res = {}
+    with torch.device(dev):
+        torch.manual_seed(0)
+        moe = MoE(args)
+        moe.gate.reset_parameters()
+        moe.experts.reset_parameters()
+        if moe.shared_experts is not None:
+            moe.shared_experts.reset_parameters()
+    holder = torch.nn.Module()
+    holder.moe = moe
+    apply_ep(holder, ctx)
+    g = torch.Generator().manual_seed(base.rank)
+    x = torch.randn(a.micro_batch, a.seq, args.dim, generator=g).to(dev).requires_grad_(True)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+
+    def fwd_bwd():
+        with amp:
+            y = moe(x)
+        y.float().square().mean().backward()
+
+    for overlap in (False, True):
+        moe.dispatcher.overlap = overlap
+        res["sync_ms" if not overlap else "overlap_ms"] = _timeit(fwd_bwd, dev, a.reps)
+    moe.shared_experts, shared = None, moe.shared_experts
+    res["no_shared_ms"] = _timeit(fwd_bwd, dev, a.reps)
+    moe.shared_experts = shared
+    res["gain_ms"] = res["sync_ms"] - res["overlap_ms"]
+    res["gain_pct"] = 100 * res["gain_ms"] / res["sync_ms"]
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    a = _parse_args(argv)
+    import torch
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from moetrain.parallel.mesh import init_distributed, shutdown
+
+    base = init_distributed("auto")
+    a.world = base.world_size
+    if base.device.type != "cuda" and not a.smoke:
+        print("bench_ep: no CUDA GPU; use --smoke for a CPU check of the script", file=sys.stderr)
+        shutdown()
+        return 2
+    main_rank = base.is_main
+    info = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "world_size": base.world_size,
+            "device": torch.cuda.get_device_name(base.device) if base.device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "backend": base.backend, "args": vars(a),
+            "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                                                  "NVSHMEM_DISABLE_NVLS")}}
+    rc = 0
+    try:
+        if "equivalence" in a.sections and base.world_size > 1:
+            eq = info["equivalence"] = equivalence(a, base)
+            if main_rank:
+                print(f"equivalence ep={eq['ranks']}: loss {eq['loss_ep']:.6f} vs {eq['loss_ref']:.6f} "
+                      f"(rel {eq['loss_rel_err']:.1e}), worst grad rel err {eq['grad_max_rel_err']:.1e} "
+                      f"({eq['grad_worst_param']}) -> {'OK' if eq['ok'] else 'FAIL'}", flush=True)
+            if not eq["ok"]:
+                rc = 1
+                return rc
+        if "throughput" in a.sections:
+            rows = info["throughput"] = []
+            for ep in sorted({1, base.world_size}):
+                rows.append(throughput(a, base, ep))
+            if main_rank:
+                print(f"\n{'layout':<12}{'params/GPU':>12}{'step ms':>10}{'tokens/s':>12}{'a2a ms':>9}"
+                      f"{'a2a MB':>9}{'peak GiB':>10}")
+                for r in rows:
+                    print(f"{'dp%d x ep%d' % (r['dp'], r['ep']):<12}{r['params_per_gpu'] / 1e9:>11.2f}B"
+                          f"{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}{r['a2a_ms_per_step']:>9.1f}"
+                          f"{r['a2a_bytes_per_step'] / 1e6:>9.1f}{r.get('peak_mem_gib', float('nan')):>10.2f}")
+                if len(rows) == 2:
+                    print(f"ep={rows[1]['ep']} / ep=1 tokens/s: {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x")
+        if "dispatch" in a.sections and base.world_size > 1:
+            d = info["dispatch"] = dispatch_vs_raw(a, base)
+            if main_rank:
+                print(f"\ndispatch+combine of {d['tokens']} tokens x top-{d['topk']} x {d['dim']} ({d['dtype']}): "
+                      f"{d['dispatch_combine_ms']:.2f} ms ({d['dispatch_combine_GBps']:.1f} GB/s) vs raw "
+                      f"all_to_all_single there+back {d['raw_a2a_ms']:.2f} ms ({d['raw_a2a_GBps']:.1f} GB/s); "
+                      f"overhead {d['overhead_ms']:.2f} ms", flush=True)
+        if "overlap" in a.sections and base.world_size > 1:
+            o = info["overlap"] = overlap_gain(a, base)
+            if main_rank:
+                print(f"\nMoE layer fwd+bwd: a2a waited at once {o['sync_ms']:.2f} ms, overlapped with shared "
+                      f"experts {o['overlap_ms']:.2f} ms (gain {o['gain_ms']:.2f} ms, {o['gain_pct']:.1f}%); "
+                      f"without shared experts {o['no_shared_ms']:.2f} ms", flush=True)
+    finally:
+        if main_rank:
+            os.makedirs(a.out, exist_ok=True)
+            stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+            path = os.path.join(a.out, f"bench_ep_{stamp}.json")
+            with open(path, "w") as fh:
+                json.dump(info, fh, indent=1)
+            print(f"\nwrote {path}", flush=True)
+        shutdown()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

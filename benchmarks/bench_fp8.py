@@ -1,0 +1,179 @@
+"""FP8 GEMM benchmark (GPU only): block-scaled Triton GEMM vs torch._scaled_mm (rowwise, tensorwise) vs bf16.
+
+    python benchmarks/bench_fp8.py --out results/            # all shapes
+    python benchmarks/bench_fp8.py --shapes 4096x7168x2048    # M x N x K (C[M, N] = A[M, K] B[N, K]^T)
+
+For every shape, each method is first checked against an fp32 reference (the dequantised operands for the FP8
+methods), then timed with triton.testing.do_bench (median). TFLOP/s = 2 M N K / time. Methods:
+
+  bf16            torch.matmul in bf16 (the ceiling to beat)
+  fp8_tensorwise  torch._scaled_mm, one scale per tensor, fast accumulation
+  fp8_rowwise     torch._scaled_mm, per-row / per-column scales
+  fp8_blockwise   kernels.fp8_gemm.fp8_gemm_blockwise (1x128 x 128x128, DeepSeek-V3 §3.3), GEMM only
+  fp8_block_q     the same plus quantising both operands (quant_1x128 + quant_128x128): the forward's cost
+  fp8_wgrad       kernels.fp8_gemm.fp8_gemm_1x128_1x128 (both 1x128 per row), fp32 out
+  grouped_*       ("G" shapes: E experts over M rows, odd per-expert counts) bf16 torch._grouped_mm vs
+                  kernels.fp8_gemm.fp8_gemm_grouped (no host sync), its wgrad, and the blockwise GEMM looped
+                  over experts
+
+Prints a table and writes <out>/bench_fp8_<date>.json (date, device, versions, rows). Not part of CI.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+
+DEFAULT_SHAPES = ["4096x7168x16384", "4096x7168x2048", "4096x2048x7168", "G8:16333x2048x7168"]
+
+
+def _parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES,
+                   help="MxNxK, or GE:MxNxK for E grouped experts over M rows (default: %(default)s)")
+    p.add_argument("--out", default="results", help="directory for the JSON result (default: %(default)s)")
+    p.add_argument("--methods", nargs="+", default=None, help="subset of methods to run (default: all)")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup ms")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition ms")
+    return p.parse_args(argv)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def main(argv=None):
+    args = _parse_args(argv)
+    import torch
+    import triton
+    from triton.testing import do_bench
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from kernels.fp8_gemm import (fp8_gemm_1x128_1x128, fp8_gemm_blockwise, fp8_gemm_blockwise_ref, fp8_gemm_grouped,
+                                  fp8_gemm_grouped_wgrad)
+    from kernels.fp8_quant import (grouped_tiles, quant_128x128, quant_1x128, quant_1x128_with_transpose,
+                                   quant_1x128_with_transpose_grouped)
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_fp8: needs a CUDA GPU")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    e4m3 = torch.float8_e4m3fn
+    rows = []
+
+    def bench(fn):
+        return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+
+    def want(name):
+        return args.methods is None or name in args.methods
+
+    def record(shape, method, ms, flops, err, note=""):
+        tf = flops / (ms * 1e-3) / 1e12
+        rows.append(dict(shape=shape, method=method, ms=round(ms, 4), tflops=round(tf, 1),
+                         rel_err=float(f"{err:.3g}"), note=note))
+        print(f"{shape:>22s} {method:>16s} {ms:9.3f} ms {tf:8.1f} TFLOP/s  rel_err {err:.2e} {note}", flush=True)
+
+    print(f"{'shape':>22s} {'method':>16s} {'time':>12s} {'TFLOP/s':>16s}")
+    for spec in args.shapes:
+        groups = None
+        if spec.startswith("G"):
+            g, spec = spec[1:].split(":")
+            groups = int(g)
+        M, N, K = (int(v) for v in spec.lower().split("x"))
+        flops = 2.0 * M * N * K
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
+        ref = x.float() @ w.float().t()
+        if groups is None:
+            if want("bf16"):
+                y = x @ w.t()
+                record(spec, "bf16", bench(lambda: x @ w.t()), flops, _rel(y, ref))
+            if want("fp8_tensorwise"):
+                sx = (x.abs().amax().float() / 448).reshape(())
+                sw = (w.abs().amax().float() / 448).reshape(())
+                xq = (x.float() / sx).clamp(-448, 448).to(e4m3)
+                wq = (w.float() / sw).clamp(-448, 448).to(e4m3)
+                f = lambda: torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16,  # noqa
+                                             use_fast_accum=True)
+                record(spec, "fp8_tensorwise", bench(f), flops, _rel(f(), ref))
+            if want("fp8_rowwise"):
+                sx = x.abs().amax(1, keepdim=True).float().clamp_min(1e-12) / 448
+                sw = w.abs().amax(1, keepdim=True).float().clamp_min(1e-12) / 448
+                xq = (x.float() / sx).clamp(-448, 448).to(e4m3)
+                wq = (w.float() / sw).clamp(-448, 448).to(e4m3)
+                f = lambda: torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw.t().contiguous(),  # noqa
+                                             out_dtype=torch.bfloat16, use_fast_accum=True)
+                record(spec, "fp8_rowwise", bench(f), flops, _rel(f(), ref))
+            if want("fp8_blockwise") or want("fp8_block_q"):
+                xq, xs = quant_1x128(x)
+                wq, ws = quant_128x128(w)
+                y = fp8_gemm_blockwise(xq, xs, wq, ws)
+                err_ref = _rel(y, fp8_gemm_blockwise_ref(xq, xs, wq, ws, out_dtype=torch.float32))
+                assert err_ref < 1e-2, f"blockwise GEMM wrong vs its reference: {err_ref}"
+                if want("fp8_blockwise"):
+                    record(spec, "fp8_blockwise", bench(lambda: fp8_gemm_blockwise(xq, xs, wq, ws)), flops,
+                           _rel(y, ref), f"vs_dequant_ref {err_ref:.1e}")
+                if want("fp8_block_q"):
+                    def fq():
+                        a, sa = quant_1x128(x)
+                        b, sb = quant_128x128(w)
+                        return fp8_gemm_blockwise(a, sa, b, sb)
+                    record(spec, "fp8_block_q", bench(fq), flops, _rel(fq(), ref), "incl. quantisation")
+            if want("fp8_wgrad"):
+                # the wgrad form with the same FLOPs: C[M, N] = A[M, K] B[N, K]^T, both 1x128 per row
+                _, _, at, ats = quant_1x128_with_transpose(x.t().contiguous())
+                _, _, bt, bts = quant_1x128_with_transpose(w.t().contiguous())
+                f = lambda: fp8_gemm_1x128_1x128(at, ats, bt, bts, out_dtype=torch.bfloat16)  # noqa
+                record(spec, "fp8_wgrad", bench(f), flops, _rel(f(), ref))
+        else:
+            g = torch.Generator().manual_seed(1)
+            cuts = torch.sort(torch.randint(0, M + 1, (groups - 1,), generator=g)).values.tolist()
+            counts = [b - a for a, b in zip([0] + cuts, cuts + [M])]
+            we = torch.randn(groups, N, K, device=dev, dtype=torch.bfloat16) * 0.02
+            ref = torch.cat([x[a:b].float() @ we[e].float().t()
+                             for e, (a, b) in enumerate(zip([0] + cuts, cuts + [M]))])
+            offs = torch.tensor(cuts + [M], device=dev, dtype=torch.int32)
+            name = f"G{groups}:{spec}"
+            if want("grouped_bf16") and hasattr(torch, "_grouped_mm"):
+                f = lambda: torch._grouped_mm(x, we.transpose(-2, -1), offs=offs)  # noqa
+                record(name, "grouped_bf16", bench(f), flops, _rel(f(), ref), f"counts={counts}")
+            if want("grouped_fp8_block"):
+                tiles = grouped_tiles(torch.tensor(counts, device=dev), M)
+                xq, xs = quant_1x128(x)
+                wq, ws = quant_128x128(we)
+                f = lambda: fp8_gemm_grouped(xq, xs, wq, ws, tiles)  # noqa
+                record(name, "grouped_fp8_block", bench(f), flops, _rel(f(), ref), "grouped kernel, no sync")
+            if want("grouped_fp8_wgrad"):
+                # dW[e] = G_e^T X_e with the same FLOPs: G [M, N], X [M, K] -> [E, N, K]
+                gg = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+                tiles = grouped_tiles(torch.tensor(counts, device=dev), M)
+                _, _, gtq, gts = quant_1x128_with_transpose_grouped(gg, tiles)
+                _, _, xtq, xts = quant_1x128_with_transpose_grouped(x, tiles)
+                f = lambda: fp8_gemm_grouped_wgrad(gtq, gts, xtq, xts, tiles)  # noqa
+                wref = torch.stack([ge.float().t() @ xe.float() for ge, xe in zip(torch.split(gg, counts),
+                                                                                 torch.split(x, counts))])
+                record(name, "grouped_fp8_wgrad", bench(f), flops, _rel(f(), wref), "grouped kernel")
+            if want("grouped_fp8_loop"):
+                wq_ws = [quant_128x128(we[e]) for e in range(groups)]
+                xs_ = [quant_1x128(xe) for xe in torch.split(x, counts)]
+
+                def f():
+                    return torch.cat([fp8_gemm_blockwise(a, sa, b, sb)
+                                      for (a, sa), (b, sb) in zip(xs_, wq_ws)])
+                record(name, "grouped_fp8_loop", bench(f), flops, _rel(f(), ref), "looped over experts")
+
+    os.makedirs(args.out, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(args.out, f"bench_fp8_{stamp}.json")
+    info = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), device=torch.cuda.get_device_name(),
+                torch=torch.__version__, triton=triton.__version__, rows=rows)
+    with open(path, "w") as fh:
+        json.dump(info, fh, indent=1)
+    print(f"wrote {path}")
+    return info
+
+
+if __name__ == "__main__":
+    main()

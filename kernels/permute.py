@@ -1,0 +1,321 @@
+"""Token permutation for MoE dispatch (sort by expert) and its inverse (weighted combine).
+
+Semantics and index convention are those of the model's ``LocalDispatcher``
+(``moetrain/model/dispatch.py``), so these functions drop into its ``permute_fn`` / ``unpermute_fn``
+seam. Flatten the assignments ``topk_ids [N, K]`` to ``[N*K]`` (position ``p = n*K + k``),
+stable-sort them by expert id, and lay the token copies out in that order, so the rows of
+``x_sorted`` are grouped by expert (expert 0 first) and, inside one expert, ordered by (token, k)::
+
+    sorted_index        = argsort(topk_ids.flatten(), stable=True)   # [N*K]: row r <- position p
+    x_sorted[r]         = x[sorted_index[r] // K]
+    tokens_per_expert[e] = #{p : topk_ids.flat[p] == e}
+
+The kernels work from the inverse map ``row_of[p]`` (``row_of[sorted_index[r]] = r``: the row that
+holds token n's k-th copy), so that every kernel runs one program per token, touching its K rows,
+with no atomics (``permute`` keeps it from its own sort; ``unpermute`` rebuilds it with one on-device
+scatter of N*K int64)::
+
+    permute   fwd: x_sorted[row_of[n*K+k]] = x[n]                     (read x once, write K rows)
+              bwd: dx[n] = sum_k dx_sorted[row_of[n*K+k]]
+    unpermute fwd: y[n] = sum_k topk_weights[n,k] * y_sorted[row_of[n*K+k]]   (fp32 accumulate)
+              bwd: dy_sorted[row_of[n*K+k]] = topk_weights[n,k] * dy[n]
+                   dtopk_weights[n,k] = <dy[n], y_sorted[row_of[n*K+k]]>
+
+All sums run over k in a fixed order in fp32: results are deterministic. Counts and the maps are
+computed on the device with no host synchronisation: a stable ``torch.sort`` of the ids, a
+``scatter`` for the inverse and an integer ``scatter_add_`` histogram for ``tokens_per_expert``
+(``torch.bincount`` would read ``max()`` back on CUDA; integer adds are exact, so deterministic).
+
+Shapes and dtypes:
+    x              [N, D] float32 | bfloat16 | float16 (any D; masked)
+    topk_ids       [N, K] integer, values in [0, n_experts) (checked on CPU only: a check on CUDA
+                   would synchronise; out-of-range ids there are undefined behaviour)
+    topk_weights   [N, K] float32 (or bf16/fp16); its grad comes back in its dtype
+    outputs        x_sorted [N*K, D] x.dtype; tokens_per_expert [E] int64; sorted_index [N*K] int64;
+                   y [N, D] y_sorted.dtype (the model's torch unpermute returns fp32 and its caller
+                   casts to the activation dtype: the same values, rounded once)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import new_empty, new_empty_like, check_device, check_dtype, next_pow2, num_warps_for
+
+__all__ = ["permute", "unpermute", "permute_ref", "unpermute_ref", "routing_map", "inverse_index",
+           "PermuteFunction", "UnpermuteFunction"]
+
+
+@triton.jit
+def _permute_fwd_kernel(X, ROW_OF, XS, D, stride_x, stride_xs,
+                        K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (n, db): copy x[n, db-block] to rows row_of[n*K : n*K+K] of x_sorted."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cm = cols < D
+    x = tl.load(X + n * stride_x + cols, mask=cm, other=0.0)
+    for k in tl.static_range(K):
+        r = tl.load(ROW_OF + n * K + k)
+        tl.store(XS + r * stride_xs + cols, x, mask=cm)
+
+
+@triton.jit
+def _permute_bwd_kernel(DXS, ROW_OF, DX, D, stride_dxs, stride_dx,
+                        K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (n, db): dx[n] = sum_k dx_sorted[row_of[n*K + k]] (fp32, k in order)."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cm = cols < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for k in tl.static_range(K):
+        r = tl.load(ROW_OF + n * K + k)
+        acc += tl.load(DXS + r * stride_dxs + cols, mask=cm, other=0.0).to(tl.float32)
+    tl.store(DX + n * stride_dx + cols, acc.to(DX.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _unpermute_fwd_kernel(YS, ROW_OF, WGT, Y, D, stride_ys, stride_y,
+                          K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (n, db): y[n] = sum_k w[n, k] * y_sorted[row_of[n*K + k]] (fp32, k in order)."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cm = cols < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for k in tl.static_range(K):
+        r = tl.load(ROW_OF + n * K + k)
+        w = tl.load(WGT + n * K + k).to(tl.float32)
+        acc += w * tl.load(YS + r * stride_ys + cols, mask=cm, other=0.0).to(tl.float32)
+    tl.store(Y + n * stride_y + cols, acc.to(Y.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _unpermute_bwd_kernel(DY, YS, ROW_OF, WGT, DYS, DW, D, stride_dy, stride_ys, stride_dys,
+                          K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                          NEED_DW: tl.constexpr):
+    """Program n: dy_sorted[row_k] = w[n,k] * dy[n];  dw[n,k] = <dy[n], y_sorted[row_k]>."""
+    n = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    km = ks < K
+    rows = tl.load(ROW_OF + n * K + ks, mask=km, other=0)
+    w = tl.load(WGT + n * K + ks, mask=km, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cm = cols < D
+        m2 = km[:, None] & cm[None, :]
+        dy = tl.load(DY + n * stride_dy + cols, mask=cm, other=0.0).to(tl.float32)
+        tl.store(DYS + rows[:, None] * stride_dys + cols[None, :],
+                 (w[:, None] * dy[None, :]).to(DYS.dtype.element_ty), mask=m2)
+        if NEED_DW:
+            ys = tl.load(YS + rows[:, None] * stride_ys + cols[None, :], mask=m2,
+                         other=0.0).to(tl.float32)
+            dw += tl.sum(ys * dy[None, :], axis=1)
+    if NEED_DW:
+        tl.store(DW + n * K + ks, dw.to(DW.dtype.element_ty), mask=km)
+
+
+#: Tunables (H200 measurements in benchmarks/bench_kernels.py): column block of the row-copy
+#: kernels (grid N x cdiv(D, BLOCK_D)) and of the per-token tile kernel of unpermute's backward.
+CFG = {"block_d": 1024, "tile_elems": 4096}
+
+
+def _block_d(D: int) -> int:
+    return max(16, min(next_pow2(D), CFG["block_d"]))
+
+
+def _tile_block_d(D: int, K: int) -> int:
+    return max(16, min(next_pow2(D), CFG["tile_elems"] // next_pow2(K), 1024))
+
+
+def routing_map(topk_ids: torch.Tensor, n_experts: int):
+    """On the ids' device, no host sync: (tokens_per_expert [E] int64, sorted_index [N*K] int64,
+    row_of [N*K] int64) with ``sorted_index`` the stable argsort of the flattened ids and ``row_of``
+    its inverse."""
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    sorted_index = torch.sort(flat, stable=True)[1]
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    return counts, sorted_index, inverse_index(sorted_index)
+
+
+def inverse_index(sorted_index: torch.Tensor) -> torch.Tensor:
+    """row_of [M] with row_of[sorted_index[r]] = r (one on-device scatter)."""
+    M = sorted_index.numel()
+    row_of = torch.empty_like(sorted_index)
+    row_of.scatter_(0, sorted_index,
+                    torch.arange(M, dtype=sorted_index.dtype, device=sorted_index.device))
+    return row_of
+
+
+def permute_fwd(x: torch.Tensor, row_of: torch.Tensor, K: int) -> torch.Tensor:
+    N, D = x.shape
+    xs = new_empty((N * K, D), x.dtype, x.device)
+    if xs.numel() == 0:
+        return xs
+    BLOCK_D = _block_d(D)
+    _permute_fwd_kernel[(N, triton.cdiv(D, BLOCK_D))](
+        x, row_of, xs, D, x.stride(0), xs.stride(0),
+        K=K, BLOCK_D=BLOCK_D, num_warps=num_warps_for(BLOCK_D, hi=8))
+    return xs
+
+
+def permute_bwd(dxs: torch.Tensor, row_of: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    D = dxs.shape[1]
+    dx = new_empty((N, D), dxs.dtype, dxs.device)
+    if dx.numel() == 0:
+        return dx
+    dxs = dxs if dxs.stride(-1) == 1 else dxs.contiguous()
+    BLOCK_D = _block_d(D)
+    _permute_bwd_kernel[(N, triton.cdiv(D, BLOCK_D))](
+        dxs, row_of, dx, D, dxs.stride(0), dx.stride(0),
+        K=K, BLOCK_D=BLOCK_D, num_warps=num_warps_for(BLOCK_D, hi=8))
+    return dx
+
+
+def unpermute_fwd(ys: torch.Tensor, row_of: torch.Tensor, w: torch.Tensor, N: int) -> torch.Tensor:
+    K = w.shape[1]
+    D = ys.shape[1]
+    y = new_empty((N, D), ys.dtype, ys.device)
+    if y.numel() == 0:
+        return y
+    BLOCK_D = _block_d(D)
+    _unpermute_fwd_kernel[(N, triton.cdiv(D, BLOCK_D))](
+        ys, row_of, w, y, D, ys.stride(0), y.stride(0),
+        K=K, BLOCK_D=BLOCK_D, num_warps=num_warps_for(BLOCK_D, hi=8))
+    return y
+
+
+def unpermute_bwd(dy, ys, row_of, w, need_dw: bool):
+    N, K = w.shape
+    D = ys.shape[1]
+    dys = new_empty_like(ys)
+    dw = new_empty((N, K), w.dtype, w.device) if need_dw else None
+    if N == 0 or D == 0:
+        if need_dw:
+            dw.zero_()
+        return dys, dw
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    _unpermute_bwd_kernel[(N,)](dy, ys, row_of, w, dys, dw if need_dw else w,
+                                D, dy.stride(0), ys.stride(0), dys.stride(0),
+                                K=K, BLOCK_K=next_pow2(K), BLOCK_D=_tile_block_d(D, K),
+                                NEED_DW=need_dw,
+                                num_warps=num_warps_for(next_pow2(K) * _tile_block_d(D, K), hi=8))
+    return dys, dw
+
+
+class PermuteFunction(torch.autograd.Function):
+    """(x_sorted, tokens_per_expert, sorted_index) = permute(x, topk_ids, n_experts)."""
+
+    @staticmethod
+    def forward(ctx, x, topk_ids, n_experts):
+        N, K = topk_ids.shape
+        counts, sorted_index, row_of = routing_map(topk_ids, n_experts)
+        xs = permute_fwd(x, row_of, K)
+        ctx.save_for_backward(row_of)
+        ctx.NK = (N, K)
+        ctx.mark_non_differentiable(counts, sorted_index)
+        return xs, counts, sorted_index
+
+    @staticmethod
+    def backward(ctx, dxs, _dcounts, _didx):
+        (row_of,) = ctx.saved_tensors
+        N, K = ctx.NK
+        return permute_bwd(dxs, row_of, N, K), None, None
+
+
+class UnpermuteFunction(torch.autograd.Function):
+    """y = unpermute(y_sorted, sorted_index, topk_weights)."""
+
+    @staticmethod
+    def forward(ctx, ys, sorted_index, w):
+        N = w.shape[0]
+        row_of = inverse_index(sorted_index)
+        y = unpermute_fwd(ys, row_of, w, N)
+        ctx.save_for_backward(ys, row_of, w)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        ys, row_of, w = ctx.saved_tensors
+        need_dw = ctx.needs_input_grad[2]
+        dys, dw = unpermute_bwd(dy, ys, row_of, w, need_dw)
+        return (dys if ctx.needs_input_grad[0] else None), None, dw
+
+
+def _rowmajor(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-1] == 0 or t.stride(-1) == 1 else t.contiguous()
+
+
+def permute(x: torch.Tensor, topk_ids: torch.Tensor, n_experts: int):
+    """Sort token copies by expert. x [N, D], topk_ids [N, K] ->
+    (x_sorted [N*K, D] x.dtype, tokens_per_expert [E] int64, sorted_index [N*K] int64).
+
+    Row r of x_sorted is token ``sorted_index[r] // K`` (its copy number ``sorted_index[r] % K``);
+    ``sorted_index`` is the stable argsort of ``topk_ids.flatten()`` (module docstring).
+    """
+    check_dtype("x", x)
+    if x.dim() != 2 or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"expected x [N, D] and topk_ids [N, K], got {list(x.shape)} and "
+                         f"{list(topk_ids.shape)}")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise TypeError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    n_experts = int(n_experts)
+    if n_experts < 1:
+        raise ValueError(f"n_experts={n_experts} must be >= 1")
+    if topk_ids.shape[1] < 1:
+        raise ValueError("topk_ids must have K >= 1 columns")
+    check_device(("x", x), ("topk_ids", topk_ids))
+    if topk_ids.device.type == "cpu" and topk_ids.numel() and (
+            int(topk_ids.min()) < 0 or int(topk_ids.max()) >= n_experts):
+        raise ValueError(f"topk_ids must lie in [0, {n_experts}), got "
+                         f"[{int(topk_ids.min())}, {int(topk_ids.max())}]")
+    return PermuteFunction.apply(_rowmajor(x), topk_ids.contiguous(), n_experts)
+
+
+def unpermute(y_sorted: torch.Tensor, sorted_index: torch.Tensor, topk_weights: torch.Tensor,
+              N: int | None = None) -> torch.Tensor:
+    """Weighted combine, the inverse of :func:`permute`.
+
+    y_sorted [N*K, D] (rows in x_sorted's order), sorted_index [N*K] int64 (from :func:`permute`),
+    topk_weights [N, K] -> y [N, D] in y_sorted.dtype, ``y[n] = sum_k w[n,k] * y_sorted[row of
+    (n, k)]`` with fp32 accumulation, k in order. ``N`` defaults to ``topk_weights.shape[0]``.
+    """
+    check_dtype("y_sorted", y_sorted)
+    check_dtype("topk_weights", topk_weights)
+    if topk_weights.dim() != 2:
+        raise ValueError(f"topk_weights must be [N, K], got {list(topk_weights.shape)}")
+    N = topk_weights.shape[0] if N is None else int(N)
+    if topk_weights.shape[0] != N:
+        raise ValueError(f"topk_weights must be [N={N}, K], got {list(topk_weights.shape)}")
+    K = topk_weights.shape[1]
+    if y_sorted.dim() != 2 or y_sorted.shape[0] != N * K:
+        raise ValueError(f"y_sorted must be [N*K={N * K}, D], got {list(y_sorted.shape)}")
+    if sorted_index.shape != (N * K,) or sorted_index.dtype != torch.int64:
+        raise ValueError(f"sorted_index must be int64 [N*K={N * K}], got {sorted_index.dtype} "
+                         f"{list(sorted_index.shape)}")
+    check_device(("y_sorted", y_sorted), ("sorted_index", sorted_index),
+                 ("topk_weights", topk_weights))
+    return UnpermuteFunction.apply(_rowmajor(y_sorted), sorted_index.contiguous(),
+                                   topk_weights.contiguous())
+
+
+def permute_ref(x: torch.Tensor, topk_ids: torch.Tensor, n_experts: int):
+    """Pure-torch reference of :func:`permute` (same three outputs)."""
+    N, K = topk_ids.shape
+    flat = topk_ids.reshape(-1).long()
+    sorted_index = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    return x[sorted_index // K], counts, sorted_index
+
+
+def unpermute_ref(y_sorted: torch.Tensor, sorted_index: torch.Tensor, topk_weights: torch.Tensor,
+                  N: int | None = None) -> torch.Tensor:
+    """Pure-torch reference of :func:`unpermute` (fp32 math, output in y_sorted.dtype)."""
+    N = topk_weights.shape[0] if N is None else N
+    K = topk_weights.shape[1]
+    D = y_sorted.shape[1]
+    rows = torch.zeros(N * K, D, dtype=torch.float32, device=y_sorted.device)
+    rows = rows.index_copy(0, sorted_index, y_sorted.float()).view(N, K, D)
+    return (rows * topk_weights.float()[..., None]).sum(dim=1).to(y_sorted.dtype)

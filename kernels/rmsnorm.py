@@ -1,0 +1,296 @@
+"""RMSNorm and fused residual-add + RMSNorm as Triton kernels, with autograd.
+
+Math (fp32 inside the kernel, whatever the storage dtype)::
+
+    rmsnorm(x, w, eps)     = x * rsqrt(mean(x**2, -1) + eps) * w
+    add_rmsnorm(x, r, w)   : h = x + r (rounded to r's dtype, i.e. the residual stream)
+                             returns (rmsnorm(h, w, eps), h)
+
+This is the RMSNorm of DeepSeek-V3 (``F.rms_norm(x, (dim,), weight, eps)``, Zhang & Sennrich 2019)
+and the pre-norm block pattern ``h = x + residual; y = norm(h)``, fused so that h is read once.
+
+Shapes and dtypes:
+    x         [..., D] float32 | bfloat16 | float16; any leading shape; last dim any size (masked),
+              D <= 65536. Non-contiguous inputs are copied to a contiguous [N, D] view.
+    residual  same shape as x; its dtype is the residual stream's (new_residual keeps it).
+    weight    [D], float32 | bfloat16 | float16 (its grad is returned in its dtype).
+    outputs   normed in x's dtype; new_residual in residual's dtype.
+
+Backward: grads for x, residual and weight. The weight grad is deterministic: a fixed grid of
+programs, each owning a contiguous range of rows, writes fp32 partial sums [G, D] which are then
+reduced with ``torch.sum`` (no atomics). The grad of x and of residual is the same tensor
+``dh = d(normed)/dh + d(new_residual)`` (cast to each input's dtype).
+
+Errors: TypeError for unsupported dtypes; ValueError for shape mismatches, D > 65536 or a
+non-CUDA device without the interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import new_empty, new_empty_like, MAX_FUSED_DIM, check_device, check_dtype, next_pow2, num_warps_for, sm_count
+
+__all__ = [
+    "rmsnorm",
+    "add_rmsnorm",
+    "rmsnorm_ref",
+    "add_rmsnorm_ref",
+    "RMSNormFunction",
+    "AddRMSNormFunction",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _rmsnorm_fwd_kernel(
+    X, R, W, Y, H, RSTD,
+    stride_x, stride_r, stride_y, stride_h,
+    D, eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One program per row: y = h * rstd * w with h = x (+ r, stored to H)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        h_st = (h + r).to(H.dtype.element_ty)
+        tl.store(H + row * stride_h + cols, h_st, mask=mask)
+        h = h_st.to(tl.float32)  # normalise exactly what the residual stream holds
+    ms = tl.sum(h * h, axis=0) / D
+    rstd = 1.0 / tl.sqrt(ms + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    y = h * rstd * w
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _rmsnorm_bwd_kernel(
+    DY, H, W, RSTD, DX, DH_OUT, DW_PARTIAL,
+    stride_dy, stride_h, stride_dx, stride_dho,
+    N, D, rows_per_prog,
+    HAS_DH_OUT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program p owns rows [p*rows_per_prog, (p+1)*rows_per_prog).
+
+    dx = rstd * (dy*w - xhat * mean(dy*w*xhat)) (+ dh_out);  dw_partial[p] = sum_rows dy * xhat.
+    """
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_prog
+    for i in range(0, rows_per_prog):
+        r64 = row_start + i
+        # (broadcast the row test before '&': the interpreter rejects a scalar-bool & block mask)
+        m = mask & ((cols * 0 + r64) < N)
+        dy = tl.load(DY + r64 * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
+        h = tl.load(H + r64 * stride_h + cols, mask=m, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + r64, mask=r64 < N, other=0.0)
+        xhat = h * rstd
+        wdy = dy * w
+        c = tl.sum(xhat * wdy, axis=0) / D
+        dx = (wdy - xhat * c) * rstd
+        if HAS_DH_OUT:
+            dx += tl.load(DH_OUT + r64 * stride_dho + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(DX + r64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=m)
+        dw_acc += dy * xhat
+    tl.store(DW_PARTIAL + pid.to(tl.int64) * D + cols, dw_acc, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+def _as_rows(t: torch.Tensor, D: int) -> torch.Tensor:
+    t2 = t.reshape(-1, D)
+    if D > 0 and t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> int:
+    check_dtype("x", x)
+    check_dtype("weight", weight)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., D]")
+    D = x.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != D:
+        raise ValueError(f"weight must have shape [{D}] (x.shape[-1]), got {list(weight.shape)}")
+    if D > MAX_FUSED_DIM:
+        raise ValueError(f"last dim {D} > {MAX_FUSED_DIM}: a row must fit in one block")
+    named = [("x", x), ("weight", weight)]
+    if residual is not None:
+        check_dtype("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual shape {list(residual.shape)} != x shape {list(x.shape)}")
+        named.append(("residual", residual))
+    check_device(*named)
+    return D
+
+
+#: Tunables: backward grid (programs per SM; each owns a contiguous range of rows) and warp caps.
+CFG = {"bwd_programs_per_sm": 4, "fwd_max_warps": 16, "bwd_max_warps": 16}
+
+
+def rmsnorm_fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float,
+                residual2: torch.Tensor | None = None):
+    """Launch the forward on row views [N, D].
+
+    Returns (y [N, D] x.dtype, h [N, D] residual.dtype or None, rstd [N] fp32).
+    """
+    N, D = x2.shape
+    y = new_empty((N, D), x2.dtype, x2.device)
+    rstd = new_empty((N,), torch.float32, x2.device)
+    h = None
+    if residual2 is not None:
+        h = new_empty((N, D), residual2.dtype, x2.device)
+    if N == 0 or D == 0:
+        if D == 0:
+            rstd.fill_(float(eps) ** -0.5)
+            if h is not None:
+                h.copy_(residual2)
+        return y, h, rstd
+    BLOCK_D = next_pow2(D)
+    r_arg = residual2 if residual2 is not None else x2
+    h_arg = h if h is not None else y
+    _rmsnorm_fwd_kernel[(N,)](
+        x2, r_arg, weight, y, h_arg, rstd,
+        x2.stride(0), r_arg.stride(0), y.stride(0), h_arg.stride(0),
+        D, float(eps),
+        HAS_RESIDUAL=residual2 is not None,
+        BLOCK_D=BLOCK_D,
+        num_warps=num_warps_for(BLOCK_D, hi=CFG["fwd_max_warps"]),
+    )
+    return y, h, rstd
+
+
+def rmsnorm_bwd(dy2: torch.Tensor, h2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                dx_dtype: torch.dtype, dh_out2: torch.Tensor | None = None,
+                n_programs: int | None = None):
+    """Launch the backward on row views [N, D]; returns (dx [N, D] dx_dtype, dw [D] weight.dtype)."""
+    N, D = h2.shape
+    dx = new_empty((N, D), dx_dtype, h2.device)
+    if N == 0 or D == 0:
+        if dh_out2 is not None:
+            dx.copy_(dh_out2)
+        return dx, torch.zeros_like(weight)
+    dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
+    if dh_out2 is not None and dh_out2.stride(-1) != 1:
+        dh_out2 = dh_out2.contiguous()
+    G = n_programs or min(N, CFG["bwd_programs_per_sm"] * sm_count(h2.device))
+    G = max(1, min(G, N))
+    rows_per_prog = triton.cdiv(N, G)
+    G = triton.cdiv(N, rows_per_prog)
+    dw_partial = new_empty((G, D), torch.float32, h2.device)
+    BLOCK_D = next_pow2(D)
+    dho_arg = dh_out2 if dh_out2 is not None else dy2
+    _rmsnorm_bwd_kernel[(G,)](
+        dy2, h2, weight, rstd, dx, dho_arg, dw_partial,
+        dy2.stride(0), h2.stride(0), dx.stride(0), dho_arg.stride(0),
+        N, D, rows_per_prog,
+        HAS_DH_OUT=dh_out2 is not None,
+        BLOCK_D=BLOCK_D,
+        num_warps=num_warps_for(BLOCK_D, hi=CFG["bwd_max_warps"]),
+    )
+    dw = dw_partial.sum(dim=0).to(weight.dtype)
+    return dx, dw
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+class RMSNormFunction(torch.autograd.Function):
+    """y = rmsnorm(x, weight, eps); grads for x and weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        D = x.shape[-1]
+        x2 = _as_rows(x, D)
+        y, _, rstd = rmsnorm_fwd(x2, weight, eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        D = x2.shape[-1]
+        dx, dw = rmsnorm_bwd(_as_rows(dy, D), x2, weight, rstd, x2.dtype)
+        return (dx.view(ctx.x_shape) if ctx.needs_input_grad[0] else None,
+                dw if ctx.needs_input_grad[1] else None, None)
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    """(normed, h) = add_rmsnorm(x, residual, weight, eps); grads for x, residual and weight."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        D = x.shape[-1]
+        y, h, rstd = rmsnorm_fwd(_as_rows(x, D), weight, eps, residual2=_as_rows(residual, D))
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.x_shape = x.shape
+        ctx.x_dtype = x.dtype
+        ctx.r_dtype = residual.dtype
+        return y.view(x.shape), h.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy, dh_out):
+        h2, weight, rstd = ctx.saved_tensors
+        D = h2.shape[-1]
+        if dy is None:
+            dy = torch.zeros(ctx.x_shape, dtype=ctx.x_dtype, device=h2.device)
+        dho = _as_rows(dh_out, D) if dh_out is not None else None
+        dh, dw = rmsnorm_bwd(_as_rows(dy, D), h2, weight, rstd, ctx.x_dtype, dh_out2=dho)
+        dh = dh.view(ctx.x_shape)
+        dx = dh if ctx.needs_input_grad[0] else None
+        dr = None
+        if ctx.needs_input_grad[1]:
+            dr = dh if ctx.r_dtype == ctx.x_dtype else dh.to(ctx.r_dtype)
+        return dx, dr, (dw if ctx.needs_input_grad[2] else None), None
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim. x [..., D] (fp32|bf16|fp16), weight [D] -> [..., D] in x.dtype."""
+    _check(x, weight)
+    return RMSNormFunction.apply(x, weight, float(eps))
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``h = x + residual; return rmsnorm(h, weight, eps), h``.
+
+    x, residual [..., D]; weight [D]. Returns (normed [..., D] in x.dtype, h [..., D] in
+    residual.dtype). h is rounded to residual.dtype before it is normalised, exactly as the unfused
+    ``h = (x + residual).to(residual.dtype); rmsnorm(h)``.
+    """
+    _check(x, weight, residual)
+    return AddRMSNormFunction.apply(x, residual, weight, float(eps))
+
+
+def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Pure-torch reference (fp32 math, output in x.dtype)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
+    return y.to(x.dtype)
+
+
+def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                    eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch reference of :func:`add_rmsnorm` (fp32 math)."""
+    h = (x.float() + residual.float()).to(residual.dtype)
+    hf = h.float()
+    y = hf * torch.rsqrt(hf.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
+    return y.to(x.dtype), h

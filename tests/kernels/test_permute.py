@@ -1,0 +1,226 @@
+"""kernels/permute.py: MoE token permute / weighted unpermute vs the reference, fwd + every grad.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1 set before import); with
+CUDA the same tests run compiled on the GPU. The permutation itself is exact (a copy); sums
+(dx of permute, y and dweights of unpermute) accumulate in fp32 and are compared with fp32
+references on upcast inputs.
+"""
+
+import itertools
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import kernels._utils as kutils  # noqa: E402
+from kernels.permute import (  # noqa: E402
+    permute, permute_ref, routing_map, unpermute, unpermute_ref,
+)
+
+INTERPRET = kutils.interpreting()
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (compiled Triton)")
+
+# dtype -> (atol, rtol)
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+DTYPES = [torch.float32, torch.bfloat16]
+# (N, D, E, K): every N x D, with (E, K) cycling through {5, 16} x {1, 2, 3}
+_EK = list(itertools.product([5, 16], [1, 2, 3]))
+CASES = [(N, D, *_EK[i % len(_EK)]) for i, (N, D) in enumerate(itertools.product([1, 7, 33], [1, 17, 67]))]
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setattr(kutils, "POISON_OUTPUTS", True)
+
+
+def _close(got, want, dtype, what):
+    atol, rtol = TOL[dtype]
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten output?)"
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def _topk_ids(N, E, K, experts=None):
+    """Distinct ids per row (like a router), drawn from `experts` (default: all E)."""
+    pool = torch.arange(E) if experts is None else torch.as_tensor(experts)
+    rows = [pool[torch.randperm(len(pool))[:K]] for _ in range(N)]
+    return torch.stack(rows).to(DEVICE)
+
+
+def _run_both(x, ids, E, dtype):
+    """Run kernel and reference permute -> (fake experts) -> unpermute, fwd + bwd; compare all."""
+    N, K = ids.shape
+    D = x.shape[1]
+    w = torch.rand(N, K, device=DEVICE).requires_grad_(True)
+    xs, counts, sidx = permute(x, ids, E)
+    xsr, countsr, sidxr = permute_ref(x.detach(), ids, E)
+    assert xs.dtype == dtype and xs.shape == (N * K, D)
+    assert counts.dtype == torch.int64 and sidx.dtype == torch.int64
+    assert torch.equal(counts, countsr), "tokens_per_expert"
+    assert torch.equal(sidx, sidxr), "sorted_index"
+    assert torch.equal(xs.detach(), xsr), "x_sorted must be an exact copy"
+    # the LocalDispatcher contract: rows grouped by expert, ascending, stable inside an expert
+    assert (ids.flatten()[sidx].diff() >= 0).all()
+    assert torch.equal(x.detach()[sidx // K], xs.detach())
+
+    # "experts": an elementwise op so each row's output depends on its row only
+    ys = xs * 1.5 + 0.25
+    y = unpermute(ys, sidx, w, N)
+    assert y.dtype == dtype and y.shape == (N, D)
+    dy = torch.randn(N, D, device=DEVICE).to(dtype)
+    gx, gw = torch.autograd.grad(y, (x, w), dy)
+
+    xr = x.detach().float().requires_grad_(True)
+    wr = w.detach().clone().requires_grad_(True)
+    xsr2, _, _ = permute_ref(xr, ids, E)
+    yr = unpermute_ref(xsr2 * 1.5 + 0.25, sidxr, wr, N)
+    gxr, gwr = torch.autograd.grad(yr, (xr, wr), dy.float())
+    _close(y, yr, dtype, "y")
+    assert gx.dtype == dtype and gw.dtype == torch.float32
+    _close(gx, gxr, dtype, "dx")
+    _close(gw, gwr, dtype, "dweights")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_permute_unpermute(case, dtype):
+    N, D, E, K = case
+    torch.manual_seed(N * 100 + D)
+    x = torch.randn(N, D, device=DEVICE).to(dtype).requires_grad_(True)
+    _run_both(x, _topk_ids(N, E, K), E, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_some_experts_get_no_tokens(dtype):
+    torch.manual_seed(1)
+    N, D, E, K = 9, 17, 16, 2
+    ids = _topk_ids(N, E, K, experts=[1, 4, 5, 11])
+    x = torch.randn(N, D, device=DEVICE).to(dtype).requires_grad_(True)
+    _run_both(x, ids, E, dtype)
+    _, counts, _ = permute(x.detach(), ids, E)
+    assert counts.sum().item() == N * K
+    assert (counts[[0, 2, 3, 6, 15]] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_tokens_to_one_expert(dtype):
+    torch.manual_seed(2)
+    N, D, E = 7, 67, 5
+    ids = torch.full((N, 1), 3, dtype=torch.int64, device=DEVICE)
+    x = torch.randn(N, D, device=DEVICE).to(dtype).requires_grad_(True)
+    _run_both(x, ids, E, dtype)
+    xs, counts, sidx = permute(x.detach(), ids, E)
+    assert counts.tolist() == [0, 0, 0, N, 0]
+    assert torch.equal(sidx, torch.arange(N, device=DEVICE))  # stable: token order kept
+    assert torch.equal(xs, x.detach())
+
+
+def test_single_token_and_repeated_ids():
+    """N = 1, and a row that names one expert twice (not a router output, but well defined)."""
+    torch.manual_seed(3)
+    x = torch.randn(1, 17, device=DEVICE, requires_grad=True)
+    _run_both(x, torch.tensor([[4, 0, 4]], device=DEVICE), 5, torch.float32)
+
+
+def test_roundtrip_is_identity_with_unit_weights():
+    torch.manual_seed(4)
+    N, D, E, K = 33, 19, 16, 3
+    x = torch.randn(N, D, device=DEVICE)
+    ids = _topk_ids(N, E, K)
+    xs, _, sidx = permute(x, ids, E)
+    w = torch.full((N, K), 1.0 / K, device=DEVICE)
+    _close(unpermute(xs, sidx, w, N), x, torch.float32, "unpermute(permute(x))")
+
+
+def test_routing_map():
+    ids = torch.tensor([[2, 0], [0, 1], [2, 1]], device=DEVICE)
+    counts, sidx, row_of = routing_map(ids, 4)
+    assert counts.tolist() == [2, 2, 2, 0]
+    # flattened ids [2,0,0,1,2,1] -> stable order by expert: positions [1,2,3,5,0,4]
+    assert sidx.tolist() == [1, 2, 3, 5, 0, 4]
+    assert row_of.tolist() == [4, 0, 1, 2, 5, 3]
+
+
+def test_unpermute_without_weight_grad_and_deterministic():
+    torch.manual_seed(5)
+    N, D, E, K = 7, 67, 5, 3
+    ids = _topk_ids(N, E, K)
+    _, _, sidx = permute(torch.zeros(N, D, device=DEVICE), ids, E)
+    ys = torch.randn(N * K, D, device=DEVICE, requires_grad=True)
+    w = torch.rand(N, K, device=DEVICE)
+    dy = torch.randn(N, D, device=DEVICE)
+    g1 = torch.autograd.grad(unpermute(ys, sidx, w, N), ys, dy)[0]
+    g2 = torch.autograd.grad(unpermute(ys, sidx, w, N), ys, dy)[0]
+    assert torch.equal(g1, g2)
+    (gr,) = torch.autograd.grad(unpermute_ref(ys, sidx, w, N), ys, dy)
+    _close(g1, gr, torch.float32, "dys")
+
+
+def test_matches_model_local_dispatcher():
+    """Drop-in for moetrain.model.dispatch.permute / unpermute (the LocalDispatcher seam)."""
+    dispatch = pytest.importorskip("moetrain.model.dispatch")
+    torch.manual_seed(6)
+    N, D, E, K = 7, 17, 5, 2
+    x = torch.randn(N, D, device=DEVICE)
+    ids = _topk_ids(N, E, K)
+    w = torch.rand(N, K, device=DEVICE)
+    xs, counts, sidx = permute(x, ids, E)
+    xs_m, counts_m, sidx_m = dispatch.permute(x, ids, E)
+    assert torch.equal(xs, xs_m) and torch.equal(counts, counts_m) and torch.equal(sidx, sidx_m)
+    ys = torch.randn(N * K, D, device=DEVICE)
+    _close(unpermute(ys, sidx, w), dispatch.unpermute(ys, sidx_m, w), torch.float32, "combine")
+
+
+def test_empty_batch():
+    x = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    ids = torch.zeros(0, 2, dtype=torch.int64, device=DEVICE)
+    xs, counts, sidx = permute(x, ids, 4)
+    assert xs.shape == (0, 8) and counts.tolist() == [0, 0, 0, 0] and sidx.shape == (0,)
+    y = unpermute(xs, sidx, torch.zeros(0, 2, device=DEVICE), 0)
+    assert y.shape == (0, 8)
+
+
+def test_errors():
+    x = torch.randn(3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="topk_ids"):
+        permute(x, torch.zeros(4, 2, dtype=torch.int64, device=DEVICE), 4)
+    with pytest.raises(TypeError, match="integer"):
+        permute(x, torch.zeros(3, 2, device=DEVICE), 4)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match=r"\[0, 4\)"):
+            permute(x, torch.full((3, 2), 4, dtype=torch.int64), 4)
+    sidx = torch.arange(6, device=DEVICE)
+    with pytest.raises(ValueError, match="y_sorted"):
+        unpermute(torch.randn(5, 8, device=DEVICE), sidx, torch.ones(3, 2, device=DEVICE), 3)
+    with pytest.raises(ValueError, match="sorted_index"):
+        unpermute(torch.randn(6, 8, device=DEVICE), sidx.int(), torch.ones(3, 2, device=DEVICE), 3)
+
+
+# ---------------------------------------------------------------------------- real sizes (GPU)
+@pytest.mark.gpu
+@gpu
+def test_gpu_real_size():
+    torch.manual_seed(0)
+    N, D, E, K, dtype = 4096, 7168, 256, 8, torch.bfloat16
+    ids = torch.rand(N, E, device="cuda").topk(K, dim=-1)[1]
+    x = torch.randn(N, D, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.rand(N, K, device="cuda").requires_grad_(True)
+    xs, counts, sidx = permute(x, ids, E)
+    xsr, countsr, sidxr = permute_ref(x.detach(), ids, E)
+    assert torch.equal(counts, countsr) and torch.equal(sidx, sidxr) and torch.equal(xs.detach(), xsr)
+    y = unpermute(xs, sidx, w, N)
+    dy = torch.randn(N, D, device="cuda", dtype=dtype)
+    gx, gw = torch.autograd.grad(y, (x, w), dy)
+    xr = x.detach().float().requires_grad_(True)
+    wr = w.detach().clone().requires_grad_(True)
+    yr = unpermute_ref(permute_ref(xr, ids, E)[0], sidxr, wr, N)
+    gxr, gwr = torch.autograd.grad(yr, (xr, wr), dy.float())
+    _close(y, yr, dtype, "y")
+    _close(gx, gxr, dtype, "dx")
+    torch.testing.assert_close(gw, gwr, atol=1e-3 * gwr.abs().max().item(), rtol=1e-3)

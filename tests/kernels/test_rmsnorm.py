@@ -1,0 +1,213 @@
+"""kernels/rmsnorm.py: forward and every gradient vs the pure-torch reference.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1 is set below, before
+kernels/ and triton are imported). With CUDA the same small odd-shape tests run compiled on the GPU,
+and the `gpu`-marked tests add real sizes.
+
+Reference: the *_ref functions applied to fp32 copies of the (fp32- or bf16-stored) inputs, so the
+reference carries no bf16 rounding of its own. The interpreter rounds fp32 -> bf16 toward zero
+(the GPU rounds to nearest even): the bf16 tolerance covers one bf16 ulp plus the kernel's roundings.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import kernels._utils as kutils  # noqa: E402
+from kernels.rmsnorm import (  # noqa: E402
+    add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_bwd, rmsnorm_fwd, rmsnorm_ref,
+)
+
+INTERPRET = kutils.interpreting()
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (compiled Triton)")
+
+# dtype -> (atol, rtol) for outputs and gradients compared in fp32
+TOL = {
+    torch.float32: (2e-5, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+DTYPES = [torch.float32, torch.bfloat16]
+SHAPES = [(1, 1), (7, 17), (3, 11, 67), (33, 64)]
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setattr(kutils, "POISON_OUTPUTS", True)
+
+
+def _close(got, want, dtype, what):
+    atol, rtol = TOL[dtype]
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten output?)"
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_rmsnorm_forward_backward(shape, dtype):
+    torch.manual_seed(0)
+    D = shape[-1]
+    x = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_(True)
+    w = (1 + 0.1 * torch.randn(D, device=DEVICE)).requires_grad_(True)
+    y = rmsnorm(x, w, 1e-6)
+    assert y.dtype == dtype and y.shape == x.shape
+    dy = torch.randn(shape, device=DEVICE).to(dtype)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+
+    xr, wr = _leaf(x.float()), _leaf(w)
+    yr = rmsnorm_ref(xr, wr, 1e-6)
+    dxr, dwr = torch.autograd.grad(yr, (xr, wr), dy.float())
+    _close(y, yr, dtype, "y")
+    assert dx.dtype == dtype and dw.dtype == w.dtype
+    _close(dx, dxr, dtype, "dx")
+    _close(dw, dwr, dtype, "dw")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_add_rmsnorm_forward_backward(shape, dtype):
+    torch.manual_seed(1)
+    D = shape[-1]
+    x = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_(True)
+    r = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_(True)
+    w = (1 + 0.1 * torch.randn(D, device=DEVICE)).requires_grad_(True)
+    y, h = add_rmsnorm(x, r, w, 1e-5)
+    assert y.dtype == dtype and h.dtype == dtype and y.shape == h.shape == x.shape
+    dy = torch.randn(shape, device=DEVICE).to(dtype)
+    dh = torch.randn(shape, device=DEVICE).to(dtype)
+    dx, dr, dw = torch.autograd.grad((y, h), (x, r, w), (dy, dh))
+
+    # the kernel normalises h as stored (rounded to the residual dtype); the reference normalises
+    # that same stored h (straight-through for the gradient), after checking h itself
+    xr, rr, wr = _leaf(x.float()), _leaf(r.float()), _leaf(w)
+    hr = xr + rr
+    yr = rmsnorm_ref(hr + (h.detach().float() - hr.detach()), wr, 1e-5)
+    dxr, drr, dwr = torch.autograd.grad((yr, hr), (xr, rr, wr), (dy.float(), dh.float()))
+    _close(h, hr, dtype, "h")
+    _close(y, yr, dtype, "y")
+    _close(dx, dxr, dtype, "dx")
+    _close(dr, drr, dtype, "dresidual")
+    _close(dw, dwr, dtype, "dw")
+    # the module's own reference agrees with the unfused definition
+    y2, h2 = add_rmsnorm_ref(x.detach(), r.detach(), w.detach(), 1e-5)
+    _close(h2, h, dtype, "add_rmsnorm_ref h")
+
+
+def test_add_rmsnorm_mixed_dtypes_and_unused_residual():
+    """bf16 activations with an fp32 residual stream; only `normed` feeds the loss."""
+    torch.manual_seed(2)
+    x = torch.randn(5, 23, device=DEVICE).to(torch.bfloat16).requires_grad_(True)
+    r = torch.randn(5, 23, device=DEVICE).requires_grad_(True)
+    w = torch.randn(23, device=DEVICE).to(torch.bfloat16).requires_grad_(True)
+    y, h = add_rmsnorm(x, r, w)
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    dy = torch.randn(5, 23, device=DEVICE)
+    dx, dr, dw = torch.autograd.grad(y, (x, r, w), dy.to(torch.bfloat16))
+    assert dx.dtype == torch.bfloat16 and dr.dtype == torch.float32 and dw.dtype == torch.bfloat16
+    xr, rr, wr = _leaf(x.float()), _leaf(r), _leaf(w.float())
+    yr, hr = add_rmsnorm_ref(xr, rr, wr)
+    dxr, drr, dwr = torch.autograd.grad(yr, (xr, rr, wr), dy.to(torch.bfloat16).float())
+    _close(h, hr, torch.float32, "h")
+    _close(y, yr, torch.bfloat16, "y")
+    _close(dx, dxr, torch.bfloat16, "dx")
+    _close(dr, drr, torch.bfloat16, "dresidual")
+    _close(dw, dwr, torch.bfloat16, "dw")
+
+
+def test_noncontiguous_input():
+    torch.manual_seed(3)
+    base = torch.randn(19, 6, device=DEVICE)
+    x = base.t().requires_grad_(True)  # [6, 19], strides (1, 6)
+    w = torch.randn(19, device=DEVICE, requires_grad=True)
+    y = rmsnorm(x, w)
+    dy = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    xr, wr = _leaf(x), _leaf(w)
+    yr = rmsnorm_ref(xr, wr)
+    dxr, dwr = torch.autograd.grad(yr, (xr, wr), dy)
+    _close(y, yr, torch.float32, "y")
+    _close(dx, dxr, torch.float32, "dx")
+    _close(dw, dwr, torch.float32, "dw")
+
+
+@pytest.mark.parametrize("n_programs", [1, 2, 3, 7])
+def test_backward_partial_sums_any_grid(n_programs):
+    """dw from any number of programs (uneven row ranges) equals the reference; dx unchanged."""
+    torch.manual_seed(4)
+    N, D = 7, 13
+    x = torch.randn(N, D, device=DEVICE)
+    w = torch.randn(D, device=DEVICE)
+    dy = torch.randn(N, D, device=DEVICE)
+    _, _, rstd = rmsnorm_fwd(x, w, 1e-6)
+    dx, dw = rmsnorm_bwd(dy, x, w, rstd, torch.float32, n_programs=n_programs)
+    xr, wr = _leaf(x), _leaf(w)
+    dxr, dwr = torch.autograd.grad(rmsnorm_ref(xr, wr), (xr, wr), dy)
+    _close(dx, dxr, torch.float32, "dx")
+    _close(dw, dwr, torch.float32, "dw")
+
+
+def test_backward_deterministic():
+    torch.manual_seed(5)
+    x = torch.randn(33, 67, device=DEVICE, requires_grad=True)
+    w = torch.randn(67, device=DEVICE, requires_grad=True)
+    dy = torch.randn(33, 67, device=DEVICE)
+    g1 = torch.autograd.grad(rmsnorm(x, w), (x, w), dy)
+    g2 = torch.autograd.grad(rmsnorm(x, w), (x, w), dy)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_errors():
+    x = torch.randn(3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        rmsnorm(x, torch.ones(7, device=DEVICE))
+    with pytest.raises(TypeError, match="dtype"):
+        rmsnorm(x.to(torch.int32), torch.ones(8, device=DEVICE))
+    with pytest.raises(ValueError, match="residual shape"):
+        add_rmsnorm(x, torch.randn(3, 7, device=DEVICE), torch.ones(8, device=DEVICE))
+
+
+def test_empty_rows():
+    x = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    w = torch.ones(8, device=DEVICE, requires_grad=True)
+    y = rmsnorm(x, w)
+    assert y.shape == (0, 8)
+    dx, dw = torch.autograd.grad(y.sum(), (x, w))
+    assert dx.shape == (0, 8) and torch.equal(dw, torch.zeros(8, device=DEVICE))
+
+
+# ---------------------------------------------------------------------------- real sizes (GPU)
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_real_size(fused):
+    torch.manual_seed(0)
+    N, D, dtype = 8192, 7168, torch.bfloat16
+    x = torch.randn(N, D, device="cuda", dtype=dtype, requires_grad=True)
+    r = torch.randn(N, D, device="cuda", dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(D, device="cuda")).requires_grad_(True)
+    dy = torch.randn(N, D, device="cuda", dtype=dtype)
+    xr, rr, wr = _leaf(x.float()), _leaf(r.float()), _leaf(w)
+    if fused:
+        y, h = add_rmsnorm(x, r, w)
+        dx, dr, dw = torch.autograd.grad(y, (x, r, w), dy)
+        hr = xr + rr
+        yr = rmsnorm_ref(hr + (h.detach().float() - hr.detach()), wr)
+        dxr, drr, dwr = torch.autograd.grad(yr, (xr, rr, wr), dy.float())
+        _close(dr, drr, dtype, "dresidual")
+    else:
+        y = rmsnorm(x, w)
+        dx, dw = torch.autograd.grad(y, (x, w), dy)
+        yr = rmsnorm_ref(xr, wr)
+        dxr, dwr = torch.autograd.grad(yr, (xr, wr), dy.float())
+    _close(y, yr, dtype, "y")
+    _close(dx, dxr, dtype, "dx")
+    # dw sums 8192 rows: compare relative to its scale
+    torch.testing.assert_close(dw, dwr, atol=1e-3 * dwr.abs().max().item(), rtol=1e-3)
