@@ -25,25 +25,39 @@ def parallelize(model: torch.nn.Module, cfg: DictConfig, ctx: DistContext):
 
     ``grad_sync()`` is called once per optimizer step after the last backward and before clipping; it
     averages gradients where the wrapper does not already do so during backward.
+
+    ``parallel.ep > 1``: :func:`moetrain.parallel.expert_parallel.apply_ep` (no DDP wrapper; clip with
+    :func:`moetrain.parallel.grad_sync.clip_grad_norm`). ``parallel.capacity_factor > 0`` at ``ep = 1``:
+    the dispatchers apply the same per-rank capacity rule without communication (DDP as usual).
     """
     grad_sync = _no_grad_sync
+    capacity = float(cfg.parallel.get("capacity_factor", 0.0) or 0.0)
+    policy = cfg.parallel.get("capacity_policy", "probs")
     if ctx.ep > 1:
         try:
             from moetrain.parallel.expert_parallel import apply_ep
         except ImportError as e:
             raise UnavailableFeature(f"parallel.ep={ctx.ep}: expert parallelism is not available ({e})") from None
-        grad_sync = apply_ep(model, ctx)
+        # experts sharded over "ep", AllToAllDispatcher; grad_sync replaces DDP (dense grads averaged over the
+        # world, expert grads summed over the "dp" group / world size)
+        grad_sync = apply_ep(model, ctx, capacity_factor=capacity, capacity_policy=policy)
+    elif capacity > 0:
+        from moetrain.parallel.expert_parallel import apply_capacity
+        apply_capacity(model, capacity, policy)  # ep = 1: the same per-rank capacity rule, no communication
     if cfg.precision.fp8 != "none":
         from moetrain.precision.fp8 import apply_fp8
         apply_fp8(model, cfg.precision.fp8)
     if cfg.kernels.enabled:
-        from moetrain.kernels_apply import apply_kernels
-        apply_kernels(model, cfg.kernels)
+        from moetrain.kernels_apply import apply_kernels, triton_unavailable
+        reason = triton_unavailable(ctx.device)
+        if reason and ctx.is_main:
+            print(f"kernels.enabled=true: using the PyTorch ops ({reason})", flush=True)
+        apply_kernels(model, cfg.kernels, ctx.device)
     if cfg.train.compile:
         for block in model.layers:
             block.compile()
     wrapped = model
-    if ctx.distributed and ctx.ep == 1:
+    if ctx.distributed and ctx.ep == 1 and cfg.parallel.engine == "native":  # deepspeed: ZeRO reduces instead
         wrapped = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                                           broadcast_buffers=False)
     return wrapped, model, grad_sync

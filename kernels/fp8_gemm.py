@@ -1,0 +1,474 @@
+"""Block-scaled FP8 GEMMs (DeepSeek-V3 §3.3.2): FP8 tensor-core products promoted to FP32 every 128 K.
+
+All GEMMs here compute ``C[M, N] = A[M, K] @ B[N, K]^T`` ("NT": both operands K-contiguous rows) with
+float8_e4m3fn operands and float32 dequantisation scales (convention of ``kernels.fp8_quant``:
+``x ~= x_fp8 * scale``)::
+
+    C[m, n] = sum_kt  a_scale[m, kt] * b_scale[., kt] * sum_{k in tile kt} A[m, k] * B[n, k]
+
+The inner sum over one 128-wide K tile is one ``tl.dot`` on fp8 inputs (on sm90: WGMMA, whose internal
+accumulation has limited precision); its fp32 result is multiplied by the tile's scales and added into a
+separate fp32 accumulator — the "promotion to CUDA cores every N_C = 128 elements" of DeepSeek-V3 §3.3.2.
+BLOCK_K is therefore fixed to 128 (= the quantisation tile).
+
+Variants
+  fp8_gemm_blockwise(a, a_s, b, b_s)   a: 1x128 scales [M, ceil(K/128)]; b: 128x128 scales
+                                       [ceil(N/128), ceil(K/128)]. Forward y = x W^T and, with
+                                       b = W^T (see fp8_gemm_dgrad), the input gradient.
+  fp8_gemm_1x128_1x128(a, a_s, b, b_s) both operands 1x128 per-row scales ([M, Kt] and [N, Kt]); the
+                                       weight gradient dW = grad^T x, reducing over tokens:
+                                       a = grad^T [N_out, T], b = x^T [K_in, T] (both tiles along T).
+  fp8_gemm_dgrad(g, g_s, w, w_s)       dX = G W: G [M, N] 1x128 along N, W [N, K] 128x128; uses
+                                       W^T's blocks = W's blocks transposed (same fp8 data, scales.t()).
+  fp8_gemm_blockwise_ref / fp8_gemm_1x128_1x128_ref: dequantise and matmul in fp32 (pure torch).
+
+Grouped variants for MoE experts (rows sorted by expert, per-expert counts on the device, no host sync; the
+row tiling comes from kernels.fp8_quant.grouped_tiles: 128-row tiles that never straddle two experts):
+  fp8_gemm_grouped(a, a_s, b[E, N, K], b_s[E, Nt, Kt], tiles)   forward / dgrad, one 128-row tile per program
+  fp8_gemm_grouped_wgrad(at, at_s, bt, bt_s, tiles) -> [E, N, K] weight grads over the tile-padded token layout
+
+M, N, K need not be multiples of anything (partial tiles are masked). Operands may have any strides
+(performance is best with K-contiguous rows). Output dtype: bfloat16 (default), float32 or float16.
+
+Errors: ValueError for shape/scale mismatches, TypeError for wrong dtypes, RuntimeError for CPU tensors when
+the module was not imported under TRITON_INTERPRET=1. Non-finite inputs are not checked here: a NaN scale
+(see fp8_quant) yields NaN outputs in the affected rows/columns.
+
+Interpreter notes (TRITON_INTERPRET=1): the interpreter's fp32 -> bf16 conversion rounds wrongly, so the kernel
+rounds to bf16 with integer ops first (constexpr EXACT_CAST); ``UPCAST_DOT`` (constexpr) upcasts fp8 tiles
+to fp32 before tl.dot for interpreters without fp8 dot support (triton 3.9's interpreter handles fp8 dot, so it
+is off by default). On the GPU tl.dot takes the fp8 tiles natively.
+
+This module never imports moetrain.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8_quant import FP8_DTYPE, INTERPRETED, TILE, GroupedTiles, dequant_128x128, dequant_1x128
+
+__all__ = [
+    "fp8_gemm_blockwise", "fp8_gemm_1x128_1x128", "fp8_gemm_dgrad",
+    "fp8_gemm_blockwise_ref", "fp8_gemm_1x128_1x128_ref", "fp8_gemm_dgrad_ref", "INTERPRETED",
+    "fp8_gemm_grouped", "fp8_gemm_grouped_wgrad", "fp8_gemm_grouped_ref", "fp8_gemm_grouped_wgrad_ref",
+]
+
+# tl.dot on fp8 tiles under the interpreter works in triton 3.9; flip with MOETRAIN_FP8_UPCAST_DOT=1 if not.
+_UPCAST_DOT_INTERPRETED = os.environ.get("MOETRAIN_FP8_UPCAST_DOT", "0") == "1"
+
+
+def _autotune() -> bool:
+    """GPU launches autotune their tile config per (M bucket, N, K) unless MOETRAIN_FP8_AUTOTUNE=0 (read per call;
+    tests turn it off: each new shape would otherwise compile and time every config)."""
+    return os.environ.get("MOETRAIN_FP8_AUTOTUNE", "1") != "0"
+
+
+@triton.jit
+def _round_to_bf16_grid(v):
+    # RTNE fp32 -> bf16 grid with integer ops (finite inputs); interpreter only.
+    bits = v.to(tl.int32, bitcast=True)
+    lsb = (bits >> 16) & 1
+    rb = (bits + 0x7FFF + lsb) & -65536
+    return rb.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_asm, stride_ask, stride_bsn, stride_bsk,
+    M_BUCKET,  # only an autotune key
+    B_BLOCK_SCALES: tl.constexpr,  # True: b scales per 128x128 block [ceil(N/128), Kt]; False: per row [N, Kt]
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, OUT_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # grouped (super-tile) ordering for L2 reuse
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk
+    as_ptrs = as_ptr + offs_m * stride_asm
+    if B_BLOCK_SCALES:
+        bs_ptrs = bs_ptr + ((pid_n * BLOCK_N) // 128) * stride_bsn
+    else:
+        bs_ptrs = bs_ptr + offs_n * stride_bsn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for kt in range(0, k_tiles):
+        k_mask = offs_k < K - kt * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_n[:, None] & k_mask[None, :], other=0.0)
+        if UPCAST_DOT:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
+        sa = tl.load(as_ptrs + kt * stride_ask, mask=mask_m, other=0.0)
+        if B_BLOCK_SCALES:
+            sb = tl.load(bs_ptrs + kt * stride_bsk)
+            acc += part * (sa * sb)[:, None]
+        else:
+            sb = tl.load(bs_ptrs + kt * stride_bsk, mask=mask_n, other=0.0)
+            acc += part * sa[:, None] * sb[None, :]
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if EXACT_CAST and OUT_BF16:
+        acc = _round_to_bf16_grid(acc)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _gpu_configs():
+    cfgs = []
+    for bm, bn, w, s in [(128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4),
+                         (64, 64, 4, 4), (128, 128, 4, 3)]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+_fp8_gemm_kernel_tuned = _fp8_gemm_kernel if INTERPRETED else triton.autotune(
+    configs=_gpu_configs(), key=["M_BUCKET", "N", "K", "B_BLOCK_SCALES"])(_fp8_gemm_kernel)
+
+_OUT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+
+
+def _launch(a, a_s, b, b_s, out_dtype, b_block_scales: bool, name: str, config: dict | None = None):
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"{name}: a and b must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != FP8_DTYPE or b.dtype != FP8_DTYPE:
+        raise TypeError(f"{name}: a and b must be float8_e4m3fn, got {a.dtype} and {b.dtype}")
+    if a_s.dtype != torch.float32 or b_s.dtype != torch.float32:
+        raise TypeError(f"{name}: scales must be float32, got {a_s.dtype} and {b_s.dtype}")
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"{name}: out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    M, K = a.shape
+    N, Kb = b.shape
+    if K != Kb:
+        raise ValueError(f"{name}: reduction dims differ: a {tuple(a.shape)} vs b {tuple(b.shape)} (C = A @ B^T)")
+    kt = triton.cdiv(K, TILE)
+    want_bs = (triton.cdiv(N, TILE), kt) if b_block_scales else (N, kt)
+    if tuple(a_s.shape) != (M, kt):
+        raise ValueError(f"{name}: a_scales {tuple(a_s.shape)} != [M, ceil(K/128)] = {(M, kt)}")
+    if tuple(b_s.shape) != want_bs:
+        raise ValueError(f"{name}: b_scales {tuple(b_s.shape)} != {want_bs}")
+    if not (a.is_cuda and b.is_cuda) and not INTERPRETED:
+        raise RuntimeError(f"{name}: Triton kernels need CUDA tensors (got {a.device}); set TRITON_INTERPRET=1 "
+                           "before importing kernels.fp8_gemm to run on CPU, or use the *_ref functions")
+    c = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        return c.zero_()
+    m_bucket = min(triton.next_power_of_2(M), 4096)
+    common = dict(B_BLOCK_SCALES=b_block_scales, BLOCK_K=TILE,
+                  UPCAST_DOT=INTERPRETED and _UPCAST_DOT_INTERPRETED,
+                  EXACT_CAST=INTERPRETED, OUT_BF16=out_dtype == torch.bfloat16)
+    args = (a, b, c, a_s, b_s, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+            c.stride(1), a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), m_bucket)
+    if INTERPRETED or config is not None or not _autotune():
+        # interpreter: large tiles = fewer (slow, Python-level) programs; GPU: a fixed sane default
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
+        if config is not None:
+            cfg.update(config)
+        if b_block_scales and 128 % cfg["BLOCK_N"]:
+            raise ValueError(f"{name}: BLOCK_N must divide 128 with 128x128 b scales, got {cfg['BLOCK_N']}")
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _fp8_gemm_kernel[grid](*args, **common, **cfg)
+    else:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        _fp8_gemm_kernel_tuned[grid](*args, **common)
+    return c
+
+
+def fp8_gemm_blockwise(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.Tensor, b_scales: torch.Tensor,
+                       out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None) -> torch.Tensor:
+    """C[M, N] = A @ B^T with A 1x128-scaled and B 128x128-scaled (DeepSeek-V3 forward GEMM).
+
+    a_fp8: [M, K] float8_e4m3fn, a_scales: [M, ceil(K/128)] fp32 (from quant_1x128);
+    b_fp8: [N, K] float8_e4m3fn, b_scales: [ceil(N/128), ceil(K/128)] fp32 (from quant_128x128).
+    FP32 accumulation with promotion (scale multiply + add) every 128 K. Returns [M, N] ``out_dtype``.
+    ``config`` (optional, GPU benchmarking): fixed {BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages}
+    instead of autotuning; BLOCK_N must divide 128.
+    """
+    return _launch(a_fp8, a_scales, b_fp8, b_scales, out_dtype, True, "fp8_gemm_blockwise", config)
+
+
+def fp8_gemm_1x128_1x128(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.Tensor, b_scales: torch.Tensor,
+                         out_dtype: torch.dtype = torch.float32, config: dict | None = None) -> torch.Tensor:
+    """C[M, N] = A @ B^T with both operands 1x128-scaled per row (the weight-gradient GEMM).
+
+    a_fp8: [M, K] e4m3, a_scales: [M, ceil(K/128)]; b_fp8: [N, K] e4m3, b_scales: [N, ceil(K/128)] fp32.
+    For dW[N_out, K_in] = grad[T, N_out]^T @ x[T, K_in]: a = grad^T, b = x^T, both quantised 1x128 along T
+    (the transposed outputs of quant_1x128_with_transpose). Default out_dtype float32 (weight grads).
+    """
+    return _launch(a_fp8, a_scales, b_fp8, b_scales, out_dtype, False, "fp8_gemm_1x128_1x128", config)
+
+
+def fp8_gemm_dgrad(g_fp8: torch.Tensor, g_scales: torch.Tensor, w_fp8: torch.Tensor, w_scales: torch.Tensor,
+                   out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None) -> torch.Tensor:
+    """dX[M, K] = G[M, N] @ W[N, K] for y = x W^T.
+
+    g_fp8: [M, N] e4m3 with g_scales [M, ceil(N/128)] (1x128 along N); w_fp8: [N, K] e4m3 with
+    w_scales [ceil(N/128), ceil(K/128)] (the forward's 128x128 quantisation of W, reused: the 128x128
+    quantisation of W^T is exactly (w_fp8.t(), w_scales.t())). W^T is made K-contiguous for the kernel.
+    """
+    return fp8_gemm_blockwise(g_fp8, g_scales, w_fp8.t().contiguous(), w_scales.t().contiguous(), out_dtype, config)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# references: dequantise, matmul in fp32
+# ----------------------------------------------------------------------------------------------------------
+def fp8_gemm_blockwise_ref(a_fp8, a_scales, b_fp8, b_scales, out_dtype=torch.bfloat16):
+    """Reference for fp8_gemm_blockwise: dequant_1x128(a) @ dequant_128x128(b)^T in fp32, cast to out_dtype."""
+    return (dequant_1x128(a_fp8, a_scales) @ dequant_128x128(b_fp8, b_scales).t()).to(out_dtype)
+
+
+def fp8_gemm_1x128_1x128_ref(a_fp8, a_scales, b_fp8, b_scales, out_dtype=torch.float32):
+    """Reference for fp8_gemm_1x128_1x128 (fp32 dequantise + matmul)."""
+    return (dequant_1x128(a_fp8, a_scales) @ dequant_1x128(b_fp8, b_scales).t()).to(out_dtype)
+
+
+def fp8_gemm_dgrad_ref(g_fp8, g_scales, w_fp8, w_scales, out_dtype=torch.bfloat16):
+    """Reference for fp8_gemm_dgrad: dequant(G) @ dequant(W) in fp32."""
+    return (dequant_1x128(g_fp8, g_scales) @ dequant_128x128(w_fp8, w_scales)).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# grouped GEMMs (MoE experts, rows sorted by expert; no host sync)
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fp8_gemm_grouped_kernel(
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, tg_ptr, ts_ptr, te_ptr,
+    N, K,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, OUT_BF16: tl.constexpr,
+):
+    # C[rows of tile t] = A[rows of tile t] @ B[group(t)]^T; one 128-row tile (of one group) per program
+    pid_n = tl.program_id(0)
+    t = tl.program_id(1)
+    g = tl.load(tg_ptr + t).to(tl.int64)
+    rs = tl.load(ts_ptr + t)
+    re = tl.load(te_ptr + t)
+    offs_m = rs + tl.arange(0, 128)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < re
+    mask_n = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + g * stride_be + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk
+    as_ptrs = as_ptr + offs_m * stride_asm
+    bs_ptrs = bs_ptr + g * stride_bse + ((pid_n * BLOCK_N) // 128) * stride_bsn
+    acc = tl.zeros((128, BLOCK_N), dtype=tl.float32)
+    k_tiles = tl.where(re > rs, tl.cdiv(K, BLOCK_K), 0)  # empty tiles: no loads at all
+    for kt in range(0, k_tiles):
+        k_mask = offs_k < K - kt * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_n[:, None] & k_mask[None, :], other=0.0)
+        if UPCAST_DOT:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
+        sa = tl.load(as_ptrs + kt * stride_ask, mask=mask_m, other=0.0)
+        sb = tl.load(bs_ptrs + kt * stride_bsk)
+        acc += part * (sa * sb)[:, None]
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if EXACT_CAST and OUT_BF16:
+        acc = _round_to_bf16_grid(acc)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _fp8_wgrad_grouped_kernel(
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, gts_ptr,
+    N, K,
+    stride_an, stride_bk, stride_ce, stride_cn, stride_ck, stride_asn, stride_bsk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, OUT_BF16: tl.constexpr,
+):
+    # C[g] = A[:, tiles of g] @ B[:, tiles of g]^T over the tile-padded token layout (128 columns per tile)
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # rows of A (output features N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # rows of B (input features K)
+    offs_t = tl.arange(0, 128)
+    mask_m = offs_m < N
+    mask_n = offs_n < K
+    t0 = tl.load(gts_ptr + g).to(tl.int64)
+    t1 = tl.load(gts_ptr + g + 1).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(t0, t1):
+        cols = t * 128 + offs_t
+        a = tl.load(a_ptr + offs_m[:, None] * stride_an + cols[None, :], mask=mask_m[:, None], other=0.0)
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bk + cols[None, :], mask=mask_n[:, None], other=0.0)
+        if UPCAST_DOT:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
+        sa = tl.load(as_ptr + offs_m * stride_asn + t, mask=mask_m, other=0.0)
+        sb = tl.load(bs_ptr + offs_n * stride_bsk + t, mask=mask_n, other=0.0)
+        acc += part * sa[:, None] * sb[None, :]
+    if EXACT_CAST and OUT_BF16:
+        acc = _round_to_bf16_grid(acc)
+    c_ptrs = c_ptr + g.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cn + offs_n[None, :] * stride_ck
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _grouped_gpu_configs():
+    return [triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=4),
+            triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4)]
+
+
+def _wgrad_gpu_configs():
+    return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=4),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=4)]
+
+
+_fp8_gemm_grouped_tuned = _fp8_gemm_grouped_kernel if INTERPRETED else triton.autotune(
+    configs=_grouped_gpu_configs(), key=["N", "K"])(_fp8_gemm_grouped_kernel)
+_fp8_wgrad_grouped_tuned = _fp8_wgrad_grouped_kernel if INTERPRETED else triton.autotune(
+    configs=_wgrad_gpu_configs(), key=["N", "K"])(_fp8_wgrad_grouped_kernel)
+
+
+def _check_common(name, a, b, a_s, b_s, out_dtype):
+    if a.dtype != FP8_DTYPE or b.dtype != FP8_DTYPE:
+        raise TypeError(f"{name}: a and b must be float8_e4m3fn, got {a.dtype} and {b.dtype}")
+    if a_s.dtype != torch.float32 or b_s.dtype != torch.float32:
+        raise TypeError(f"{name}: scales must be float32, got {a_s.dtype} and {b_s.dtype}")
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"{name}: out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    if not (a.is_cuda and b.is_cuda) and not INTERPRETED:
+        raise RuntimeError(f"{name}: Triton kernels need CUDA tensors (got {a.device}); set TRITON_INTERPRET=1 "
+                           "before importing kernels.fp8_gemm to run on CPU, or use the *_ref functions")
+
+
+def fp8_gemm_grouped(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.Tensor, b_scales: torch.Tensor,
+                     tiles: GroupedTiles, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Grouped block-scaled GEMM: C[rows of group e] = A[rows of e] @ B[e]^T, rows of A sorted by group.
+
+    a_fp8 [M, K] e4m3 with 1x128 a_scales [M, ceil(K/128)] (quant_1x128 or the grouped quantiser);
+    b_fp8 [E, N, K] e4m3 with 128x128 b_scales [E, ceil(N/128), ceil(K/128)] (quant_128x128 of [E, N, K]);
+    tiles: grouped_tiles(counts, M). No host sync. Used for the experts' forward (B = W) and dgrad
+    (B = W^T per expert: ``b_fp8.transpose(1, 2).contiguous()``, ``b_scales.transpose(1, 2).contiguous()``).
+    """
+    name = "fp8_gemm_grouped"
+    _check_common(name, a_fp8, b_fp8, a_scales, b_scales, out_dtype)
+    M, K = a_fp8.shape
+    if b_fp8.dim() != 3 or b_fp8.shape[2] != K or b_fp8.shape[0] != tiles.n_groups:
+        raise ValueError(f"{name}: b must be [E={tiles.n_groups}, N, K={K}], got {tuple(b_fp8.shape)}")
+    E, N, _ = b_fp8.shape
+    kt = triton.cdiv(K, TILE)
+    if tuple(a_scales.shape) != (M, kt):
+        raise ValueError(f"{name}: a_scales {tuple(a_scales.shape)} != {(M, kt)}")
+    if tuple(b_scales.shape) != (E, triton.cdiv(N, TILE), kt):
+        raise ValueError(f"{name}: b_scales {tuple(b_scales.shape)} != {(E, triton.cdiv(N, TILE), kt)}")
+    c = torch.empty((M, N), dtype=out_dtype, device=a_fp8.device)
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        return c.zero_()
+    args = (a_fp8, b_fp8, c, a_scales, b_scales, tiles.tile_group, tiles.tile_start, tiles.tile_end, N, K,
+            a_fp8.stride(0), a_fp8.stride(1), b_fp8.stride(0), b_fp8.stride(1), b_fp8.stride(2), c.stride(0),
+            c.stride(1), a_scales.stride(0), a_scales.stride(1), b_scales.stride(0), b_scales.stride(1),
+            b_scales.stride(2))
+    common = dict(BLOCK_K=TILE, UPCAST_DOT=INTERPRETED and _UPCAST_DOT_INTERPRETED, EXACT_CAST=INTERPRETED,
+                  OUT_BF16=out_dtype == torch.bfloat16)
+    if INTERPRETED or not _autotune():
+        _fp8_gemm_grouped_kernel[(triton.cdiv(N, 128), tiles.n_tiles)](*args, **common, BLOCK_N=128, num_warps=8,
+                                                                        num_stages=3)
+    else:
+        _fp8_gemm_grouped_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), tiles.n_tiles)](*args, **common)
+    return c
+
+
+def fp8_gemm_grouped_wgrad(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.Tensor, b_scales: torch.Tensor,
+                           tiles: GroupedTiles, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Grouped weight gradient: C[e] = A[:, tokens of e] @ B[:, tokens of e]^T -> [E, N, K].
+
+    a_fp8 [N, T*128], a_scales [N, T]; b_fp8 [K, T*128], b_scales [K, T]: the tile-padded transposed outputs
+    of quant_1x128_with_transpose_grouped (grad_out^T and x^T; T = tiles.n_tiles), 1x128 tiles along tokens
+    that never cross experts. Experts without tokens get zeros. No host sync.
+    """
+    name = "fp8_gemm_grouped_wgrad"
+    _check_common(name, a_fp8, b_fp8, a_scales, b_scales, out_dtype)
+    T = tiles.n_tiles
+    N, K = a_fp8.shape[0], b_fp8.shape[0]
+    if a_fp8.shape[1] != T * TILE or b_fp8.shape[1] != T * TILE:
+        raise ValueError(f"{name}: a and b must be [*, n_tiles*128={T * TILE}], got {tuple(a_fp8.shape)} and "
+                         f"{tuple(b_fp8.shape)}")
+    if tuple(a_scales.shape) != (N, T) or tuple(b_scales.shape) != (K, T):
+        raise ValueError(f"{name}: scales must be [N, T]={(N, T)} and [K, T]={(K, T)}, got "
+                         f"{tuple(a_scales.shape)} and {tuple(b_scales.shape)}")
+    if a_fp8.stride(1) != 1 or b_fp8.stride(1) != 1:
+        raise ValueError(f"{name}: a and b must be contiguous along tokens")
+    E = tiles.n_groups
+    c = torch.empty((E, N, K), dtype=out_dtype, device=a_fp8.device)
+    if E == 0 or N == 0 or K == 0:
+        return c
+    args = (a_fp8, b_fp8, c, a_scales, b_scales, tiles.group_tile_start, N, K, a_fp8.stride(0), b_fp8.stride(0),
+            c.stride(0), c.stride(1), c.stride(2), a_scales.stride(0), b_scales.stride(0))
+    common = dict(UPCAST_DOT=INTERPRETED and _UPCAST_DOT_INTERPRETED, EXACT_CAST=INTERPRETED,
+                  OUT_BF16=out_dtype == torch.bfloat16)
+    if INTERPRETED or not _autotune():
+        grid = (triton.cdiv(N, 128) * triton.cdiv(K, 128), E)
+        _fp8_wgrad_grouped_kernel[grid](*args, **common, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+    else:
+        def grid(meta):
+            return (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]), E)
+        _fp8_wgrad_grouped_tuned[grid](*args, **common)
+    return c
+
+
+def fp8_gemm_grouped_ref(a_fp8, a_scales, b_fp8, b_scales, tiles: GroupedTiles, out_dtype=torch.bfloat16):
+    """Reference of fp8_gemm_grouped: per group, dequantise and matmul in fp32 (reads the tiles on the host)."""
+    M = a_fp8.shape[0]
+    a = dequant_1x128(a_fp8, a_scales)
+    out = torch.zeros((M, b_fp8.shape[1]), dtype=torch.float32, device=a_fp8.device)
+    gts = tiles.group_tile_start.tolist()
+    starts, ends = tiles.tile_start.tolist(), tiles.tile_end.tolist()
+    for e in range(tiles.n_groups):
+        if gts[e + 1] > gts[e]:
+            r0, r1 = starts[gts[e]], ends[gts[e + 1] - 1]
+            out[r0:r1] = a[r0:r1] @ dequant_128x128(b_fp8[e], b_scales[e]).t()
+    return out.to(out_dtype)
+
+
+def fp8_gemm_grouped_wgrad_ref(a_fp8, a_scales, b_fp8, b_scales, tiles: GroupedTiles, out_dtype=torch.float32):
+    """Reference of fp8_gemm_grouped_wgrad (fp32 dequantise + matmul per group over its padded tiles)."""
+    def deq(q, s):
+        return q.float().view(q.shape[0], -1, TILE) * s[:, :, None]
+    a, b = deq(a_fp8, a_scales), deq(b_fp8, b_scales)
+    gts = tiles.group_tile_start.tolist()
+    out = [a[:, gts[e]:gts[e + 1]].reshape(a.shape[0], -1) @ b[:, gts[e]:gts[e + 1]].reshape(b.shape[0], -1).t()
+           for e in range(tiles.n_groups)]
+    if not out:
+        return torch.empty((0, a_fp8.shape[0], b_fp8.shape[0]), dtype=out_dtype, device=a_fp8.device)
+    return torch.stack(out).to(out_dtype)

@@ -1,0 +1,469 @@
+"""Fine-grained FP8 (E4M3) quantisation: 1x128 activation tiles and 128x128 weight blocks.
+
+Source: DeepSeek-V3 technical report, §3.3.1-3.3.2 ("fine-grained quantization"): activations are scaled
+per token per 128 channels (1x128 tiles), weights per 128x128 block; every tile/block gets its own scale
+computed online from its absolute maximum.
+
+Scale convention (everywhere in moetrain)
+----------------------------------------
+``scale`` is the *dequantisation* multiplier, stored as float32::
+
+    scale   = amax(|tile|) / 448                 (448 = largest finite float8_e4m3fn)
+    x_fp8   = float8_e4m3fn(clamp(x / scale, -448, 448))     (round to nearest even)
+    x      ~= x_fp8.float() * scale
+
+so a tile whose largest magnitude is 896 gets scale 2.0 and its largest element quantises to 448 exactly.
+
+Guards:
+  * amax == 0 (all-zero tile, including the all-padding part of nothing): scale = 1.0, x_fp8 = 0.
+  * 0 < amax < AMAX_EPS (1e-12): amax is clamped to AMAX_EPS so the scale never underflows.
+  * a tile holding inf or nan: its scale is NaN ("flag" convention). No exception is raised inside the
+    kernels (that would need a host sync); the NaN scale propagates through dequantisation and the FP8
+    GEMMs into the output, where loss / debug checks catch it. Pass ``check_finite=True`` to raise
+    ``FloatingPointError`` instead (synchronises with the device).
+
+Partial tiles (M or K not multiples of 128) are supported: the amax is taken over the valid elements only.
+
+Shapes / layouts (all outputs contiguous):
+  quant_1x128(x[M, K])                -> x_fp8[M, K] e4m3, scales[M, ceil(K/128)] fp32
+  quant_1x128_with_transpose(x[M, K]) -> x_fp8[M, K], scales[M, ceil(K/128)],
+                                         xt_fp8[K, M] (1x128 quantisation of x^T, tiles run along M),
+                                         xt_scales[K, ceil(M/128)]
+  quant_128x128(w[N, K])              -> w_fp8[N, K] e4m3, scales[ceil(N/128), ceil(K/128)] fp32
+                                         (also batched: w[E, N, K] -> scales[E, ceil(N/128), ceil(K/128)])
+  grouped (MoE, rows sorted by expert, no host sync):
+  grouped_tiles(counts[E], M)         -> GroupedTiles: 128-row tiles that never straddle two experts
+  quant_1x128_with_transpose_grouped(x[M, K], tiles)
+                                      -> x_fp8[M, K], scales[M, ceil(K/128)], xt_fp8[K, n_tiles*128] (tile-padded,
+                                         zeros past each tile's rows), xt_scales[K, n_tiles]
+
+Quantising the transpose of a 128x128-blocked matrix gives the transposed fp8 matrix and the transposed
+scale grid exactly (amax over a block is transpose invariant), so W^T never needs requantising.
+
+The Triton kernels run on CUDA tensors, or on CPU tensors when this module was imported with
+``TRITON_INTERPRET=1`` (``INTERPRETED`` is then True). The interpreter converts fp32 -> fp8 with a broken
+rounding (e.g. -124 -> -64 in triton 3.9), so in interpreter mode the kernels first round the fp32 value to the
+E4M3 grid with exact integer arithmetic (constexpr ``EXACT_CAST``); on the GPU the hardware cvt (RTNE,
+satfinite) is used. Results are then bit-identical to the ``*_ref`` functions in both modes (up to fp32 division
+rounding on the GPU, where Triton may use an approximate fp32 divide: at most one fp8 ulp on rare elements).
+
+This module never imports moetrain.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+AMAX_EPS = 1e-12
+TILE = 128
+
+__all__ = [
+    "FP8_DTYPE", "FP8_MAX", "AMAX_EPS", "TILE", "INTERPRETED",
+    "quant_1x128", "quant_1x128_with_transpose", "quant_128x128",
+    "dequant_1x128", "dequant_128x128",
+    "quant_1x128_ref", "quant_1x128_with_transpose_ref", "quant_128x128_ref",
+    "scale_from_amax_ref", "cast_to_fp8_ref",
+    "GroupedTiles", "grouped_tiles", "quant_1x128_with_transpose_grouped", "quant_1x128_with_transpose_grouped_ref",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton helpers
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _scale_from_amax(amax, nonfinite):
+    """amax (>= 0, fp32) -> dequant scale; ``nonfinite`` is 0 or NaN (sum of x*0) and poisons the scale."""
+    s = tl.maximum(amax, 1e-12) / 448.0
+    s = tl.where(amax > 0.0, s, 1.0)
+    return s + nonfinite
+
+
+@triton.jit
+def _round_to_e4m3_grid(v):
+    """Round fp32 ``v`` (|v| <= 448) to the nearest E4M3 value (ties to even) with exact fp32/int ops.
+
+    Only used under the interpreter, whose own fp32 -> fp8 conversion rounds wrongly."""
+    bits = v.to(tl.int32, bitcast=True)
+    lsb = (bits >> 20) & 1
+    rb = (bits + 0x7FFFF + lsb) & -1048576  # keep 3 mantissa bits, RTNE
+    normal = rb.to(tl.float32, bitcast=True)
+    av = tl.abs(v)
+    sub = (av + 24576.0) - 24576.0  # multiples of 2^-9 (E4M3 subnormal spacing), RTNE by fp32 add
+    sub = tl.where(v < 0.0, -sub, sub)
+    return tl.where(av < 0.015625, sub, normal)
+
+
+@triton.jit
+def _to_e4m3(v, EXACT_CAST: tl.constexpr):
+    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    if EXACT_CAST:
+        v = _round_to_e4m3_grid(v)
+    return v.to(tl.float8e4nv)
+
+
+@triton.jit
+def _quant_1x128_kernel(x_ptr, q_ptr, s_ptr, M, K,
+                        stride_xm, stride_xk, stride_qm, stride_sm,
+                        BLOCK_M: tl.constexpr, EXACT_CAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * 128 + tl.arange(0, 128)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    nonfinite = tl.sum(x * 0.0, axis=1)
+    s = _scale_from_amax(amax, nonfinite)
+    q = _to_e4m3(x / s[:, None], EXACT_CAST)
+    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
+    tl.store(s_ptr + offs_m * stride_sm + pid_k, s, mask=offs_m < M)
+
+
+@triton.jit
+def _quant_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K,
+                          stride_xm, stride_xk, stride_qm, stride_sm, stride_qtk, stride_stk,
+                          EXACT_CAST: tl.constexpr):
+    # one 128x128 tile of x: row amax -> 1x128 scales of x, column amax -> 1x128 scales of x^T
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * 128 + tl.arange(0, 128)
+    offs_k = pid_k * 128 + tl.arange(0, 128)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    mask = mask_m[:, None] & mask_k[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    ax = tl.abs(x)
+    zx = x * 0.0
+    s = _scale_from_amax(tl.max(ax, axis=1), tl.sum(zx, axis=1))      # [128] per row
+    st = _scale_from_amax(tl.max(ax, axis=0), tl.sum(zx, axis=0))     # [128] per column
+    q = _to_e4m3(x / s[:, None], EXACT_CAST)
+    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
+    tl.store(s_ptr + offs_m * stride_sm + pid_k, s, mask=mask_m)
+    qt = _to_e4m3(x / st[None, :], EXACT_CAST)                        # [128 (m), 128 (k)]
+    tl.store(qt_ptr + offs_k[:, None] * stride_qtk + offs_m[None, :], tl.trans(qt),
+             mask=mask_k[:, None] & mask_m[None, :])
+    tl.store(st_ptr + offs_k * stride_stk + pid_m, st, mask=mask_k)
+
+
+@triton.jit
+def _quant_128x128_kernel(w_ptr, q_ptr, s_ptr, N, K,
+                          stride_wb, stride_wn, stride_wk, stride_qb, stride_qn, stride_sb, stride_sn,
+                          EXACT_CAST: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * 128 + tl.arange(0, 128)
+    offs_k = pid_k * 128 + tl.arange(0, 128)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    w = tl.load(w_ptr + pid_b * stride_wb + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                mask=mask, other=0.0)
+    w = w.to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
+    nonfinite = tl.sum(tl.sum(w * 0.0, axis=1), axis=0)
+    s = _scale_from_amax(amax, nonfinite)
+    q = _to_e4m3(w / s, EXACT_CAST)
+    tl.store(q_ptr + pid_b * stride_qb + offs_n[:, None] * stride_qn + offs_k[None, :], q, mask=mask)
+    tl.store(s_ptr + pid_b * stride_sb + pid_n * stride_sn + pid_k, s)
+
+
+INTERPRETED: bool = type(_quant_1x128_kernel).__name__ == "InterpretedFunction"
+"""True when this module's kernels were built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------
+def _check_input(x: torch.Tensor, name: str, ndims: tuple[int, ...] = (2,)) -> None:
+    if x.dim() not in ndims:
+        raise ValueError(f"{name}: expected a {' or '.join(map(str, ndims))}-D tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{name}: expected float32/bfloat16/float16, got {x.dtype}")
+    if not x.is_cuda and not INTERPRETED:
+        raise RuntimeError(
+            f"{name}: Triton kernels need a CUDA tensor (got {x.device}); set TRITON_INTERPRET=1 before "
+            "importing kernels.fp8_quant to run them on CPU, or use the *_ref functions")
+
+
+def _check_scales_finite(name: str, *scales: torch.Tensor) -> None:
+    for s in scales:
+        if not bool(torch.isfinite(s).all()):
+            raise FloatingPointError(f"{name}: input holds inf/nan (non-finite FP8 scale)")
+
+
+def quant_1x128(x: torch.Tensor, check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """1x128 (per row, per 128 columns) E4M3 quantisation.
+
+    x: [M, K] float32/bfloat16/float16 (any strides). Returns (x_fp8 [M, K] float8_e4m3fn contiguous,
+    scales [M, ceil(K/128)] float32) with x ~= x_fp8 * scales.repeat_interleave(128, 1)[:, :K].
+    See the module docstring for the scale convention and the zero / inf / nan guards.
+    """
+    _check_input(x, "quant_1x128")
+    M, K = x.shape
+    kt = triton.cdiv(K, TILE)
+    q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty((M, kt), dtype=torch.float32, device=x.device)
+    if M and K:
+        block_m = 128 if INTERPRETED else 16
+        grid = (triton.cdiv(M, block_m), kt)
+        _quant_1x128_kernel[grid](x, q, s, M, K, x.stride(0), x.stride(1), q.stride(0), s.stride(0),
+                                  BLOCK_M=block_m, EXACT_CAST=INTERPRETED, num_warps=4)
+    if check_finite:
+        _check_scales_finite("quant_1x128", s)
+    return q, s
+
+
+def quant_1x128_with_transpose(x: torch.Tensor, check_finite: bool = False):
+    """1x128 quantisation of x and of x^T in one pass over x (one 128x128 tile per program).
+
+    x: [M, K] float32/bfloat16/float16. Returns (x_fp8 [M, K], scales [M, ceil(K/128)],
+    xt_fp8 [K, M], xt_scales [K, ceil(M/128)]), all contiguous; (xt_fp8, xt_scales) equals
+    ``quant_1x128(x.t())``. Used for backward: the dgrad GEMM reduces along K (tiles of x), the wgrad GEMM
+    along M (tiles of x^T), DeepSeek-V3 §3.3.
+    """
+    _check_input(x, "quant_1x128_with_transpose")
+    M, K = x.shape
+    mt, kt = triton.cdiv(M, TILE), triton.cdiv(K, TILE)
+    q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty((M, kt), dtype=torch.float32, device=x.device)
+    qt = torch.empty((K, M), dtype=FP8_DTYPE, device=x.device)
+    st = torch.empty((K, mt), dtype=torch.float32, device=x.device)
+    if M and K:
+        _quant_1x128_t_kernel[(mt, kt)](x, q, s, qt, st, M, K, x.stride(0), x.stride(1), q.stride(0),
+                                        s.stride(0), qt.stride(0), st.stride(0),
+                                        EXACT_CAST=INTERPRETED, num_warps=8)
+    if check_finite:
+        _check_scales_finite("quant_1x128_with_transpose", s, st)
+    return q, s, qt, st
+
+
+def quant_128x128(w: torch.Tensor, check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x128 block E4M3 quantisation (weights).
+
+    w: [N, K] (or a batch [E, N, K], e.g. expert weights) float32/bfloat16/float16. Returns (w_fp8 [..., N, K]
+    float8_e4m3fn contiguous, scales [..., ceil(N/128), ceil(K/128)] float32); partial edge blocks use the amax
+    of their valid part; blocks never straddle two batch entries.
+    """
+    _check_input(w, "quant_128x128", (2, 3))
+    wb = w if w.dim() == 3 else w.unsqueeze(0)
+    E, N, K = wb.shape
+    nt, kt = triton.cdiv(N, TILE), triton.cdiv(K, TILE)
+    q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w.device)
+    s = torch.empty((E, nt, kt), dtype=torch.float32, device=w.device)
+    if E and N and K:
+        _quant_128x128_kernel[(nt, kt, E)](wb, q, s, N, K, wb.stride(0), wb.stride(1), wb.stride(2),
+                                           q.stride(0), q.stride(1), s.stride(0), s.stride(1),
+                                           EXACT_CAST=INTERPRETED, num_warps=8)
+    if w.dim() != 3:
+        q, s = q[0], s[0]
+    if check_finite:
+        _check_scales_finite("quant_128x128", s)
+    return q, s
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dequantisation (pure torch; any device)
+# ----------------------------------------------------------------------------------------------------------
+def _expand(scales: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    return scales.repeat_interleave(TILE, dim=dim).narrow(dim, 0, size)
+
+
+def dequant_1x128(x_fp8: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of quant_1x128: x_fp8 [M, K] * scales [M, ceil(K/128)] (per 128 columns) -> [M, K] ``dtype``."""
+    M, K = x_fp8.shape
+    if tuple(scales.shape) != (M, -(-K // TILE)):
+        raise ValueError(f"dequant_1x128: scales {tuple(scales.shape)} do not match x {(M, K)} (want [M, ceil(K/128)])")
+    return (x_fp8.float() * _expand(scales.float(), 1, K)).to(dtype)
+
+
+def dequant_128x128(w_fp8: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of quant_128x128: w_fp8 [N, K] * scales [ceil(N/128), ceil(K/128)] -> [N, K] ``dtype``."""
+    N, K = w_fp8.shape
+    if tuple(scales.shape) != (-(-N // TILE), -(-K // TILE)):
+        raise ValueError(f"dequant_128x128: scales {tuple(scales.shape)} do not match w {(N, K)}")
+    s = _expand(_expand(scales.float(), 0, N), 1, K)
+    return (w_fp8.float() * s).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pure-torch references (same numerics as the kernels)
+# ----------------------------------------------------------------------------------------------------------
+def scale_from_amax_ref(amax: torch.Tensor, nonfinite: torch.Tensor | None = None,
+                        fp8_max: float = FP8_MAX) -> torch.Tensor:
+    """amax (fp32) -> dequant scale with the zero / tiny / non-finite guards of the module docstring."""
+    amax = amax.float()
+    s = torch.where(amax > 0, amax.clamp_min(AMAX_EPS) / fp8_max, torch.ones_like(amax))
+    if nonfinite is not None:
+        s = torch.where(nonfinite, torch.full_like(s, float("nan")), s)
+    return s
+
+
+def cast_to_fp8_ref(v: torch.Tensor, dtype: torch.dtype = FP8_DTYPE) -> torch.Tensor:
+    """Saturating cast of already-scaled fp32 values to fp8 (clamp to +-max finite, RTNE)."""
+    m = torch.finfo(dtype).max
+    return v.float().clamp(-m, m).to(dtype)
+
+
+def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    M, K = x.shape
+    return torch.nn.functional.pad(x, (0, cols - K, 0, rows - M))
+
+
+def quant_1x128_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch quant_1x128 (the kernels' reference and the CPU emulation path)."""
+    M, K = x.shape
+    kt = -(-K // TILE)
+    xf = _pad_to(x.float(), M, kt * TILE).view(M, kt, TILE)
+    amax = xf.abs().amax(dim=2)
+    nonfinite = ~torch.isfinite(xf).all(dim=2)
+    s = scale_from_amax_ref(amax, nonfinite)
+    q = cast_to_fp8_ref(xf / s[:, :, None]).view(M, kt * TILE)[:, :K].contiguous()
+    return q, s
+
+
+def quant_1x128_with_transpose_ref(x: torch.Tensor):
+    """Pure-torch quant_1x128_with_transpose: (quant_1x128_ref(x), quant_1x128_ref(x.t()))."""
+    q, s = quant_1x128_ref(x)
+    qt, st = quant_1x128_ref(x.t())
+    return q, s, qt, st
+
+
+def quant_128x128_ref(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch quant_128x128 ([N, K] or [E, N, K])."""
+    if w.dim() == 3:
+        outs = [quant_128x128_ref(we) for we in w]
+        N, K = w.shape[1:]
+        if not outs:
+            return (torch.empty((0, N, K), dtype=FP8_DTYPE, device=w.device),
+                    torch.empty((0, -(-N // TILE), -(-K // TILE)), device=w.device))
+        return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+    N, K = w.shape
+    nt, kt = -(-N // TILE), -(-K // TILE)
+    wf = _pad_to(w.float(), nt * TILE, kt * TILE).view(nt, TILE, kt, TILE)
+    amax = wf.abs().amax(dim=(1, 3))
+    nonfinite = ~torch.isfinite(wf).all(dim=3).all(dim=1)
+    s = scale_from_amax_ref(amax, nonfinite)
+    q = cast_to_fp8_ref(wf / s[:, None, :, None]).view(nt * TILE, kt * TILE)[:N, :K].contiguous()
+    return q, s
+
+
+# ----------------------------------------------------------------------------------------------------------
+# grouped (MoE experts): row tiles aligned to expert boundaries, no host sync
+# ----------------------------------------------------------------------------------------------------------
+class GroupedTiles(NamedTuple):
+    """Row tiling of x[M, .] whose rows are sorted by group (expert): every tile holds <= 128 rows of ONE group.
+
+    Built on the device from the per-group row counts without a host sync (``grouped_tiles``). ``n_tiles``
+    (host int) is the upper bound ceil(M/128) + E; tiles past the real ones are empty (start == end == 0).
+
+    tile_group [n_tiles] int32: group of each tile (E for empty tiles); tile_start / tile_end [n_tiles] int32:
+    the tile's rows [start, end); group_tile_start [E + 1] int32: tiles of group e are
+    group_tile_start[e] : group_tile_start[e + 1]; n_groups: E.
+    """
+
+    tile_group: torch.Tensor
+    tile_start: torch.Tensor
+    tile_end: torch.Tensor
+    group_tile_start: torch.Tensor
+    n_tiles: int
+    n_groups: int
+
+
+def grouped_tiles(counts: torch.Tensor, M: int) -> GroupedTiles:
+    """Tile table for rows sorted by group, ``counts`` [E] (int, on the device, must sum to ``M``; not checked,
+    as that would sync). Pure device ops (cumsum / searchsorted)."""
+    E = counts.numel()
+    dev = counts.device
+    n_tiles = -(-M // TILE) + E
+    c = counts.to(torch.int64)
+    tiles = (c + TILE - 1) // TILE
+    zero = torch.zeros(1, dtype=torch.int64, device=dev)
+    gts = torch.cat([zero, torch.cumsum(tiles, 0)])
+    row_off = torch.cat([zero, torch.cumsum(c, 0)])
+    t = torch.arange(n_tiles, device=dev, dtype=torch.int64)
+    tg = torch.searchsorted(gts[1:].contiguous(), t, right=True)
+    used = tg < E
+    tgc = tg.clamp(max=max(E - 1, 0))
+    start = row_off[tgc] + (t - gts[tgc]) * TILE
+    end = torch.minimum(start + TILE, row_off[tgc + 1])
+    start = torch.where(used, start, torch.zeros_like(start))
+    end = torch.where(used, end, torch.zeros_like(end))
+    i32 = torch.int32
+    return GroupedTiles(tg.to(i32), start.to(i32), end.to(i32), gts.to(i32), n_tiles, E)
+
+
+@triton.jit
+def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, K,
+                                  stride_xm, stride_xk, stride_qm, stride_sm, stride_qtk, stride_stk,
+                                  EXACT_CAST: tl.constexpr):
+    # one (row tile of one group) x (128 columns): rows -> 1x128 scales of x; columns -> 1x128 scales of x^T,
+    # stored in the tile-padded transposed layout qt[K, n_tiles * 128] (tile t owns columns t*128 .. +128)
+    t = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rs = tl.load(ts_ptr + t)
+    re = tl.load(te_ptr + t)
+    offs_r = tl.arange(0, 128)
+    offs_m = rs + offs_r
+    offs_k = pid_k * 128 + tl.arange(0, 128)
+    mask_m = offs_m < re
+    mask_k = offs_k < K
+    mask = mask_m[:, None] & mask_k[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    ax = tl.abs(x)
+    zx = x * 0.0
+    s = _scale_from_amax(tl.max(ax, axis=1), tl.sum(zx, axis=1))
+    st = _scale_from_amax(tl.max(ax, axis=0), tl.sum(zx, axis=0))
+    q = _to_e4m3(x / s[:, None], EXACT_CAST)
+    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
+    tl.store(s_ptr + offs_m * stride_sm + pid_k, s, mask=mask_m)
+    qt = _to_e4m3(x / st[None, :], EXACT_CAST)  # masked rows are 0 -> padding columns hold zeros
+    tl.store(qt_ptr + offs_k[:, None] * stride_qtk + (t * 128 + offs_r)[None, :], tl.trans(qt),
+             mask=mask_k[:, None])
+    tl.store(st_ptr + offs_k * stride_stk + t, st, mask=mask_k)
+
+
+def quant_1x128_with_transpose_grouped(x: torch.Tensor, tiles: GroupedTiles):
+    """``quant_1x128_with_transpose`` for rows sorted by group, with x^T's 1x128 tiles never crossing groups.
+
+    x: [M, K]. Returns (x_fp8 [M, K], scales [M, ceil(K/128)]  -- identical to quant_1x128(x) --,
+    xt_fp8 [K, n_tiles * 128] e4m3 in the tile-padded layout: column t*128 + r holds row tiles.tile_start[t] + r
+    (zeros past the tile's end), xt_scales [K, n_tiles] fp32 (scale 1 for empty tiles)).
+    """
+    _check_input(x, "quant_1x128_with_transpose_grouped")
+    M, K = x.shape
+    T = tiles.n_tiles
+    kt = triton.cdiv(K, TILE)
+    q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty((M, kt), dtype=torch.float32, device=x.device)
+    qt = torch.empty((K, T * TILE), dtype=FP8_DTYPE, device=x.device)
+    st = torch.empty((K, T), dtype=torch.float32, device=x.device)
+    if M == 0:  # nothing to read (an empty tensor may have no storage): padding only
+        qt.view(torch.uint8).zero_()
+        st.fill_(1.0)
+    elif T and K:
+        _quant_1x128_t_grouped_kernel[(T, kt)](x, q, s, qt, st, tiles.tile_start, tiles.tile_end, K,
+                                               x.stride(0), x.stride(1), q.stride(0), s.stride(0), qt.stride(0),
+                                               st.stride(0), EXACT_CAST=INTERPRETED, num_warps=8)
+    return q, s, qt, st
+
+
+def quant_1x128_with_transpose_grouped_ref(x: torch.Tensor, tiles: GroupedTiles):
+    """Pure-torch reference of quant_1x128_with_transpose_grouped (reads the tile table on the host)."""
+    M, K = x.shape
+    T = tiles.n_tiles
+    q, s = quant_1x128_ref(x)
+    qt = torch.zeros((K, T * TILE), dtype=FP8_DTYPE, device=x.device)
+    st = torch.ones((K, T), dtype=torch.float32, device=x.device)
+    for t, (a, b) in enumerate(zip(tiles.tile_start.tolist(), tiles.tile_end.tolist())):
+        if b > a:
+            qq, ss = quant_1x128_ref(x[a:b].t())  # [K, rows], one tile along the rows
+            qt[:, t * TILE:t * TILE + (b - a)] = qq
+            st[:, t] = ss[:, 0]
+    return q, s, qt, st

@@ -1,0 +1,554 @@
+"""FP8 training by module swaps, applied from outside to a plain model (``apply_fp8``).
+
+Recipes (``Fp8Config.recipe``):
+
+``"tensorwise"``  one scale per tensor (x, W, grad_out), ``torch._scaled_mm`` on CUDA sm89+.
+``"rowwise"``     one scale per row of each GEMM operand along its reduction dim (x per token, W per output
+                  channel forward; W per input channel, grad per token / per channel backward: every operand
+                  is requantised along the dim its GEMM reduces over), ``torch._scaled_mm`` rowwise.
+``"blockwise"``   DeepSeek-V3 §3.3 fine-grained quantisation: activations and grad_out 1x128 tiles, weights
+                  128x128 blocks, all E4M3; block-scaled Triton GEMMs with FP32 promotion every 128 K
+                  (``kernels.fp8_gemm``): forward y = x W^T, dgrad dX = G W (W's blocks reused transposed),
+                  wgrad dW = G^T X with G^T and X^T quantised 1x128 along tokens (X^T is quantised in the
+                  forward, in the same pass as X, and saved in FP8).
+
+Scales are dequantisation multipliers ``amax / fp8_max`` in float32 (``kernels.fp8_quant`` conventions:
+amax == 0 -> scale 1, tiny amax clamped to 1e-12, non-finite input -> NaN scale, which propagates).
+
+Numerics of the backends (chosen per call from the device, ``Fp8Config.backend="auto"``):
+  * ``scaled_mm``  (tensorwise/rowwise, CUDA with compute capability >= 8.9): ``torch._scaled_mm``.
+    Rows / the reduction dim are zero-padded to multiples of 16 where _scaled_mm needs it (token counts).
+  * ``triton``     (blockwise, CUDA, or CPU when kernels/ was imported with TRITON_INTERPRET=1).
+  * ``emulate``    (anything else, e.g. CPU tests): quantise to the same fp8 values with the same scales,
+    dequantise, matmul in fp32 -- identical to the scaled GEMMs up to accumulation order.
+
+Gradient formats: blockwise always E4M3 (DeepSeek-V3); tensorwise/rowwise ``grad_dtype`` "e4m3" | "e5m2"
+(default e5m2, the classic hybrid format). Weights stay in their master dtype and are quantised on the fly
+every forward (no FP8 weight cache). Outputs are in x's dtype (or the autocast dtype when autocast is on);
+weight grads in the weight's dtype.
+
+``apply_fp8(model, recipe, skip=...)`` turns each eligible plain ``nn.Linear`` into an ``Fp8Linear`` and each
+routed ``GroupedExperts`` (params w1/w2/w3 [E, out, in]) into an ``Fp8GroupedExperts``, in place (a class
+swap: the same module objects, Parameters, hooks and state_dict keys, so optimizers and checkpoints are
+unchanged; ``isinstance(m, nn.Linear)`` / ``isinstance(m, GroupedExperts)`` stay True). Apply it before
+FSDP / torch.compile wrapping. The MoE ``Gate`` (not an nn.Linear), norms, the embedding and the head
+``output`` are never touched. Routed experts: blockwise on the Triton backend runs grouped kernels with no host
+sync; the other recipes loop over experts (one host sync per MoE layer).
+
+Safety: with ``debug=True`` each swapped module checks its output for inf/nan after every forward (a host sync)
+and raises ``FloatingPointError`` naming the module (the qualified name stored at swap time).
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, replace
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moetrain.model.moe import GroupedExperts
+
+__all__ = [
+    "RECIPES", "GRAD_DTYPES", "Fp8Config", "Fp8Linear", "Fp8GroupedExperts", "apply_fp8",
+    "fp8_linear", "resolve_backend",
+]
+
+RECIPES = ("tensorwise", "rowwise", "blockwise")
+GRAD_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+BACKENDS = ("auto", "scaled_mm", "triton", "emulate")
+E4M3 = torch.float8_e4m3fn
+_AMAX_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    """How one swapped module computes its GEMMs.
+
+    recipe: "tensorwise" | "rowwise" | "blockwise".
+    grad_dtype: "e4m3" | "e5m2", the grad_out format for tensorwise/rowwise (blockwise: always e4m3).
+    use_fast_accum: _scaled_mm fast accumulation for the forward GEMM (tensorwise/rowwise on CUDA).
+    backend: "auto" (by device, see module docstring) | "scaled_mm" | "triton" | "emulate".
+    debug: check outputs for inf/nan after every forward and raise naming the module.
+    """
+
+    recipe: str = "blockwise"
+    grad_dtype: str = "e5m2"
+    use_fast_accum: bool = True
+    backend: str = "auto"
+    debug: bool = False
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"fp8 recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if self.grad_dtype not in GRAD_DTYPES:
+            raise ValueError(f"fp8 grad_dtype must be one of {tuple(GRAD_DTYPES)}, got {self.grad_dtype!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"fp8 backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.recipe == "blockwise" and self.backend == "scaled_mm":
+            raise ValueError("fp8 blockwise recipe has no scaled_mm backend (torch has no blockwise _scaled_mm); "
+                             "use backend 'auto', 'triton' or 'emulate'")
+        if self.recipe != "blockwise" and self.backend == "triton":
+            raise ValueError(f"fp8 {self.recipe} recipe has no triton backend; use 'auto', 'scaled_mm' or 'emulate'")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backend selection
+# ----------------------------------------------------------------------------------------------------------
+_KERNELS = None
+
+
+def _kernels():
+    """(kernels.fp8_quant, kernels.fp8_gemm), imported lazily; None when Triton is unavailable."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from kernels import fp8_gemm, fp8_quant
+            _KERNELS = (fp8_quant, fp8_gemm)
+        except Exception:  # pragma: no cover - triton missing
+            _KERNELS = False
+    return _KERNELS or None
+
+
+def _scaled_mm_ok(device: torch.device) -> bool:
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def resolve_backend(cfg: Fp8Config, device: torch.device) -> str:
+    """The backend a call on ``device`` uses: "scaled_mm" | "triton" | "emulate"."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    if cfg.recipe == "blockwise":
+        k = _kernels()
+        if k is not None and (device.type == "cuda" or k[0].INTERPRETED):
+            return "triton"
+        return "emulate"
+    return "scaled_mm" if _scaled_mm_ok(device) else "emulate"
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except (TypeError, AttributeError, RuntimeError):  # pragma: no cover - older torch
+        pass
+    return x.dtype
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tensorwise / rowwise quantisation (pure torch) and the scaled GEMM
+# ----------------------------------------------------------------------------------------------------------
+def _scale(amax: torch.Tensor, fp8_max: float) -> torch.Tensor:
+    amax = amax.float()
+    s = torch.where(amax > 0, amax.clamp_min(_AMAX_EPS) / fp8_max, torch.ones_like(amax))
+    return torch.where(torch.isfinite(amax), s, torch.full_like(s, float("nan")))
+
+
+def _cast(t: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    m = torch.finfo(dtype).max
+    return (t.float() / s).clamp(-m, m).to(dtype)
+
+
+def _quant_tensorwise(t: torch.Tensor, dtype: torch.dtype = E4M3):
+    """t -> (t_fp8 same shape, scale: 0-dim fp32)."""
+    s = _scale(t.detach().abs().amax(), torch.finfo(dtype).max)
+    return _cast(t, s, dtype), s
+
+
+def _quant_rowwise(t: torch.Tensor, dtype: torch.dtype = E4M3):
+    """t [R, C] -> (t_fp8 [R, C] contiguous, scales [R, 1] fp32): one scale per row (amax over C)."""
+    s = _scale(t.detach().abs().amax(dim=1, keepdim=True), torch.finfo(dtype).max)
+    return _cast(t, s, dtype).contiguous(), s
+
+
+def _pad_dim(t: torch.Tensor, dim: int, mult: int = 16) -> torch.Tensor:
+    """Zero-pad ``t`` along ``dim`` to a multiple of ``mult`` (fp8 tensors are padded through a uint8 view)."""
+    r = (-t.shape[dim]) % mult
+    if r == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [0, r]
+    if t.element_size() == 1 and t.dtype.is_floating_point:
+        return F.pad(t.view(torch.uint8), pad).view(t.dtype)
+    return F.pad(t, pad)
+
+
+def _scaled_gemm(a, sa, b, sb, out_dtype, backend, fast_accum=False):
+    """C[M, N] = (a * sa) @ (b * sb)^T for fp8 a [M, K], b [N, K]; sa, sb 0-dim (tensorwise) or [M,1]/[N,1]."""
+    if backend == "emulate":
+        return ((a.float() * sa) @ (b.float() * sb).t()).to(out_dtype)
+    M, N = a.shape[0], b.shape[0]
+    rowwise = sa.dim() > 0
+    # _scaled_mm: a row-major, b column-major; dims multiples of 16 (pad rows/reduction with zeros).
+    a_p = _pad_dim(_pad_dim(a, 0), 1)
+    b_p = _pad_dim(_pad_dim(b, 0), 1)
+    if rowwise:
+        sa_p = _pad_dim(sa, 0) if a_p.shape[0] != M else sa
+        sb_p = _pad_dim(sb, 0) if b_p.shape[0] != N else sb
+        sa_p, sb_p = sa_p.contiguous(), sb_p.t().contiguous()
+        mm_dtype = torch.bfloat16
+    else:
+        sa_p, sb_p = sa, sb
+        mm_dtype = out_dtype
+    out = torch._scaled_mm(a_p.contiguous(), b_p.contiguous().t(), scale_a=sa_p, scale_b=sb_p,
+                           out_dtype=mm_dtype, use_fast_accum=fast_accum)
+    return out[:M, :N].to(out_dtype)
+
+
+class _ScaledLinearFn(torch.autograd.Function):
+    """y = x W^T with tensorwise or rowwise FP8 GEMMs (forward, dgrad, wgrad)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, cfg: Fp8Config, backend: str, out_dtype: torch.dtype):
+        if cfg.recipe == "tensorwise":
+            xq, sx = _quant_tensorwise(x)
+            wq, sw = _quant_tensorwise(weight)
+            ctx.save_for_backward(xq, sx, wq, sw)
+        else:
+            xq, sx = _quant_rowwise(x)
+            wq, sw = _quant_rowwise(weight)
+            ctx.save_for_backward(x, weight)
+        ctx.cfg, ctx.backend = cfg, backend
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        return _scaled_gemm(xq, sx, wq, sw, out_dtype, backend, cfg.use_fast_accum)
+
+    @staticmethod
+    def backward(ctx, g):
+        cfg, backend = ctx.cfg, ctx.backend
+        gdt = GRAD_DTYPES[cfg.grad_dtype]
+        dx = dw = None
+        if cfg.recipe == "tensorwise":
+            xq, sx, wq, sw = ctx.saved_tensors
+            gq, sg = _quant_tensorwise(g, gdt)
+            if ctx.needs_input_grad[0]:
+                dx = _scaled_gemm(gq, sg, wq.t().contiguous(), sw, ctx.x_dtype, backend)
+            if ctx.needs_input_grad[1]:
+                dw = _scaled_gemm(gq.t().contiguous(), sg, xq.t().contiguous(), sx, torch.float32, backend)
+        else:
+            x, weight = ctx.saved_tensors
+            if ctx.needs_input_grad[0]:
+                gq, sg = _quant_rowwise(g, gdt)                 # [T, N] per token over N
+                wtq, swt = _quant_rowwise(weight.t())           # [K, N] per input channel over N
+                dx = _scaled_gemm(gq, sg, wtq, swt, ctx.x_dtype, backend)
+            if ctx.needs_input_grad[1]:
+                gtq, sgt = _quant_rowwise(g.t(), gdt)           # [N, T] per output channel over tokens
+                xtq, sxt = _quant_rowwise(x.t())                # [K, T] per input channel over tokens
+                dw = _scaled_gemm(gtq, sgt, xtq, sxt, torch.float32, backend)
+        if dw is not None:
+            dw = dw.to(ctx.w_dtype)
+        return dx, dw, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# blockwise (DeepSeek-V3): Triton kernels or their pure-torch references
+# ----------------------------------------------------------------------------------------------------------
+def _block_ops(backend: str):
+    k = _kernels()
+    if k is None:
+        raise RuntimeError("fp8 blockwise needs the Triton kernels in kernels/ (import failed: is triton installed?)")
+    q, g = k
+    if backend == "triton":
+        return dict(q1=q.quant_1x128, q1t=q.quant_1x128_with_transpose, qb=q.quant_128x128,
+                    fwd=g.fp8_gemm_blockwise, dgrad=g.fp8_gemm_dgrad, wgrad=g.fp8_gemm_1x128_1x128)
+    return dict(q1=q.quant_1x128_ref, q1t=q.quant_1x128_with_transpose_ref, qb=q.quant_128x128_ref,
+                fwd=g.fp8_gemm_blockwise_ref, dgrad=g.fp8_gemm_dgrad_ref, wgrad=g.fp8_gemm_1x128_1x128_ref)
+
+
+def _gemm_dtype(dt: torch.dtype) -> torch.dtype:
+    return dt if dt in (torch.bfloat16, torch.float32, torch.float16) else torch.float32
+
+
+class _BlockwiseLinearFn(torch.autograd.Function):
+    """y = x W^T, DeepSeek-V3 fine-grained FP8: x 1x128, W 128x128, grad 1x128, all E4M3."""
+
+    @staticmethod
+    def forward(ctx, x, weight, backend: str, out_dtype: torch.dtype):
+        ops = _block_ops(backend)
+        if ctx.needs_input_grad[1]:  # (grad mode is off inside forward; needs_input_grad is not)
+            xq, xs, xtq, xts = ops["q1t"](x)
+        else:
+            (xq, xs), xtq, xts = ops["q1"](x), None, None
+        wq, ws = ops["qb"](weight)
+        ctx.save_for_backward(xtq, xts, wq, ws)
+        ctx.backend, ctx.x_dtype, ctx.w_dtype = backend, x.dtype, weight.dtype
+        return ops["fwd"](xq, xs, wq, ws, out_dtype=_gemm_dtype(out_dtype)).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        ops = _block_ops(ctx.backend)
+        xtq, xts, wq, ws = ctx.saved_tensors
+        dx = dw = None
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and xtq is not None
+        if need_dw:
+            gq, gs, gtq, gts = ops["q1t"](g)
+        else:
+            gq, gs = ops["q1"](g)
+        if need_dx:
+            dx = ops["dgrad"](gq, gs, wq, ws, out_dtype=_gemm_dtype(ctx.x_dtype)).to(ctx.x_dtype)
+        if need_dw:
+            dw = ops["wgrad"](gtq, gts, xtq, xts, out_dtype=torch.float32).to(ctx.w_dtype)
+        return dx, dw, None, None
+
+
+class _GroupedBlockwiseFn(torch.autograd.Function):
+    """Per-expert y_e = x_e W_e^T for rows sorted by expert, blockwise FP8, Triton grouped kernels, no host sync.
+
+    x [M, K], weight [E, N, K]; ``tiles`` from kernels.fp8_quant.grouped_tiles(counts, M)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, tiles, out_dtype: torch.dtype):
+        q, g = _kernels()
+        xq, xs, xtq, xts = q.quant_1x128_with_transpose_grouped(x, tiles)
+        wq, ws = q.quant_128x128(weight)
+        if not ctx.needs_input_grad[1]:
+            xtq = xts = None
+        ctx.save_for_backward(xtq, xts, wq, ws)
+        ctx.tiles, ctx.x_dtype, ctx.w_dtype = tiles, x.dtype, weight.dtype
+        return g.fp8_gemm_grouped(xq, xs, wq, ws, tiles, out_dtype=_gemm_dtype(out_dtype)).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, g = _kernels()
+        xtq, xts, wq, ws = ctx.saved_tensors
+        tiles = ctx.tiles
+        gq, gs, gtq, gts = q.quant_1x128_with_transpose_grouped(grad.contiguous(), tiles)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = g.fp8_gemm_grouped(gq, gs, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous(),
+                                    tiles, out_dtype=_gemm_dtype(ctx.x_dtype)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            dw = g.fp8_gemm_grouped_wgrad(gtq, gts, xtq, xts, tiles, out_dtype=torch.float32).to(ctx.w_dtype)
+        return dx, dw, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               cfg: Fp8Config = Fp8Config()) -> torch.Tensor:
+    """Functional FP8 ``F.linear``: x [..., K] @ weight[N, K]^T (+ bias[N]) -> [..., N].
+
+    Differentiable in x, weight and bias. Output dtype: x's (or the autocast dtype)."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"fp8_linear: x [..., {x.shape[-1]}] does not match weight {tuple(weight.shape)}")
+    out_dtype = _out_dtype(x)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    backend = resolve_backend(cfg, x.device)
+    if cfg.recipe == "blockwise":
+        y = _BlockwiseLinearFn.apply(x2, weight, backend, out_dtype)
+    else:
+        y = _ScaledLinearFn.apply(x2, weight, cfg, backend, out_dtype)
+    y = y.reshape(*lead, weight.shape[0])
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y
+
+
+def _check_finite(name: str, kind: str, y: torch.Tensor, recipe: str) -> None:
+    if not bool(torch.isfinite(y).all()):
+        n_bad = int((~torch.isfinite(y)).sum())
+        raise FloatingPointError(
+            f"{kind} '{name}' (fp8 {recipe}): {n_bad} non-finite output values of {y.numel()}; the input or "
+            "weight holds inf/nan or overflowed (check the learning rate / loss scale, or disable fp8 for this "
+            "module via apply_fp8(skip=...))")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# modules
+# ----------------------------------------------------------------------------------------------------------
+class Fp8Linear(nn.Linear):
+    """``nn.Linear`` whose matmuls run in FP8 (see the module docstring for recipes and backends).
+
+    Same parameters (``weight`` [out, in] in its master dtype, optional ``bias``), same state_dict keys.
+    Build with ``Fp8Linear.from_linear(linear, cfg, name)``, which shares the Parameter objects.
+    Attributes: ``fp8_config`` (Fp8Config), ``fp8_name`` (qualified name, for error messages).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 config: Fp8Config | None = None, name: str = ""):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.fp8_config = config or Fp8Config()
+        self.fp8_name = name
+
+    @classmethod
+    def convert(cls, linear: nn.Linear, config: Fp8Config | str, name: str = "") -> "Fp8Linear":
+        """Turn ``linear`` into an Fp8Linear in place (class swap: parameters, hooks and references held
+        elsewhere stay valid). Used by ``apply_fp8``."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Fp8Linear.convert: {name or 'module'} is a {type(linear).__name__}, not nn.Linear")
+        if type(linear) is not nn.Linear and not isinstance(linear, cls):
+            raise TypeError(f"Fp8Linear.convert: {name or 'module'} is a subclass {type(linear).__name__} of "
+                            "nn.Linear; use from_linear or skip it")
+        linear.__class__ = cls
+        linear.fp8_config = Fp8Config(recipe=config) if isinstance(config, str) else config
+        linear.fp8_name = name
+        return linear  # type: ignore[return-value]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: Fp8Config | str, name: str = "") -> "Fp8Linear":
+        """A new Fp8Linear sharing ``linear``'s Parameter objects (``linear`` itself is unchanged)."""
+        cfg = Fp8Config(recipe=config) if isinstance(config, str) else config
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+                  config=cfg, name=name)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fp8_linear(x, self.weight, self.bias, self.fp8_config)
+        if self.fp8_config.debug:
+            _check_finite(self.fp8_name, "Fp8Linear", y, self.fp8_config.recipe)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp8={self.fp8_config.recipe}"
+
+
+class Fp8GroupedExperts(GroupedExperts):
+    """FP8 routed experts: a ``moetrain.model.moe.GroupedExperts`` whose three GEMMs run in FP8.
+
+    ``y_e = act_fn(x_e W1_e^T, x_e W3_e^T) W2_e^T`` per expert (``act_fn`` = SwiGLU by default), with
+    ``w1`` [E, I, D], ``w2`` [E, D, I], ``w3`` [E, I, D] in their master dtype.
+    ``forward(x[M, D], tokens_per_expert: LongTensor[E]) -> [M, D]`` (x.dtype), rows of x sorted by expert.
+
+    Made by ``Fp8GroupedExperts.convert(experts, cfg, name)``, which changes the class of the module in place
+    (parameters, buffers, hooks, ``reset_parameters`` and state_dict keys all stay; ``isinstance(m,
+    GroupedExperts)`` stays True). Each expert's rows form their own GEMM group, so quantisation tiles (1x128
+    along D for the forward, along tokens for wgrad) never straddle two experts, and any per-expert token count
+    works: the blockwise Triton kernels mask partial tiles (no padding copy); the _scaled_mm path zero-pads
+    rows and the token reduction dim to multiples of 16. W1 and W3 run as one GEMM ([2I, D]). The hidden
+    activation between the GEMMs is requantised (1x128), as in DeepSeek-V3.
+
+    Paths: blockwise with the Triton backend uses grouped kernels (kernels.fp8_gemm.fp8_gemm_grouped /
+    fp8_gemm_grouped_wgrad over 128-row tiles that never straddle experts, tiled on the device): no host sync,
+    a constant number of launches. Every other recipe/backend (and ``grouped_kernels = False``) loops over
+    experts on the host (``tokens_per_expert.tolist()``: one device sync, one fp8_linear per expert and weight).
+    """
+
+    fp8_config: Fp8Config
+    fp8_name: str
+    grouped_kernels: bool = True  # blockwise + triton backend: grouped kernels (False: per-expert loop)
+
+    @classmethod
+    def convert(cls, experts: GroupedExperts, config: Fp8Config | str, name: str = "") -> "Fp8GroupedExperts":
+        if not isinstance(experts, GroupedExperts):
+            raise TypeError(f"Fp8GroupedExperts.convert: {name or 'module'} is a {type(experts).__name__}, "
+                            "not a GroupedExperts")
+        base = type(experts)
+        if not issubclass(base, cls):
+            experts.__class__ = cls if base is GroupedExperts else type(f"Fp8{base.__name__}", (cls, base), {})
+        experts.fp8_config = Fp8Config(recipe=config) if isinstance(config, str) else config
+        experts.fp8_name = name
+        return experts  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        E = self.w1.shape[0]
+        if tokens_per_expert.numel() != E:
+            raise ValueError(f"{self.fp8_name}: tokens_per_expert has {tokens_per_expert.numel()} entries, "
+                             f"expected {E} experts")
+        cfg = self.fp8_config
+        if cfg.recipe == "blockwise" and self.grouped_kernels and resolve_backend(cfg, x.device) == "triton":
+            y = self._forward_grouped(x, tokens_per_expert)
+        else:
+            y = self._forward_looped(x, tokens_per_expert)
+        if cfg.debug:
+            _check_finite(self.fp8_name, "Fp8GroupedExperts", y, cfg.recipe)
+        return y
+
+    def _forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Blockwise recipe on the Triton grouped kernels: no host sync (the row tiling is built on the device;
+        ``tokens_per_expert`` must sum to x.shape[0], which is not checked)."""
+        q, _ = _kernels()
+        out_dtype = _out_dtype(x)
+        inter = self.w1.shape[1]
+        tiles = q.grouped_tiles(tokens_per_expert, x.shape[0])
+        w13 = torch.cat([self.w1, self.w3], dim=1)  # [E, 2I, D]: one GEMM (one quantisation of x) for W1, W3
+        h = _GroupedBlockwiseFn.apply(x.contiguous(), w13, tiles, out_dtype)
+        h = self.act_fn(h[:, :inter], h[:, inter:])
+        return _GroupedBlockwiseFn.apply(h.contiguous(), self.w2, tiles, out_dtype)
+
+    def _forward_looped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """One fp8_linear per expert and weight (any recipe / backend); reads the counts on the host."""
+        counts = [int(c) for c in tokens_per_expert.tolist()]
+        if sum(counts) != x.shape[0]:
+            raise ValueError(f"{self.fp8_name}: tokens_per_expert sums to {sum(counts)} but x has {x.shape[0]} rows")
+        cfg = self.fp8_config
+        inter = self.w1.shape[1]
+        w13 = torch.cat([self.w1, self.w3], dim=1)  # [E, 2I, D]: one GEMM (one quantisation of x_e) for W1, W3
+        outs = []
+        for e, xe in enumerate(torch.split(x, counts, dim=0)):
+            if counts[e] == 0:
+                continue
+            h = fp8_linear(xe, w13[e], None, cfg)
+            outs.append(fp8_linear(self.act_fn(h[:, :inter], h[:, inter:]), self.w2[e], None, cfg))
+        if not outs:
+            return x.new_zeros(x.shape[0], self.w2.shape[1], dtype=_out_dtype(x))
+        return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp8={self.fp8_config.recipe}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# apply_fp8
+# ----------------------------------------------------------------------------------------------------------
+DEFAULT_SKIP = ("output", "embed", "gate", "norm")
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    """A skip entry matches when it is a substring of any dotted component of the qualified name, or an
+    fnmatch pattern (with * ? [) matching the whole name. ("norm" skips "layers.0.attn.kv_norm".)"""
+    parts = name.split(".")
+    for pat in skip:
+        if any(c in pat for c in "*?[") and fnmatch.fnmatchcase(name, pat):
+            return True
+        if any(pat in p for p in parts):
+            return True
+    return False
+
+
+def apply_fp8(model: nn.Module, recipe: str | Fp8Config, skip: Iterable[str] = DEFAULT_SKIP, *,
+              experts: bool = True, grad_dtype: str = "e5m2", debug: bool | None = None,
+              backend: str = "auto") -> list[str]:
+    """Swap every eligible ``nn.Linear`` for ``Fp8Linear`` (and, with ``experts=True``, every grouped-experts
+    module for ``Fp8GroupedExperts``) in place; return the qualified names swapped, in module order.
+
+    recipe: "tensorwise" | "rowwise" | "blockwise" | "none" (no-op, returns []) or an ``Fp8Config``.
+    skip: name patterns never swapped (see ``_skipped``); the defaults keep the head ``output``, the
+      embedding, the MoE gate and all norms in high precision. Modules inside a skipped module are skipped too.
+    Linears that are not eligible are left alone: tensorwise/rowwise need in/out features that are multiples
+      of 16 (torch._scaled_mm); blockwise takes any shape.
+    debug (None: from the env var MOETRAIN_FP8_DEBUG=1): check outputs for inf/nan, raise naming the module.
+    """
+    if isinstance(recipe, Fp8Config):
+        cfg = recipe
+    else:
+        if recipe in (None, "none", ""):
+            return []
+        if debug is None:
+            debug = os.environ.get("MOETRAIN_FP8_DEBUG", "0") == "1"
+        cfg = Fp8Config(recipe=recipe, grad_dtype=grad_dtype, debug=bool(debug), backend=backend)
+    skip = tuple(skip)
+    swapped: list[str] = []
+
+    def visit(parent: nn.Module, prefix: str):
+        for child_name, child in list(parent.named_children()):
+            qname = f"{prefix}.{child_name}" if prefix else child_name
+            if _skipped(qname, skip):
+                continue
+            if type(child) is nn.Linear:
+                if cfg.recipe != "blockwise" and (child.in_features % 16 or child.out_features % 16):
+                    continue
+                Fp8Linear.convert(child, replace(cfg), qname)
+                swapped.append(qname)
+            elif experts and isinstance(child, GroupedExperts) and not isinstance(child, Fp8GroupedExperts):
+                Fp8GroupedExperts.convert(child, replace(cfg), qname)
+                swapped.append(qname)
+            else:
+                visit(child, qname)
+
+    visit(model, "")
+    return swapped

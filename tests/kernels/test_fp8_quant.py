@@ -1,0 +1,262 @@
+"""kernels/fp8_quant.py: 1x128 / 128x128 E4M3 quantisation vs the pure-torch references.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1 is set below, before triton and
+kernels/ are imported); the kernels then match the references bit for bit (they round to the E4M3 grid with
+exact integer ops in interpreter mode). With CUDA the same tests run compiled on the GPU, where Triton's fp32
+division may differ from torch's in the last bit: fp8 values may then differ by one E4M3 step on rare elements.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("MOETRAIN_FP8_AUTOTUNE", "0")  # GPU: one fixed tile config (no per-shape tuning runs)
+
+from kernels import fp8_quant as fq  # noqa: E402
+from kernels.fp8_quant import (  # noqa: E402
+    dequant_128x128, dequant_1x128, grouped_tiles, quant_128x128, quant_128x128_ref, quant_1x128, quant_1x128_ref,
+    quant_1x128_with_transpose, quant_1x128_with_transpose_grouped, quant_1x128_with_transpose_grouped_ref,
+    quant_1x128_with_transpose_ref,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EXACT = DEVICE == "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not fq.INTERPRETED,
+                                reason="kernels.fp8_quant was imported without TRITON_INTERPRET=1")
+
+SHAPES = [(33, 257), (1, 1), (128, 128), (130, 300), (5, 129)]
+
+
+def _data(M, K, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # magnitudes over 6 decades so tiles have very different scales
+    x = torch.randn(M, K, generator=g) * torch.logspace(-3, 3, K)[None, :] * torch.rand(M, 1, generator=g)
+    return x.to(dtype).to(DEVICE)
+
+
+def _same_fp8(a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    if a.numel() == 0:
+        return
+    if EXACT:
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    else:  # one E4M3 step (relative 2^-3) at most, on few elements
+        diff = (a.float() - b.float()).abs()
+        assert (diff <= b.float().abs() * 0.125 + 2.0 ** -9).all()
+        assert (diff > 0).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_1x128_matches_ref(shape, dtype):
+    x = _data(*shape, dtype)
+    q, s = quant_1x128(x)
+    qr, sr = quant_1x128_ref(x)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape
+    assert s.dtype == torch.float32 and s.shape == (shape[0], -(-shape[1] // 128))
+    torch.testing.assert_close(s, sr, rtol=0, atol=0)
+    _same_fp8(q, qr)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_1x128_with_transpose_matches_ref(shape, dtype):
+    x = _data(*shape, dtype, seed=1)
+    q, s, qt, st = quant_1x128_with_transpose(x)
+    qr, sr, qtr, str_ = quant_1x128_with_transpose_ref(x)
+    M, K = shape
+    assert qt.shape == (K, M) and st.shape == (K, -(-M // 128)) and qt.is_contiguous()
+    torch.testing.assert_close(s, sr, rtol=0, atol=0)
+    torch.testing.assert_close(st, str_, rtol=0, atol=0)
+    _same_fp8(q, qr)
+    _same_fp8(qt, qtr)
+    # the transposed outputs are exactly the 1x128 quantisation of x^T
+    q2, s2 = quant_1x128(x.t())
+    torch.testing.assert_close(st, s2, rtol=0, atol=0)
+    _same_fp8(qt, q2)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_128x128_matches_ref(shape, dtype):
+    w = _data(*shape, dtype, seed=2)
+    q, s = quant_128x128(w)
+    qr, sr = quant_128x128_ref(w)
+    assert s.shape == (-(-shape[0] // 128), -(-shape[1] // 128))
+    torch.testing.assert_close(s, sr, rtol=0, atol=0)
+    _same_fp8(q, qr)
+
+
+def test_quant_128x128_of_transpose_is_transpose():
+    w = _data(200, 300, seed=3)
+    q, s = quant_128x128(w)
+    qt, st = quant_128x128(w.t())
+    torch.testing.assert_close(st, s.t(), rtol=0, atol=0)
+    _same_fp8(qt, q.t())
+
+
+def test_strided_input():
+    x = _data(70, 520, seed=4)[:, ::2]  # non-contiguous columns
+    q, s = quant_1x128(x)
+    qr, sr = quant_1x128_ref(x.contiguous())
+    torch.testing.assert_close(s, sr, rtol=0, atol=0)
+    _same_fp8(q, qr)
+
+
+@pytest.mark.parametrize("kind", ["1x128", "1x128_t", "128x128"])
+def test_roundtrip_error_bound(kind):
+    """E4M3 has 3 mantissa bits: |dequant(quant(x)) - x| <= 2^-4 |x| for values in the normal range
+    (|x| / scale >= 2^-6); below it the absolute error is <= half the subnormal step, 2^-10 * scale."""
+    x = _data(150, 333, seed=5)
+    if kind == "1x128":
+        q, s = quant_1x128(x)
+        xd, xs = dequant_1x128(q, s), s.repeat_interleave(128, 1)[:, :333]
+    elif kind == "1x128_t":
+        _, _, q, s = quant_1x128_with_transpose(x)
+        x = x.t()
+        xd, xs = dequant_1x128(q, s), s.repeat_interleave(128, 1)[:, :150]
+    else:
+        q, s = quant_128x128(x)
+        xd = dequant_128x128(q, s)
+        xs = s.repeat_interleave(128, 0)[:150].repeat_interleave(128, 1)[:, :333]
+    err = (xd - x.float()).abs()
+    normal = x.abs() / xs >= 2.0 ** -6
+    assert normal.float().mean() > 0.5
+    assert (err[normal] <= x.abs()[normal] * 2.0 ** -4 * (1 + 1e-6)).all()
+    assert (err[~normal] <= xs[~normal] * 2.0 ** -10 * (1 + 1e-6)).all()
+
+
+def test_exact_scales_hand_built():
+    x = torch.zeros(3, 130)
+    x[0, 5] = 896.0          # tile max 896 -> scale 2.0, quantises to 448 exactly
+    x[0, 7] = 3.0            # 3 / 2 = 1.5 is an E4M3 value
+    x[1, :128] = 1.0
+    x[1, 17] = -448.0        # negative max: scale 1.0
+    x[2, 128] = 0.5          # partial second tile (2 valid columns): amax over the valid part only
+    x[2, 129] = -0.25
+    x = x.to(DEVICE)
+    q, s = quant_1x128(x)
+    torch.testing.assert_close(s.cpu(), torch.tensor([[2.0, 1.0], [1.0, 1.0], [1.0, 0.5 / 448.0]]),
+                               rtol=0 if EXACT else 1e-6, atol=0)
+    assert q[0, 5].float().item() == 448.0
+    assert q[0, 7].float().item() == 1.5
+    assert q[1, 17].float().item() == -448.0
+    assert q[2, 128].float().item() == 448.0 and q[2, 129].float().item() == -224.0
+    torch.testing.assert_close(dequant_1x128(q, s).cpu(), x.cpu(), rtol=0, atol=0)  # all exactly representable
+
+    w = torch.zeros(130, 5)
+    w[3, 2] = 896.0
+    w[129, 4] = -7.0         # second block row holds only 2 valid rows
+    w = w.to(DEVICE)
+    qw, sw = quant_128x128(w)
+    assert sw.shape == (2, 1)
+    assert sw[0, 0].item() == 2.0 and sw[1, 0].item() == pytest.approx(7.0 / 448.0, rel=1e-6)
+    assert qw[3, 2].float().item() == 448.0 and qw[129, 4].float().item() == -448.0
+    torch.testing.assert_close(dequant_128x128(qw, sw).cpu(), w.cpu(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fn", ["1x128", "1x128_t", "128x128"])
+def test_zero_and_tiny_blocks(fn):
+    x = torch.zeros(130, 260, device=DEVICE)
+    x[129, 259] = 1e-20      # a tiny block: amax clamped to 1e-12, no nan / inf
+    outs = {"1x128": quant_1x128, "1x128_t": quant_1x128_with_transpose, "128x128": quant_128x128}[fn](x)
+    for o in outs:
+        assert torch.isfinite(o.float()).all()
+    s = outs[1]
+    tiny = s[s != 1.0]
+    assert tiny.numel() >= 1
+    torch.testing.assert_close(tiny, torch.full_like(tiny, 1e-12 / 448.0), rtol=1e-6, atol=0)
+    assert (s == 1.0).float().mean() > 0.5  # all-zero tiles get scale 1
+    q = outs[0]
+    assert (q.float()[:129] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on inf * 0
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_nonfinite_flags_nan_scale(bad):
+    x = _data(4, 300, seed=6)
+    x[2, 140] = bad
+    q, s = quant_1x128(x)
+    assert torch.isnan(s[2, 1])                            # the tile that holds it is flagged
+    assert torch.isfinite(s[[0, 1, 3]]).all() and torch.isfinite(s[2, [0, 2]]).all()
+    assert torch.isnan(dequant_1x128(q, s)[2, 128:256]).all()
+    with pytest.raises(FloatingPointError):
+        quant_1x128(x, check_finite=True)
+    _, st = quant_128x128(x)
+    assert torch.isnan(st[0, 1]) and torch.isfinite(st[0, [0, 2]]).all()
+    with pytest.raises(FloatingPointError):
+        quant_1x128_with_transpose(x, check_finite=True)
+
+
+def test_errors():
+    with pytest.raises(ValueError):
+        quant_1x128(torch.zeros(3, 4, 5, device=DEVICE))
+    with pytest.raises(TypeError):
+        quant_1x128(torch.zeros(3, 4, dtype=torch.int32, device=DEVICE))
+    q, s = quant_1x128(torch.ones(3, 200, device=DEVICE))
+    with pytest.raises(ValueError):
+        dequant_1x128(q, s[:, :1])
+    with pytest.raises(ValueError):
+        dequant_128x128(q, s)
+
+
+def test_empty():
+    q, s = quant_1x128(torch.zeros(0, 300, device=DEVICE))
+    assert q.shape == (0, 300) and s.shape == (0, 3)
+    q, s, qt, st = quant_1x128_with_transpose(torch.zeros(5, 0, device=DEVICE))
+    assert qt.shape == (0, 5) and st.shape == (0, 1)
+
+
+def test_quant_128x128_batched():
+    w = _data(3 * 130, 200, seed=7).view(3, 130, 200)
+    q, s = quant_128x128(w)
+    assert q.shape == (3, 130, 200) and s.shape == (3, 2, 2)
+    for e in range(3):  # blocks never straddle two batch entries
+        qe, se = quant_128x128_ref(w[e])
+        torch.testing.assert_close(s[e], se, rtol=0, atol=0)
+        _same_fp8(q[e], qe)
+
+
+def test_grouped_tiles_table():
+    counts = torch.tensor([0, 130, 3, 1, 200, 0], device=DEVICE)
+    t = grouped_tiles(counts, 334)
+    assert t.n_tiles == 3 + 6 and t.n_groups == 6
+    assert t.tile_group.tolist() == [1, 1, 2, 3, 4, 4, 6, 6, 6]
+    assert t.tile_start.tolist() == [0, 128, 130, 133, 134, 262, 0, 0, 0]
+    assert t.tile_end.tolist() == [128, 130, 133, 134, 262, 334, 0, 0, 0]
+    assert t.group_tile_start.tolist() == [0, 0, 2, 3, 4, 6, 6]
+    empty = grouped_tiles(torch.zeros(3, dtype=torch.long, device=DEVICE), 0)
+    assert empty.n_tiles == 3 and empty.tile_end.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("counts", [[0, 130, 3, 1, 200, 0], [257], [0, 0]])
+def test_quant_grouped_matches_ref(counts):
+    c = torch.tensor(counts, device=DEVICE)
+    M = sum(counts)
+    x = _data(M, 150, seed=8) if M else torch.zeros(0, 150, device=DEVICE)
+    tiles = grouped_tiles(c, M)
+    q, s, qt, st = quant_1x128_with_transpose_grouped(x, tiles)
+    qr, sr, qtr, str_ = quant_1x128_with_transpose_grouped_ref(x, tiles)
+    assert qt.shape == (150, tiles.n_tiles * 128) and st.shape == (150, tiles.n_tiles)
+    torch.testing.assert_close(s, sr, rtol=0, atol=0)
+    torch.testing.assert_close(st, str_, rtol=0, atol=0)
+    _same_fp8(q, qr)
+    _same_fp8(qt, qtr)   # includes the zero padding past each tile's rows
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("shape", [(4096, 7168), (1000, 2049)])
+def test_gpu_real_sizes(shape):
+    x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+    for fn, ref in [(quant_1x128, quant_1x128_ref), (quant_128x128, quant_128x128_ref),
+                    (quant_1x128_with_transpose, quant_1x128_with_transpose_ref)]:
+        outs, refs = fn(x), ref(x)
+        for o, r in zip(outs, refs):
+            if o.dtype == torch.float32:
+                torch.testing.assert_close(o, r, rtol=1e-6, atol=0)
+            else:
+                _same_fp8(o, r)
