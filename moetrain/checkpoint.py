@@ -50,6 +50,18 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
+def _dcp_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """``get_state_dict(model, optimizer)``, passed through ``model.dcp_state_dict_hook.to_dcp`` when the
+    model has one (expert parallelism: ``moetrain.parallel.expert_parallel.ExpertShardCheckpointHook``
+    presents local expert shards and their Adam moments as DTensors with global shapes, so DCP stores
+    each expert once and reshards to any ep / dp layout on load)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    hook = getattr(model, "dcp_state_dict_hook", None)
+    if hook is not None:
+        model_sd, optim_sd = hook.to_dcp(model_sd, optim_sd)
+    return model_sd, optim_sd
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, trainer_state: dict, keep: int = 2,
                     extra_state: Optional[dict] = None) -> Path:
@@ -67,7 +79,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _dcp_state_dicts(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, **(extra_state or {})}
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=str(tmp))
@@ -116,10 +128,13 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     """
     path = Path(path)
     trainer_state = read_trainer_state(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _dcp_state_dicts(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, **(extra_state or {})}
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path))
+    hook = getattr(model, "dcp_state_dict_hook", None)
+    if hook is not None:  # DTensor views of local expert shards -> local tensors again
+        state["model"], state["optim"] = hook.from_dcp(state["model"], state["optim"])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.is_file():

@@ -78,7 +78,11 @@ class ParallelConfig:
     dp: int = 0                      # data-parallel degree; 0 = world_size / ep
     ep: int = 1                      # expert-parallel degree (divides world size and n_routed_experts)
     engine: str = "native"           # native | deepspeed
+    zero_stage: int = 1              # ZeRO stage of the deepspeed engine: 1 (optimizer state) | 2 (+ gradients)
     backend: str = "auto"            # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    capacity_factor: float = 0.0     # routed-expert capacity: 0 = dropless; > 0 = each rank sends at most
+                                     # ceil(capacity_factor * tokens * top_k / n_routed_experts) copies per expert
+    capacity_policy: str = "probs"   # which overflow copies are dropped: probs (lowest routing weight) | position (latest)
 
 
 @dataclass
@@ -144,6 +148,7 @@ CHOICES = {
     "train.decay": ("cosine", "linear", "constant"),
     "parallel.engine": ("native", "deepspeed"),
     "parallel.backend": ("auto", "nccl", "gloo"),
+    "parallel.capacity_policy": ("probs", "position"),
     "precision.dtype": ("auto", "bf16", "fp32"),
     "precision.fp8": ("none", "tensorwise", "rowwise", "blockwise"),
     "logging.wandb": ("disabled", "offline", "online"),
@@ -153,7 +158,7 @@ POSITIVE = ("train.steps", "train.batch_size", "train.seq_len", "train.log_every
             "parallel.ep", "train.lr")
 NON_NEGATIVE = ("train.micro_batch_size", "train.warmup_steps", "train.eval_every", "train.weight_decay",
                 "train.grad_clip", "parallel.dp", "checkpoint.every", "checkpoint.keep",
-                "cost.cpu_core_hour_usd")
+                "cost.cpu_core_hour_usd", "parallel.capacity_factor")
 MODEL_POSITIVE = ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "max_seq_len",
                   "n_routed_experts", "n_activated_experts", "n_expert_groups", "n_limited_groups",
                   "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "rope_theta", "rope_factor",
@@ -226,6 +231,9 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"model.flavor={cfg.model.flavor!r}: unknown flavor; choose one of {', '.join(FLAVORS)}")
     for key, allowed in CHOICES.items():
         _check_choice(cfg, key, allowed)
+    if cfg.parallel.zero_stage not in (1, 2):
+        raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: must be 1 or 2 (ZeRO-3 is not supported "
+                          f"with moetrain's MoE layers)")
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be > 0")

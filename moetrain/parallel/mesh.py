@@ -59,12 +59,35 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistCon
 
 
 def build_mesh(ctx: DistContext, dp: int, ep: int) -> DistContext:
-    """Attaches a ("dp", "ep") DeviceMesh to ``ctx`` (world_size == dp * ep, checked by the config)."""
+    """Attaches a ("dp", "ep") DeviceMesh to ``ctx`` (world_size == dp * ep, checked by the config).
+
+    Row-major: ``rank = d * ep + e``. The ``"ep"`` dim groups the ``ep`` consecutive ranks that split the
+    experts between them (all-to-all group); the ``"dp"`` dim groups the ranks with the same ``"ep"``
+    coordinate, which hold the same experts (the expert-data-parallel group: expert gradients are summed
+    over it). Raises ValueError when ``dp * ep != world_size``.
+    """
+    if dp * ep != ctx.world_size:
+        raise ValueError(f"dp x ep = {dp} x {ep} must equal the world size ({ctx.world_size})")
     ctx.dp, ctx.ep = dp, ep
     if ctx.distributed:
         from torch.distributed.device_mesh import init_device_mesh
         ctx.mesh = init_device_mesh(ctx.device.type, (dp, ep), mesh_dim_names=("dp", "ep"))
     return ctx
+
+
+def ep_rank(ctx: DistContext) -> int:
+    """This rank's ``"ep"`` coordinate (it owns experts ``[ep_rank * E_local, (ep_rank + 1) * E_local)``)."""
+    return ctx.mesh.get_local_rank("ep") if ctx.mesh is not None else 0
+
+
+def ep_group(ctx: DistContext):
+    """Process group of the ``"ep"`` mesh dim (the all-to-all group); None without a mesh."""
+    return ctx.mesh.get_group("ep") if ctx.mesh is not None else None
+
+
+def expert_dp_group(ctx: DistContext):
+    """Process group of the ``"dp"`` mesh dim: the ranks holding the same experts; None without a mesh."""
+    return ctx.mesh.get_group("dp") if ctx.mesh is not None else None
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

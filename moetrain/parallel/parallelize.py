@@ -29,6 +29,8 @@ def parallelize(model: torch.nn.Module, cfg: DictConfig, ctx: DistContext):
     ``parallel.ep > 1``: :func:`moetrain.parallel.expert_parallel.apply_ep` (no DDP wrapper; clip with
     :func:`moetrain.parallel.grad_sync.clip_grad_norm`). ``parallel.capacity_factor > 0`` at ``ep = 1``:
     the dispatchers apply the same per-rank capacity rule without communication (DDP as usual).
+    ``parallel.engine=deepspeed``: no DDP wrapper either; ZeRO reduces the gradients
+    (:mod:`moetrain.parallel.deepspeed_engine`, built by :func:`moetrain.parallel.engine.build_engine`).
     """
     grad_sync = _no_grad_sync
     capacity = float(cfg.parallel.get("capacity_factor", 0.0) or 0.0)
