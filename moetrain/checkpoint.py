@@ -43,11 +43,22 @@ def _quiet_single_process():
         yield
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
+def save_rng(directory: Path) -> None:
+    """Writes this rank's CPU (and CUDA) RNG state to ``directory/rng_rank<R>.pt`` (tensors only)."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    torch.save(state, Path(directory) / f"rng_rank{_rank()}.pt")
+
+
+def restore_rng(directory: Path) -> None:
+    """Restores what :func:`save_rng` wrote for this rank, if present (``weights_only=True``)."""
+    rng_file = Path(directory) / f"rng_rank{_rank()}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
 
 
 def _dcp_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -83,7 +94,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     state = {"model": model_sd, "optim": optim_sd, **(extra_state or {})}
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    save_rng(tmp)
     _barrier()
     if _rank() == 0:
         (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
@@ -136,10 +147,5 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     if hook is not None:  # DTensor views of local expert shards -> local tensors again
         state["model"], state["optim"] = hook.from_dcp(state["model"], state["optim"])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng_file = path / f"rng_rank{_rank()}.pt"
-    if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+    restore_rng(path)
     return trainer_state

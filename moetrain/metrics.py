@@ -124,6 +124,7 @@ class WandbSink:
 
     def close(self) -> None:
         self.run.finish()
+        self.wandb.teardown()  # waits until the W&B service has written everything (offline files too)
 
 
 def _job_run_id(run_dir: Path) -> Optional[str]:

@@ -314,7 +314,19 @@ class Trainer:
         rec.update(A2A_METER.report())  # perf/a2a_ms, perf/a2a_bytes per step (ep > 1)
         if self.ctx.device.type == "cuda":
             rec["mem/peak_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        rec.update(self._max_over_ranks(rec, ("perf/a2a_ms", "mem/peak_gib")))
         return rec
+
+    def _max_over_ranks(self, rec: dict, keys: tuple[str, ...]) -> dict:
+        """``<key>_max``: the largest value over all ranks of each of ``keys`` in ``rec`` (rank 0 logs its
+        own values; the slowest all-to-all and the fullest GPU are what limit a step). One all-reduce; the
+        keys present are the same on every rank. ``{}`` in one process."""
+        present = [k for k in keys if rec.get(k) is not None]
+        if not (self.ctx.distributed and present):
+            return {}
+        t = torch.tensor([float(rec[k]) for k in present], dtype=torch.float64, device=self.ctx.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return {f"{k}_max": v for k, v in zip(present, t.tolist())}
 
     def _budget_spent(self, rec: dict) -> bool:
         budget = self.cfg.cost.budget_usd

@@ -1,6 +1,5 @@
 """The trainer end to end on CPU: metrics, checkpoints, kill-and-resume, SIGTERM, torchrun data parallel."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,30 +10,10 @@ import pytest
 
 from moetrain.config import load_config
 from moetrain.train import lr_at, main
+from tests.trainer_runs import ROOT, clean_env, losses, run_trainer, train_args
 
-ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("step", "tokens", "loss", "lr", "grad_norm", "perf/tokens_per_s", "perf/mfu", "cost/gpu_hours",
             "cost/usd", "moe/aux_loss", "moe/load_imbalance")
-
-
-def _args(run_dir: Path, cache: Path, *extra: str) -> list[str]:
-    return ["--config", str(ROOT / "configs" / "debug.yaml"), f"run.dir={run_dir}", f"data.cache_dir={cache}",
-            "logging.progress=false", *extra]
-
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
 def test_lr_schedule_warmup_and_decay():
@@ -47,7 +26,7 @@ def test_lr_schedule_warmup_and_decay():
 
 def test_debug_run_writes_metrics_config_and_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(_args(run, tmp_path / "cache", "train.log_every=1")) == 0
+    assert main(train_args(run, tmp_path / "cache", "train.log_every=1")) == 0
     out = capsys.readouterr().out
     assert "val/loss" in out and "$" in out and "MLA cache" in out
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -62,8 +41,8 @@ def test_debug_run_writes_metrics_config_and_checkpoint(tmp_path, capsys):
 
 
 def _spawn(run_dir: Path, cache: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "moetrain.train", *_args(run_dir, cache, *extra)],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, "-m", "moetrain.train", *train_args(run_dir, cache, *extra)],
+                            cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 120) -> None:
@@ -85,20 +64,16 @@ STEPS = ("train.steps=16", "train.log_every=1", "train.eval_every=0", "checkpoin
 def test_kill_and_resume_gives_the_same_losses(tmp_path):
     cache = tmp_path / "cache"
     ref = tmp_path / "ref"
-    assert subprocess.run([sys.executable, "-m", "moetrain.train", *_args(ref, cache, *STEPS)],
-                          cwd=ROOT, env=_env(), capture_output=True, timeout=300).returncode == 0
+    run_trainer(train_args(ref, cache, *STEPS))
     run = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-m", "moetrain.train", *_args(run, cache, *STEPS)], cwd=ROOT,
-                            env=dict(_env(), MOETRAIN_KILL_AT_STEP="10"), capture_output=True, timeout=300)
+    killed = run_trainer(train_args(run, cache, *STEPS), env=clean_env(MOETRAIN_KILL_AT_STEP="10"), check=False)
     assert killed.returncode == -signal.SIGKILL
-    assert max(_losses(run)) == 10  # it logged past its last checkpoint (step 8) before dying
+    assert max(losses(run)) == 10  # it logged past its last checkpoint (step 8) before dying
     assert not any(p.name.endswith(".tmp") and (p / "trainer.json").exists()
                    for p in (run / "checkpoints").iterdir())
-    resumed = subprocess.run([sys.executable, "-m", "moetrain.train", *_args(run, cache, *STEPS)],
-                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    resumed = run_trainer(train_args(run, cache, *STEPS))
     assert "resumed from" in resumed.stdout
-    a, b = _losses(ref), _losses(run)
+    a, b = losses(ref), losses(run)
     assert sorted(a) == sorted(b) == list(range(1, 17))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
@@ -117,27 +92,20 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_continues(tmp_path):
     assert ckpts and not ckpts[-1].name.endswith(".tmp")
     stopped_at = json.loads((ckpts[-1] / "trainer.json").read_text())["step"]
     assert 3 <= stopped_at < 400
-    resumed = subprocess.run([sys.executable, "-m", "moetrain.train",
-                              *_args(run, cache, f"train.steps={stopped_at + 2}", "train.log_every=1",
-                                     "train.eval_every=0")],
-                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = run_trainer(train_args(run, cache, f"train.steps={stopped_at + 2}", "train.log_every=1",
+                                     "train.eval_every=0"))
     assert f"resumed from {ckpts[-1]}" in resumed.stdout
-    assert max(_losses(run)) == stopped_at + 2
+    assert max(losses(run)) == stopped_at + 2
 
 
 def test_torchrun_two_process_data_parallel_matches_single(tmp_path):
     cache = tmp_path / "cache"
     single = tmp_path / "single"
     extra = ("train.steps=6", "train.log_every=1", "train.eval_every=0", "checkpoint.at_end=false")
-    assert subprocess.run([sys.executable, "-m", "moetrain.train", *_args(single, cache, *extra)],
-                          cwd=ROOT, env=_env(), capture_output=True, timeout=300).returncode == 0
+    run_trainer(train_args(single, cache, *extra))
     ddp = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "moetrain.train", *_args(ddp, cache, *extra)],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    a, b = _losses(single), _losses(ddp)
+    run_trainer(train_args(ddp, cache, *extra), nproc=2)
+    a, b = losses(single), losses(ddp)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), step

@@ -5,7 +5,6 @@ file is parsed here: a LevelDB-log container (7-byte header ':W&B' + magic + ver
 chunks with a 7-byte header: crc32, length, type FULL/FIRST/MIDDLE/LAST) of ``wandb.proto`` Records.
 """
 import json
-import os
 import struct
 from pathlib import Path
 

@@ -126,13 +126,6 @@ def _moe_marker(name: str, n_experts: int, ep: int) -> nn.Module:
     return _ExpertGroupMarker()
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
 class DeepSpeedEngineAdapter:
     """The engine seam (see :mod:`moetrain.parallel.engine`) over a ``deepspeed.DeepSpeedEngine``.
 
@@ -271,7 +264,7 @@ class DeepSpeedEngineAdapter:
         state = {**trainer_state, "step": step, "engine": self.name, "zero_stage": self.zero_stage,
                  "ep": self.ep}
         self.engine.save_checkpoint(str(root), tag=tmp.name, client_state={"moetrain": state}, save_latest=False)
-        torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+        ckpt.save_rng(tmp)
         ep_rank, edp_rank = self._ep_coords()
         if self.ep > 1 and edp_rank == 0:  # one copy of every expert shard (the module file holds rank 0's)
             torch.save({n: p.detach().cpu() for n, p in self._expert_shards().items()}, tmp / f"experts_ep{ep_rank}.pt")
@@ -306,12 +299,7 @@ class DeepSpeedEngineAdapter:
             with torch.no_grad():
                 for n, p in self._expert_shards().items():
                     p.copy_(shards[n])
-        rng_file = path / f"rng_rank{self._rank()}.pt"
-        if rng_file.is_file():
-            rng = torch.load(rng_file, weights_only=True)
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
+        ckpt.restore_rng(path)
         return state
 
 

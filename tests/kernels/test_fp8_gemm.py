@@ -1,6 +1,6 @@
 """kernels/fp8_gemm.py: block-scaled FP8 GEMMs vs their dequantise-and-matmul references.
 
-Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1 is set below, before triton and
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton and
 kernels/ are imported) at small odd shapes; with CUDA the same tests run compiled, plus `gpu`-marked real sizes.
 
 Tolerances: kernel vs reference differ only by fp32 accumulation order (and the per-128-K promotion order):
@@ -12,8 +12,6 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("MOETRAIN_FP8_AUTOTUNE", "0")  # GPU: one fixed tile config (no per-shape tuning runs)
 
 from kernels import fp8_gemm as fg  # noqa: E402

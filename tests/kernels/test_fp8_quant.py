@@ -1,6 +1,6 @@
 """kernels/fp8_quant.py: 1x128 / 128x128 E4M3 quantisation vs the pure-torch references.
 
-Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1 is set below, before triton and
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton and
 kernels/ are imported); the kernels then match the references bit for bit (they round to the E4M3 grid with
 exact integer ops in interpreter mode). With CUDA the same tests run compiled on the GPU, where Triton's fp32
 division may differ from torch's in the last bit: fp8 values may then differ by one E4M3 step on rare elements.
@@ -10,8 +10,6 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("MOETRAIN_FP8_AUTOTUNE", "0")  # GPU: one fixed tile config (no per-shape tuning runs)
 
 from kernels import fp8_quant as fq  # noqa: E402

@@ -1,17 +1,14 @@
 """Tests for kernels/mla_attention.py: forward and dq/dk/dv vs the pure-torch reference.
 
-CPU: kernels run under TRITON_INTERPRET=1 (set here before the kernel module is imported) at small odd
+CPU: kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py before the kernel module is imported) at small odd
 shapes with 16 x 16 blocks. GPU (`gpu` marker): DeepSeek sizes, bf16.
 """
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import kernels.mla_attention as mla  # noqa: E402
 from kernels.mla_attention import (  # noqa: E402

@@ -1,19 +1,16 @@
 """kernels/permute.py: MoE token permute / weighted unpermute vs the reference, fwd + every grad.
 
-Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1 set before import); with
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before import); with
 CUDA the same tests run compiled on the GPU. The permutation itself is exact (a copy); sums
 (dx of permute, y and dweights of unpermute) accumulate in fp32 and are compared with fp32
 references on upcast inputs.
 """
 
 import itertools
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import kernels._utils as kutils  # noqa: E402
 from kernels.permute import (  # noqa: E402

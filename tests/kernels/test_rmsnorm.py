@@ -1,6 +1,6 @@
 """kernels/rmsnorm.py: forward and every gradient vs the pure-torch reference.
 
-Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1 is set below, before
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before
 kernels/ and triton are imported). With CUDA the same small odd-shape tests run compiled on the GPU,
 and the `gpu`-marked tests add real sizes.
 
@@ -9,13 +9,10 @@ reference carries no bf16 rounding of its own. The interpreter rounds fp32 -> bf
 (the GPU rounds to nearest even): the bf16 tolerance covers one bf16 ulp plus the kernel's roundings.
 """
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import kernels._utils as kutils  # noqa: E402
 from kernels.rmsnorm import (  # noqa: E402

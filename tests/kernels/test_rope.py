@@ -1,18 +1,15 @@
 """kernels/rope.py: interleaved-pair RoPE (DeepSeek-V3 convention) vs the reference, fwd + grad.
 
-Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1 set before import); with
+Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before import); with
 CUDA the same tests run compiled on the GPU. References run on fp32 copies of the inputs; the bf16
 tolerance covers one bf16 ulp (the interpreter rounds fp32 -> bf16 toward zero).
 """
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import kernels._utils as kutils  # noqa: E402
 import kernels.rope as rope_mod  # noqa: E402

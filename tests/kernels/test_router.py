@@ -1,17 +1,14 @@
 """kernels/router.py: fused DeepSeek-V3 top-k routing vs the reference and a V3 Gate transcription.
 
-Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1 set before import); with
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before import); with
 CUDA the same tests run compiled on the GPU. Random logits (no ties): the ids must match exactly;
 weights are fp32 in every case; the logits grad comes back in the logits' dtype.
 """
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import kernels._utils as kutils  # noqa: E402
 from kernels.router import router_topk, router_topk_ref  # noqa: E402

@@ -1,17 +1,14 @@
 """kernels/swiglu.py: silu(a) * b (split and packed forms) vs the reference, fwd + every grad.
 
-Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1 set before import); with
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before import); with
 CUDA the same tests run compiled on the GPU. References run on fp32 copies of the inputs; the bf16
 tolerance covers one bf16 ulp (the interpreter rounds fp32 -> bf16 toward zero).
 """
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import kernels._utils as kutils  # noqa: E402
 from kernels.swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref  # noqa: E402

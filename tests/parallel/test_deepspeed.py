@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from moetrain.config import ConfigError
+from tests.trainer_runs import ROOT, clean_env, run_trainer, step_records, train_args
 
-ROOT = Path(__file__).resolve().parents[2]
 # 6 steps, 2 ranks x 2 micro-batches x 2 sequences per step, clipping active (grad norms are 1.2-1.6)
 EXTRA = ("train.steps=6", "train.log_every=1", "train.eval_every=0", "train.micro_batch_size=2",
          "train.grad_clip=0.5", "parallel.backend=gloo")
@@ -32,35 +32,13 @@ HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed not installed (pip install '.[deepspeed]')")
 
 
-def _args(run_dir: Path, cache: Path, *extra: str) -> list[str]:
-    return ["--config", str(ROOT / "configs" / "debug.yaml"), f"run.dir={run_dir}", f"data.cache_dir={cache}",
-            "logging.progress=false", *extra]
-
-
 def _env(**extra: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", **extra)
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+    return clean_env(DS_ACCELERATOR="cpu", **extra)
 
 
 def _torchrun(run_dir: Path, cache: Path, *extra: str, env: dict | None = None,
               check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "moetrain.train", *_args(run_dir, cache, *extra)],
-                          cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=240)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def _records(run_dir: Path) -> dict[int, dict]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec
-    return out
+    return run_trainer(train_args(run_dir, cache, *extra), nproc=2, env=env or _env(), timeout=240, check=check)
 
 
 def _assert_same_curve(ref: dict, got: dict) -> None:
@@ -76,7 +54,7 @@ def native(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("native")
     cache = tmp / "cache"
     _torchrun(tmp / "run", cache, *EXTRA, "checkpoint.at_end=false")
-    return _records(tmp / "run"), cache
+    return step_records(tmp / "run"), cache
 
 
 @needs_deepspeed
@@ -86,7 +64,7 @@ def test_zero1_matches_native_with_accumulation_and_clipping(native, tmp_path):
     run = tmp_path / "ds"
     out = _torchrun(run, cache, *EXTRA, "parallel.engine=deepspeed", "checkpoint.at_end=false")
     assert "engine deepspeed" in out.stdout and "ZeRO-1" in out.stdout and "grad accumulation 2" in out.stdout
-    _assert_same_curve(ref, _records(run))
+    _assert_same_curve(ref, step_records(run))
 
 
 @needs_deepspeed
@@ -98,7 +76,7 @@ def test_zero2_expert_parallel_kill_and_resume_continues_the_curve(native, tmp_p
              "checkpoint.at_end=false")
     killed = _torchrun(run, cache, *extra, env=_env(MOETRAIN_KILL_AT_STEP="4"), check=False)
     assert killed.returncode != 0  # every rank SIGKILLed itself after logging step 4
-    assert max(_records(run)) == 4
+    assert max(step_records(run)) == 4
     ckpts = run / "checkpoints"
     assert [p.name for p in sorted(ckpts.glob("step_*"))] == ["step_0000003"]  # complete, no .tmp left
     done = ckpts / "step_0000003"
@@ -110,7 +88,7 @@ def test_zero2_expert_parallel_kill_and_resume_continues_the_curve(native, tmp_p
     resumed = _torchrun(run, cache, *extra)
     assert f"resumed from {done} at step 3" in resumed.stdout
     assert "experts reduced over expert-dp groups 'ep_size_2'" in resumed.stdout
-    _assert_same_curve(ref, _records(run))
+    _assert_same_curve(ref, step_records(run))
 
     # the native engine refuses the DeepSpeed checkpoint with one line naming the engine that wrote it
     from moetrain.checkpoint import read_trainer_state
@@ -125,7 +103,7 @@ def test_missing_deepspeed_is_one_error_line_exit_2(tmp_path):
     (shim / "__init__.py").write_text("raise ImportError(\"No module named 'deepspeed'\")\n")
     env = _env(PYTHONPATH=os.pathsep.join([str(shim.parent), str(ROOT)]))
     proc = subprocess.run([sys.executable, "-m", "moetrain.train",
-                           *_args(tmp_path / "run", tmp_path / "cache", "train.steps=1", "parallel.engine=deepspeed")],
+                           *train_args(tmp_path / "run", tmp_path / "cache", "train.steps=1", "parallel.engine=deepspeed")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]

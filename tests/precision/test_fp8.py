@@ -1,6 +1,6 @@
 """moetrain/precision/fp8.py: Fp8Linear / Fp8GroupedExperts recipes vs fp32 references, apply_fp8 swaps.
 
-Without CUDA, TRITON_INTERPRET=1 is set before triton is imported, so the blockwise recipe runs the real Triton
+Without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported, so the blockwise recipe runs the real Triton
 kernels in the interpreter ("triton" backend); tensorwise / rowwise use the dequantising emulation of
 torch._scaled_mm. With CUDA the same tests run on the GPU paths (`gpu`-marked tests add real sizes).
 
@@ -15,8 +15,6 @@ import pytest
 import torch
 from torch import nn
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("MOETRAIN_FP8_AUTOTUNE", "0")  # GPU: one fixed tile config (no per-shape tuning runs)
 
 from kernels import fp8_quant  # noqa: E402
