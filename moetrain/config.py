@@ -79,6 +79,7 @@ class ParallelConfig:
     ep: int = 1                      # expert-parallel degree (divides world size and n_routed_experts)
     engine: str = "native"           # native | deepspeed
     zero_stage: int = 1              # ZeRO stage of the deepspeed engine: 1 (optimizer state) | 2 (+ gradients)
+    fsdp: bool = False               # native engine: FSDP2 (fully_shard) shards dense params over the world
     backend: str = "auto"            # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     capacity_factor: float = 0.0     # routed-expert capacity: 0 = dropless; > 0 = each rank sends at most
                                      # ceil(capacity_factor * tokens * top_k / n_routed_experts) copies per expert
@@ -234,6 +235,9 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     if cfg.parallel.zero_stage not in (1, 2):
         raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: must be 1 or 2 (ZeRO-3 is not supported "
                           f"with moetrain's MoE layers)")
+    if cfg.parallel.fsdp and cfg.parallel.engine != "native":
+        raise ConfigError(f"parallel.fsdp=true: needs parallel.engine=native (got {cfg.parallel.engine}); "
+                          f"set parallel.fsdp=false to use ZeRO")
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be > 0")

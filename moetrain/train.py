@@ -67,8 +67,11 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Opti
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    # parallel.fsdp with ep > 1: FSDP's DTensor parameters and the local expert shards cannot share a
+    # foreach kernel (the param groups stay as they are, so checkpoints load at any layout)
+    mixed = len({type(p).__name__ == "DTensor" for p in decay + no_decay}) > 1
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
-                             eps=cfg.train.eps, foreach=True)
+                             eps=cfg.train.eps, foreach=not mixed)
 
 
 def autocast_ctx(cfg: DictConfig, device: torch.device):

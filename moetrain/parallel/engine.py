@@ -80,7 +80,10 @@ class NativeEngine:
             g["lr"] = lr
 
     def micro_batch(self, last: bool):
-        """DDP all-reduces gradients only on the last micro-batch of a step."""
+        """DDP all-reduces (FSDP2 reduce-scatters) gradients only on the last micro-batch of a step."""
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2 (parallel.fsdp)
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
         if last or not hasattr(self.model, "no_sync"):
             return contextlib.nullcontext()
         return self.model.no_sync()
@@ -105,7 +108,12 @@ class NativeEngine:
 
     def load(self, path: Path) -> dict:
         check_checkpoint_engine(path, ckpt.read_trainer_state(path), self.name)
-        return ckpt.load_checkpoint(path, self.raw_model, self.optimizer)
+        # foreach is this layout's choice (off for FSDP + local expert shards), not the checkpoint's
+        foreach = [g.get("foreach") for g in self.optimizer.param_groups]
+        state = ckpt.load_checkpoint(path, self.raw_model, self.optimizer)
+        for g, f in zip(self.optimizer.param_groups, foreach):
+            g["foreach"] = f
+        return state
 
 
 def build_engine(cfg: DictConfig, ctx: DistContext, model: torch.nn.Module, raw_model: torch.nn.Module,

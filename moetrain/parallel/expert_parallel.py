@@ -618,10 +618,13 @@ class ExpertShardCheckpointHook:
         return model_sd, optim_sd
 
     def from_dcp(self, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]:
-        """Inverse of :meth:`to_dcp`: copies with the expert entries as local shards again."""
-        model_sd = {k: self._unwrap(v) for k, v in model_sd.items()}
+        """Inverse of :meth:`to_dcp`: copies with the expert entries as local shards again (other DTensors,
+        e.g. FSDP2's dense shards with ``parallel.fsdp``, stay DTensors)."""
+        names = set(self.names)
+        model_sd = {k: self._unwrap(v) if k in names else v for k, v in model_sd.items()}
         optim_sd = dict(optim_sd)
-        optim_sd["state"] = {n: ({k: self._unwrap(v) for k, v in st.items()} if isinstance(st, dict) else st)
+        optim_sd["state"] = {n: ({k: self._unwrap(v) for k, v in st.items()}
+                                 if isinstance(st, dict) and n in names else st)
                              for n, st in optim_sd.get("state", {}).items()}
         return model_sd, optim_sd
 

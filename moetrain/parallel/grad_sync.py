@@ -74,6 +74,10 @@ class GradSync:
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.meter = meter
 
+    def drop_dense(self) -> None:
+        """Stop reducing dense gradients: FSDP2 owns them (``parallel.fsdp``); only experts are reduced."""
+        self.dense = []
+
     def __call__(self) -> None:
         if self.meter is not None:
             self.meter.step()
@@ -128,8 +132,14 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ctx, norm_type: float = 2.
     Returns:
         0-d fp32 tensor (the same value on every rank).
     Raises:
-        ValueError: other norm types with ``ep > 1``.
+        ValueError: other norm types with ``ep > 1`` or FSDP.
+
+    With FSDP2 (``model.fsdp_mesh``, :mod:`moetrain.parallel.fsdp`) the dense gradients are DTensor shards
+    over the world: their squares (max) are summed (maxed) over the ``"fsdp"`` group, expert shards over the
+    ``"ep"`` group as above.
     """
+    if getattr(model, "fsdp_mesh", None) is not None:
+        return _clip_grad_norm_fsdp(model, max_norm, ctx, norm_type)
     ep = getattr(ctx, "ep", 1)
     if ep <= 1 or getattr(ctx, "mesh", None) is None:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type=norm_type, foreach=foreach)
@@ -153,6 +163,49 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ctx, norm_type: float = 2.
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     by_kind: dict = {}
     for g in dg + eg:
+        by_kind.setdefault((g.device, g.dtype), []).append(g)
+    for (dev, _), gs in by_kind.items():
+        torch._foreach_mul_(gs, coef.to(dev))
+    return total
+
+
+def _clip_grad_norm_fsdp(model: nn.Module, max_norm: float, ctx, norm_type: float) -> torch.Tensor:
+    """:func:`clip_grad_norm` when FSDP2 shards the dense gradients (DTensors on ``model.fsdp_mesh``)."""
+    from torch.distributed.tensor import DTensor
+
+    if norm_type not in (2.0, float("inf")):
+        raise ValueError(f"clip_grad_norm: norm_type={norm_type} not supported with FSDP (use 2.0 or inf)")
+    expert_ids = {id(p) for p in split_parameters(model)[1]} if getattr(ctx, "ep", 1) > 1 else set()
+    sharded, expert, replicated = [], [], []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if isinstance(p.grad, DTensor):
+            sharded.append(p.grad.to_local())
+        else:
+            (expert if id(p) in expert_ids else replicated).append(p.grad)
+    device = next(model.parameters()).device
+    if norm_type == 2.0:
+        def _part(gs):
+            return _sq_sum(gs, device)
+        op, combine, finish = dist.ReduceOp.SUM, torch.add, torch.sqrt
+    else:
+        def _part(gs):
+            gs = [g for g in gs if g.numel()]
+            return (torch.stack([g.detach().abs().max().float() for g in gs]).max() if gs
+                    else torch.zeros((), dtype=torch.float32, device=device))
+        op, combine, finish = dist.ReduceOp.MAX, torch.maximum, (lambda t: t)
+    s_part = _part(sharded)
+    dist.all_reduce(s_part, op=op, group=model.fsdp_mesh.get_group("fsdp"))
+    total = combine(s_part, _part(replicated))
+    if expert:
+        e_part = _part(expert)
+        dist.all_reduce(e_part, op=op, group=ctx.mesh.get_group("ep"))
+        total = combine(total, e_part)
+    total = finish(total)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    by_kind: dict = {}
+    for g in sharded + expert + replicated:
         by_kind.setdefault((g.device, g.dtype), []).append(g)
     for (dev, _), gs in by_kind.items():
         torch._foreach_mul_(gs, coef.to(dev))

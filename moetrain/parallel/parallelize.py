@@ -31,6 +31,8 @@ def parallelize(model: torch.nn.Module, cfg: DictConfig, ctx: DistContext):
     the dispatchers apply the same per-rank capacity rule without communication (DDP as usual).
     ``parallel.engine=deepspeed``: no DDP wrapper either; ZeRO reduces the gradients
     (:mod:`moetrain.parallel.deepspeed_engine`, built by :func:`moetrain.parallel.engine.build_engine`).
+    ``parallel.fsdp=true`` (native engine, distributed): FSDP2 instead of DDP
+    (:func:`moetrain.parallel.fsdp.apply_fsdp`); with ``ep > 1`` ``grad_sync`` then reduces only the experts.
     """
     grad_sync = _no_grad_sync
     capacity = float(cfg.parallel.get("capacity_factor", 0.0) or 0.0)
@@ -59,6 +61,12 @@ def parallelize(model: torch.nn.Module, cfg: DictConfig, ctx: DistContext):
         for block in model.layers:
             block.compile()
     wrapped = model
+    if ctx.distributed and cfg.parallel.engine == "native" and cfg.parallel.get("fsdp", False):
+        from moetrain.parallel.fsdp import apply_fsdp
+        apply_fsdp(model, ctx, cfg.precision.dtype)
+        if ctx.ep > 1:
+            grad_sync.drop_dense()  # FSDP reduce-scatters the dense gradients during backward
+        return model, model, grad_sync
     if ctx.distributed and ctx.ep == 1 and cfg.parallel.engine == "native":  # deepspeed: ZeRO reduces instead
         wrapped = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                                           broadcast_buffers=False)

@@ -1,0 +1,150 @@
+"""Opt-in FSDP2 (``parallel.fsdp=true``) matches the single-process model (CPU, gloo, 2 ranks).
+
+Each rank builds the single-process reference itself (same seed, same global batch: the reference runs
+every rank's micro-batches and averages, the objective the ranks optimise together) and runs the real
+path -- ``parallelize`` (FSDP2 over the world; at ep=2 experts sharded by EP and ignored by FSDP),
+``build_optimizer`` (AdamW), the native engine (``micro_batch(last)`` -> ``set_requires_gradient_sync``,
+``backward``, ``step``: grad sync, global-norm clipping, optimizer) -- with 2 micro-batches and clipping
+active. At every step: the mean loss and the pre-clip grad norm; after every step every parameter
+(DTensors gathered with ``full_tensor``, expert shards all-gathered over the ep group).
+The trainer test saves with FSDP at world 2 and resumes in one process on the single-process curve.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from tests.parallel import workers
+from tests.parallel._dist import run_workers
+from tests.trainer_runs import run_trainer, step_records, train_args
+
+
+def _full(p, ctx, experts: set, name: str) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+    t = p.detach()
+    if isinstance(t, DTensor):
+        return t.full_tensor()
+    return workers._gather_experts(t, ctx) if name in experts else t
+
+
+def run_fsdp_case(rank: int, world: int, dp: int, ep: int, steps: int = 3, accum: int = 2) -> dict:
+    from moetrain.config import load_config
+    from moetrain.model.transformer import Transformer
+    from moetrain.parallel.engine import build_engine
+    from moetrain.parallel.expert_parallel import expert_parameter_names
+    from moetrain.parallel.parallelize import parallelize
+    from moetrain.train import build_optimizer
+
+    name = f"fsdp dp={dp} ep={ep}"
+    cfg = load_config(None, ["parallel.fsdp=true", f"parallel.ep={ep}", "train.grad_clip=0.05", "train.lr=1e-2",
+                             "train.eps=1e-6", "precision.dtype=fp32"])
+    ctx = workers.make_ctx(rank, world, dp, ep)
+    args = workers.tiny_args()
+    torch.manual_seed(0)
+    ref = Transformer(args)
+    torch.manual_seed(0)
+    model, raw, grad_sync = parallelize(Transformer(args), cfg, ctx)
+    engine = build_engine(cfg, ctx, model, raw, build_optimizer(raw, cfg), grad_sync, workers.B, accum)
+    assert getattr(raw, "fsdp_mesh", None) is not None, "parallel.fsdp=true did not apply FSDP"
+    opt_ref = build_optimizer(ref, cfg)
+    experts = set(expert_parameter_names(raw)) if ep > 1 else set()
+    n_dtensor = sum(type(p).__name__ == "DTensor" for p in raw.parameters())
+    n_plain = sum(type(p).__name__ != "DTensor" for p in raw.parameters())
+    assert n_plain == len(experts), f"{name}: {n_plain} plain parameters, {len(experts)} expert shards"
+    ref_params = dict(ref.named_parameters())
+    out = {"losses": [], "norms": [], "dtensor_params": n_dtensor, "expert_params": len(experts)}
+    for step in range(steps):
+        data = workers._batch(step, world * accum * workers.B, args.vocab_size)
+        ref_total = 0.0
+        for r in range(world):
+            for a in range(accum):
+                chunk = data[(r * accum + a) * workers.B:(r * accum + a + 1) * workers.B]
+                loss = workers._loss(ref, chunk)
+                (loss / (world * accum)).backward()
+                ref_total += loss.item() / (world * accum)
+        norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=True)
+        total = torch.zeros(())
+        norm = None
+        for a in range(accum):
+            chunk = data[(rank * accum + a) * workers.B:(rank * accum + a + 1) * workers.B]
+            with engine.micro_batch(last=a == accum - 1):
+                loss = workers._loss(model, chunk)
+                engine.backward(loss)
+            total += loss.detach() / accum
+            norm = engine.step()
+        assert norm is not None
+        mean_loss = workers.all_reduce_sum(total.clone()).item() / world
+        if not math.isclose(mean_loss, ref_total, rel_tol=1e-5, abs_tol=1e-6):
+            raise AssertionError(f"{name} step {step}: loss {mean_loss} vs reference {ref_total}")
+        workers._close(f"{name} step {step} grad norm", norm, norm_ref, 1e-5, 1e-7)
+        for n, p in raw.named_parameters():
+            workers._close(f"{name} step {step} param {n}", _full(p, ctx, experts, n), ref_params[n].detach(),
+                           1e-4, 1e-7)
+        out["losses"].append(mean_loss)
+        out["norms"].append(float(norm))
+    return out
+
+
+def run_fsdp_cases(rank: int, world: int, layouts: list) -> list:
+    return [run_fsdp_case(rank, world, dp, ep) for dp, ep in layouts]
+
+
+@pytest.mark.timeout(150)
+def test_fsdp_ep1_and_ep2_match_single_process():
+    out = run_workers(run_fsdp_cases, 2, [(2, 1), (1, 2)], timeout=140)
+    ep1, ep2 = out[0]
+    assert ep1["expert_params"] == 0 and ep2["expert_params"] > 0 and ep1["dtensor_params"] > ep2["dtensor_params"]
+    assert all(n > 0.05 for n in ep1["norms"])  # clipping was active
+    assert out[0] == out[1]
+
+
+def _step2_only(src, dst):
+    """Copies ``src``'s checkpoints to ``dst`` keeping only step 2 (resume=auto then starts there)."""
+    shutil.copytree(src / "checkpoints", dst / "checkpoints")
+    for ckpt in (dst / "checkpoints").iterdir():
+        if not ckpt.name.endswith("0000002"):
+            shutil.rmtree(ckpt)
+
+
+@pytest.mark.timeout(300)
+def test_trainer_fsdp_world2_matches_single_and_resumes_across_layouts(tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+    cache = tmp_path / "cache"
+    extra = ("train.steps=4", "train.log_every=1", "train.eval_every=0", "train.batch_size=8",
+             "checkpoint.at_end=false", "checkpoint.every=2")
+    fsdp_args = ("parallel.fsdp=true", "parallel.ep=2", "train.micro_batch_size=2")  # 2 micro-batches per rank
+    single = tmp_path / "single"
+    run_trainer(train_args(single, cache, *extra), timeout=120)
+    fsdp = tmp_path / "fsdp"
+    run_trainer(train_args(fsdp, cache, *extra, *fsdp_args), nproc=2, timeout=150)
+    a, b = step_records(single), step_records(fsdp)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5), step
+        assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-4), step
+    # the dense weights were saved as FSDP shards (one chunk per rank), the experts at their global shape
+    meta = FileSystemReader(str(fsdp / "checkpoints" / "step_0000002")).read_metadata().state_dict_metadata
+    assert len(meta["model.embed.weight"].chunks) == 2
+    assert meta["model.layers.1.ffn.experts.w1"].size[0] == 8
+    # saved with FSDP at world 2 (ep=2) -> resumed in one process; and the reverse
+    for src, dst, nproc, more in ((fsdp, tmp_path / "to_single", 1, ()),
+                                  (single, tmp_path / "to_fsdp", 2, fsdp_args)):
+        _step2_only(src, dst)
+        out = run_trainer(train_args(dst, cache, *extra, *more), nproc=nproc, timeout=150)
+        assert "resumed from" in out.stdout, dst
+        c = step_records(dst)
+        assert sorted(c) == [3, 4], dst
+        for step in (3, 4):
+            assert c[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5), (dst, step)
+
+
+def test_fsdp_config():
+    from moetrain.config import ConfigError, load_config
+    assert load_config(None, []).parallel.fsdp is False
+    with pytest.raises(ConfigError, match="parallel.fsdp"):
+        load_config(None, ["parallel.fsdp=true", "parallel.engine=deepspeed"])
