@@ -16,6 +16,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from moetrain.economics import GPU_SPECS
 from moetrain.model.args import FLAVORS, ModelArgs
 
 
@@ -154,6 +155,7 @@ CHOICES = {
     "precision.fp8": ("none", "tensorwise", "rowwise", "blockwise"),
     "logging.wandb": ("disabled", "offline", "online"),
     "model.score_func": ("softmax", "sigmoid"),
+    "cost.gpu_type": ("auto", *GPU_SPECS),
 }
 POSITIVE = ("train.steps", "train.batch_size", "train.seq_len", "train.log_every", "train.eval_batches",
             "parallel.ep", "train.lr")
@@ -302,6 +304,9 @@ def validate_layout(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     if dp * ep != world_size:
         raise ConfigError(f"parallel.dp={cfg.parallel.dp}: dp x ep ({dp} x {ep}) must equal the world size "
                           f"({world_size}); set parallel.dp=0 to derive it")
+    if not cfg.train.micro_batch_size and cfg.train.batch_size % world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size}: must be a multiple of the world size "
+                          f"({world_size})")
     micro = cfg.train.micro_batch_size or cfg.train.batch_size // world_size
     if cfg.train.batch_size % (world_size * max(micro, 1)) or micro == 0:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: must be a multiple of world size x "
@@ -314,11 +319,21 @@ def _embedded_corpora() -> tuple[str, ...]:
     return tuple(sorted(p.stem for p in corpus_dir.glob("*.txt")))
 
 
-def save_config(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
-    """Writes the resolved config to ``<run_dir>/config.yaml`` atomically; returns the path."""
+def resolved_yaml(cfg: DictConfig, args: Optional[ModelArgs] = None) -> str:
+    """The config as YAML with every ``model.*`` field filled in from ``args`` (default: the flavor plus
+    overrides; ``vocab_size`` stays null there, meaning "the data's vocabulary")."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    for k, v in dataclasses.asdict(args or model_args(cfg)).items():
+        if out["model"].get(k) is None and (args is not None or k != "vocab_size"):
+            out["model"][k] = v
+    return OmegaConf.to_yaml(out)
+
+
+def save_config(cfg: DictConfig, run_dir: str | os.PathLike, args: Optional[ModelArgs] = None) -> Path:
+    """Writes the resolved config (model fields as built: ``args``) to ``<run_dir>/config.yaml`` atomically."""
     path = Path(run_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.write_text(resolved_yaml(cfg, args))
     os.replace(tmp, path)
     return path

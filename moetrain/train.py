@@ -21,10 +21,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import DictConfig, OmegaConf
 
 from moetrain import checkpoint as ckpt
-from moetrain.config import ConfigError, load_config, model_args, save_config, validate_layout
+from moetrain.config import ConfigError, load_config, model_args, resolved_yaml, save_config, validate_layout
 from moetrain.data import DataError
 from moetrain.data.dataset import TokenWindows, check_vocab, open_dataset
 from moetrain.data.prepare import ensure_prepared
@@ -236,11 +237,21 @@ class Trainer:
         elif cfg.resume != "never":
             path = Path(cfg.resume)
         if path is None:
+            if cfg.resume == "never" and (ckpt.latest_checkpoint(self.run_dir) is not None
+                                          or (self.run_dir / "metrics.jsonl").is_file()):
+                raise UserError(f"resume=never: run.dir={self.run_dir} already holds a run (metrics.jsonl or "
+                                f"checkpoints); continue it with resume=auto or start in a new run.dir")
             return
-        state = self.engine.load(path)
-        self.step = int(state["step"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.meter.load_state_dict(state["meter"])
+        try:
+            state = self.engine.load(path)
+            self.step = int(state["step"])
+            self.sampler.load_state_dict(state["sampler"])
+            self.meter.load_state_dict(state["meter"])
+        except (ValueError, RuntimeError, KeyError, CheckpointException) as e:
+            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+            first = lines[-1] if lines else type(e).__name__  # DCP wraps the cause: its last line says it
+            raise UserError(f"resume: {path} does not fit this run ({first}); the model, data or batch "
+                            f"changed since it was saved; start it in a new run.dir") from None
         lost = restart_loss(self.run_dir / "metrics.jsonl", state["meter"])  # work done past the checkpoint
         self.meter.add_restart(lost["seconds"], lost["kwh"])
         self._barrier()  # every rank has read metrics.jsonl before rank 0 truncates it
@@ -342,7 +353,7 @@ class Trainer:
         self.maybe_resume()
         self._setup_logging()
         if self.ctx.is_main:
-            save_config(cfg, self.run_dir)
+            save_config(cfg, self.run_dir, self.args)
             write_run_metadata(self.run_dir, start_step=self.step, device=self.meter.pricing.device_label,
                                wandb_id=self.wandb_id)  # run.json: SLURM job id, restarts, hosts
             print(self.describe(), flush=True)
@@ -465,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(ns.config, ns.overrides)
         if ns.print_config:
-            print(OmegaConf.to_yaml(cfg))
+            print(resolved_yaml(cfg), end="")
             return 0
         ctx = init_distributed(cfg.parallel.backend)
         Trainer(cfg, ctx).fit()

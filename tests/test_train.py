@@ -109,3 +109,16 @@ def test_torchrun_two_process_data_parallel_matches_single(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), step
+
+
+def test_resume_never_refuses_a_used_run_dir_and_a_misfit_checkpoint_is_one_line(tmp_path, capsys):
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    assert main(train_args(run, cache, "train.steps=2", "train.eval_every=0")) == 0
+    capsys.readouterr()
+    assert main(train_args(run, cache, "train.steps=4", "resume=never")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: resume=never:") and "\n" not in err, err
+    assert main(train_args(run, cache, "train.steps=4", "model.n_routed_experts=16")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: resume:") and "does not fit this run" in err and "\n" not in err
+    assert max(losses(run)) == 2  # nothing was overwritten

@@ -5,6 +5,8 @@ The model code never learns it was parallelised: only its dispatcher and modules
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
@@ -14,6 +16,13 @@ from moetrain.parallel.mesh import DistContext
 
 class UnavailableFeature(RuntimeError):
     """A configured feature whose implementation is not present in this installation."""
+
+
+# Buffers are rank-local (each gate's expert_load counts this rank's tokens until the all-reduced bias
+# update): DDP must not overwrite them with rank 0's at every forward. torch 2.13 renamed the switch.
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+                   else {"broadcast_buffers": False})
 
 
 def _no_grad_sync() -> None:
@@ -69,5 +78,5 @@ def parallelize(model: torch.nn.Module, cfg: DictConfig, ctx: DistContext):
         return model, model, grad_sync
     if ctx.distributed and ctx.ep == 1 and cfg.parallel.engine == "native":  # deepspeed: ZeRO reduces instead
         wrapped = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                                          broadcast_buffers=False)
+                                          **_NO_BUFFER_SYNC)
     return wrapped, model, grad_sync
