@@ -47,7 +47,7 @@ def check_checkpoint_engine(path: Path, state: dict, engine: str) -> None:
     wrote = checkpoint_engine(state)
     if wrote != engine:
         raise ConfigError(f"resume: {path} was written by parallel.engine={wrote}; resume it with "
-                          f"parallel.engine={wrote}, or start afresh with resume=never or another run.dir")
+                          f"parallel.engine={wrote}, or start afresh in another run.dir")
 
 
 class NativeEngine:
