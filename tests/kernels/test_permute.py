@@ -13,13 +13,11 @@ import torch
 
 
 import kernels._utils as kutils  # noqa: E402
+from tests.kernels.common import DEVICE, gpu  # noqa: E402
 from kernels.permute import (  # noqa: E402
     permute, permute_ref, routing_map, unpermute, unpermute_ref,
 )
 
-INTERPRET = kutils.interpreting()
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (compiled Triton)")
 
 # dtype -> (atol, rtol)
 TOL = {

@@ -15,13 +15,11 @@ import torch
 
 
 import kernels._utils as kutils  # noqa: E402
+from tests.kernels.common import DEVICE, gpu  # noqa: E402
 from kernels.rmsnorm import (  # noqa: E402
     add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_bwd, rmsnorm_fwd, rmsnorm_ref,
 )
 
-INTERPRET = kutils.interpreting()
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (compiled Triton)")
 
 # dtype -> (atol, rtol) for outputs and gradients compared in fp32
 TOL = {

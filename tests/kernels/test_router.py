@@ -11,11 +11,9 @@ import torch
 
 
 import kernels._utils as kutils  # noqa: E402
+from tests.kernels.common import DEVICE, gpu  # noqa: E402
 from kernels.router import router_topk, router_topk_ref  # noqa: E402
 
-INTERPRET = kutils.interpreting()
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (compiled Triton)")
 
 # logits dtype -> (atol, rtol): weights are computed in fp32 from the (exactly upcast) logits, so
 # they are tight for both; the bf16 logits grad carries one bf16 rounding.

@@ -11,11 +11,9 @@ import torch
 
 
 import kernels._utils as kutils  # noqa: E402
+from tests.kernels.common import DEVICE, gpu  # noqa: E402
 from kernels.swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref  # noqa: E402
 
-INTERPRET = kutils.interpreting()
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (compiled Triton)")
 
 # dtype -> (atol, rtol)
 TOL = {
