@@ -278,7 +278,10 @@ def targets_text(targets: list[dict]) -> str:
 # --------------------------------------------------------------------------------------------
 
 class Runner:
-    """Launches trainer jobs under a shared wall-clock deadline and keeps their outputs."""
+    """Launches trainer jobs under a shared wall-clock deadline and keeps their outputs (also used by
+    benchmarks/train_step.py, which sets ``label``)."""
+
+    label = "scale"
 
     def __init__(self, a, out: Path, work: Path, stamp: str):
         self.a, self.out, self.work, self.stamp = a, out, work, stamp
@@ -313,12 +316,12 @@ class Runner:
         budget = min(self.a.run_timeout_s, self.left())
         if budget < self.a.min_run_s:
             res.update(status="skipped (deadline)", seconds=0.0)
-            print(f"[scale] {name}: skipped, {self.left():.0f}s left of --deadline-s", flush=True)
+            print(f"[{self.label}] {name}: skipped, {self.left():.0f}s left of --deadline-s", flush=True)
             return res
         dest = self.out / f"runs_{self.stamp}" / name
         dest.mkdir(parents=True, exist_ok=True)
         log = dest / "train.log"
-        print(f"[scale] {name}: {nproc} process(es), up to {budget:.0f}s ...", flush=True)
+        print(f"[{self.label}] {name}: {nproc} process(es), up to {budget:.0f}s ...", flush=True)
         t0 = time.monotonic()
         with open(log, "w") as fh:
             fh.write("$ " + " ".join(cmd) + "\n")
@@ -339,7 +342,7 @@ class Runner:
         res["records"] = read_metrics(run_dir / "metrics.jsonl")
         tail = log.read_text(errors="replace").splitlines()[-3:]
         more = "" if status == "ok" else "\n  " + "\n  ".join(tail)
-        print(f"[scale] {name}: {status} in {res['seconds']:.0f}s{more}", flush=True)
+        print(f"[{self.label}] {name}: {status} in {res['seconds']:.0f}s{more}", flush=True)
         return res
 
 
