@@ -12,8 +12,7 @@ import pytest
 import torch
 
 
-import kernels._utils as kutils  # noqa: E402
-from tests.kernels.common import DEVICE, gpu  # noqa: E402
+from tests.kernels.common import DEVICE, assert_close_finite, gpu, poison_outputs  # noqa: E402,F401
 from kernels.permute import (  # noqa: E402
     permute, permute_ref, routing_map, unpermute, unpermute_ref,
 )
@@ -30,15 +29,8 @@ _EK = list(itertools.product([5, 16], [1, 2, 3]))
 CASES = [(N, D, *_EK[i % len(_EK)]) for i, (N, D) in enumerate(itertools.product([1, 7, 33], [1, 17, 67]))]
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(kutils, "POISON_OUTPUTS", True)
-
-
 def _close(got, want, dtype, what):
-    atol, rtol = TOL[dtype]
-    assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten output?)"
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    assert_close_finite(got, want, TOL[dtype], what)
 
 
 def _topk_ids(N, E, K, experts=None):

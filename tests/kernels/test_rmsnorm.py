@@ -14,8 +14,7 @@ import pytest
 import torch
 
 
-import kernels._utils as kutils  # noqa: E402
-from tests.kernels.common import DEVICE, gpu  # noqa: E402
+from tests.kernels.common import DEVICE, assert_close_finite, gpu, poison_outputs  # noqa: E402,F401
 from kernels.rmsnorm import (  # noqa: E402
     add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_bwd, rmsnorm_fwd, rmsnorm_ref,
 )
@@ -30,15 +29,8 @@ DTYPES = [torch.float32, torch.bfloat16]
 SHAPES = [(1, 1), (7, 17), (3, 11, 67), (33, 64)]
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(kutils, "POISON_OUTPUTS", True)
-
-
 def _close(got, want, dtype, what):
-    atol, rtol = TOL[dtype]
-    assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten output?)"
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    assert_close_finite(got, want, TOL[dtype], what)
 
 
 def _leaf(t):

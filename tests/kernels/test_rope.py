@@ -11,8 +11,7 @@ import pytest
 import torch
 
 
-import kernels._utils as kutils  # noqa: E402
-from tests.kernels.common import DEVICE, gpu  # noqa: E402
+from tests.kernels.common import DEVICE, assert_close_finite, gpu, poison_outputs  # noqa: E402,F401
 import kernels.rope as rope_mod  # noqa: E402
 from kernels.rope import rope, rope_ref  # noqa: E402
 
@@ -26,15 +25,8 @@ DTYPES = [torch.float32, torch.bfloat16]
 SHAPES = [(1, 1, 1, 2), (2, 7, 3, 10), (1, 5, 17, 64), (3, 4, 1, 6)]  # [B, T, H, Dr]
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(kutils, "POISON_OUTPUTS", True)
-
-
 def _close(got, want, dtype, what):
-    atol, rtol = TOL[dtype]
-    assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten output?)"
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    assert_close_finite(got, want, TOL[dtype], what)
 
 
 def _freqs(T, Dr, theta=10000.0, device=DEVICE):

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 
-import kernels._utils as kutils  # noqa: E402
-from tests.kernels.common import DEVICE, gpu  # noqa: E402
+from tests.kernels.common import DEVICE, assert_close_finite, gpu, poison_outputs  # noqa: E402,F401
 from kernels.router import router_topk, router_topk_ref  # noqa: E402
 
 
@@ -32,15 +31,8 @@ CONFIGS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(kutils, "POISON_OUTPUTS", True)
-
-
 def _close(got, want, tol, what):
-    atol, rtol = tol
-    assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten output?)"
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    assert_close_finite(got, want, tol, what)
 
 
 def _distinct_logits(N, E, dtype):
