@@ -166,25 +166,31 @@ def _a2a(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits:
                                   group=group, async_op=async_op)
 
 
+def _exchange(x: torch.Tensor, out_splits, in_splits, group, meter, async_op: bool = False):
+    """Sends rows of contiguous ``x`` by ``in_splits``, receives ``sum(out_splits)`` rows (metered);
+    returns ``(received, work handle or None)``."""
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    with meter.measure(x.device, _nbytes(x)):
+        work = _a2a(out, x, out_splits, in_splits, group, async_op=async_op)
+    return out, work
+
+
+def _reverse_exchange(ctx, g: torch.Tensor) -> torch.Tensor:
+    """Backward of an all-to-all: the gradient rows go back the way the tokens came (blocking)."""
+    return _exchange(g.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group, ctx.meter)[0]
+
+
 class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` with uneven splits along dim 0; backward is the reverse all-to-all."""
 
     @staticmethod
     def forward(ctx, x, out_splits, in_splits, group, meter):
         ctx.out_splits, ctx.in_splits, ctx.group, ctx.meter = out_splits, in_splits, group, meter
-        x = x.contiguous()
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        with meter.measure(x.device, _nbytes(x)):
-            _a2a(out, x, out_splits, in_splits, group)
-        return out
+        return _exchange(x.contiguous(), out_splits, in_splits, group, meter)[0]
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous()
-        gx = g.new_empty((sum(ctx.in_splits),) + tuple(g.shape[1:]))
-        with ctx.meter.measure(g.device, _nbytes(g)):
-            _a2a(gx, g, ctx.in_splits, ctx.out_splits, ctx.group)
-        return gx, None, None, None, None
+        return _reverse_exchange(ctx, g), None, None, None, None
 
 
 @dataclass
@@ -207,19 +213,13 @@ class _AllToAllStart(torch.autograd.Function):
     def forward(ctx, x, out_splits, in_splits, group, pending, meter):
         ctx.out_splits, ctx.in_splits, ctx.group, ctx.meter = out_splits, in_splits, group, meter
         x = x.contiguous()
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        with meter.measure(x.device, _nbytes(x)):
-            pending.work = _a2a(out, x, out_splits, in_splits, group, async_op=True)
+        out, pending.work = _exchange(x, out_splits, in_splits, group, meter, async_op=True)
         pending.send = x
         return out
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous()
-        gx = g.new_empty((sum(ctx.in_splits),) + tuple(g.shape[1:]))
-        with ctx.meter.measure(g.device, _nbytes(g)):
-            _a2a(gx, g, ctx.in_splits, ctx.out_splits, ctx.group)
-        return gx, None, None, None, None, None
+        return _reverse_exchange(ctx, g), None, None, None, None, None
 
 
 class _AllToAllWait(torch.autograd.Function):
