@@ -63,14 +63,10 @@ def test_unavailable_reason(monkeypatch):
 @pytest.mark.parametrize("extra", [["kernels.enabled=true"], ["precision.fp8=blockwise"],
                                    ["precision.fp8=rowwise", "kernels.enabled=true"]])
 def test_trainer_runs_with_kernels_and_fp8(tmp_path, capsys, extra):
-    from pathlib import Path
-
     from moetrain.train import main
-    root = Path(__file__).resolve().parents[1]
-    args = ["--config", str(root / "configs" / "debug.yaml"), f"run.dir={tmp_path / 'run'}",
-            f"data.cache_dir={tmp_path / 'cache'}", "logging.progress=false", "train.steps=2",
-            "train.batch_size=2", "train.seq_len=16", "train.eval_batches=1", "train.log_every=1",
-            "checkpoint.at_end=false", *extra]
+    from tests.trainer_runs import train_args
+    args = train_args(tmp_path / "run", tmp_path / "cache", "train.steps=2", "train.batch_size=2", "train.seq_len=16",
+                      "train.eval_batches=1", "train.log_every=1", "checkpoint.at_end=false", *extra)
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "done: step 2/2" in out and "using the PyTorch ops" not in out

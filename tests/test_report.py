@@ -7,8 +7,8 @@ import pytest
 
 from moetrain.report import main as report_main
 from moetrain.train import main as train_main
+from tests.trainer_runs import train_args
 
-ROOT = Path(__file__).resolve().parents[1]
 PLOTS = ("loss_vs_usd.png", "loss_vs_hours.png", "throughput.png", "expert_load.png")
 
 
@@ -20,9 +20,7 @@ def runs(tmp_path_factory):
     dirs = []
     for name, extra in (("a", ["train.steps=20"]), ("b", ["train.steps=30", "model.n_routed_experts=4"])):
         run = base / name
-        argv = ["--config", str(ROOT / "configs" / "debug.yaml"), f"run.dir={run}", f"data.cache_dir={cache}",
-                "logging.progress=false", "train.log_every=2", "checkpoint.at_end=false", *extra]
-        assert train_main(argv) == 0
+        assert train_main(train_args(run, cache, "train.log_every=2", "checkpoint.at_end=false", *extra)) == 0
         dirs.append(run)
     return dirs
 

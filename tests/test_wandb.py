@@ -14,8 +14,8 @@ wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 
 from moetrain.train import main as train_main  # noqa: E402
+from tests.trainer_runs import train_args  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32 * 1024
 
 
@@ -97,9 +97,7 @@ def wandb_env(tmp_path, monkeypatch):
 
 def _train(tmp_path: Path, *extra: str) -> Path:
     run = tmp_path / "run"
-    argv = ["--config", str(ROOT / "configs" / "debug.yaml"), f"run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}",
-            "logging.progress=false", "logging.wandb=online", "train.log_every=2", *extra]
-    assert train_main(argv) == 0
+    assert train_main(train_args(run, tmp_path / "cache", "logging.wandb=online", "train.log_every=2", *extra)) == 0
     return run
 
 
