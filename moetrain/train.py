@@ -95,6 +95,8 @@ class StopFlag:
         self.signal = signum
 
     def agreed(self, ctx: DistContext) -> bool:
+        if not ctx.distributed:  # no collective, no device round trip in one process
+            return self.signal is not None
         flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=ctx.device)
         return bool(all_reduce_sum(flag).item() > 0)
 
