@@ -90,6 +90,37 @@ def _init_mla(attn: MLA, std: float, out_std: float) -> None:
             norm.reset_parameters()
 
 
+def load_stats(loads: torch.Tensor, layer_ids: list[int], hist: bool = False) -> dict:
+    """Balance statistics of expert loads (host floats).
+
+    Args:
+        loads: ``[L, E]`` token copies routed to each expert of each MoE layer.
+        layer_ids: the block index of each row (the ``i`` of the per-layer keys).
+        hist: also return ``moe/load_hist/layer_{i}`` (list of E ints).
+    Returns:
+        ``moe/load_imbalance`` (max/mean load, mean over layers; 1 = perfect, also for an unused
+        layer), ``moe/load_cv`` (std/mean over experts, mean over layers); per layer
+        ``moe/load_imbalance/layer_{i}``, ``moe/load_cv/layer_{i}``, ``moe/load_max/layer_{i}``,
+        ``moe/load_mean/layer_{i}``.
+    """
+    loads = loads.float()
+    mean, mx = loads.mean(dim=1), loads.amax(dim=1)
+    safe = mean.clamp_min(1e-12)
+    imb = torch.where(mean > 0, mx / safe, torch.ones_like(mean))
+    cv = torch.where(mean > 0, loads.std(dim=1, unbiased=False) / safe, torch.zeros_like(mean))
+    imb_l, cv_l, mx_l, mean_l = torch.stack([imb, cv, mx, mean]).tolist()
+    stats = {"moe/load_imbalance": sum(imb_l) / len(imb_l), "moe/load_cv": sum(cv_l) / len(cv_l)}
+    hist_rows = loads.round().long().tolist() if hist else None
+    for j, i in enumerate(layer_ids):
+        stats[f"moe/load_imbalance/layer_{i}"] = imb_l[j]
+        stats[f"moe/load_cv/layer_{i}"] = cv_l[j]
+        stats[f"moe/load_max/layer_{i}"] = mx_l[j]
+        stats[f"moe/load_mean/layer_{i}"] = mean_l[j]
+        if hist:
+            stats[f"moe/load_hist/layer_{i}"] = hist_rows[j]
+    return stats
+
+
 class Block(nn.Module):
     """Pre-norm block: ``x += attn(attn_norm(x)); x += ffn(ffn_norm(x))``.
 
@@ -234,10 +265,8 @@ class Transformer(_Fp32Buffers, nn.Module):
 
     @torch.no_grad()
     def moe_stats(self, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:
-        """Routing statistics of the load accumulated since the last bias update (host floats).
-
-        Keys: ``moe/load_imbalance`` (max/mean expert load, mean over MoE layers; 1 = perfect),
-        ``moe/load_imbalance/layer_{i}`` per MoE layer ``i``, ``moe/bias_abs_max`` (largest
+        """Routing statistics of the load accumulated since the last bias update (host floats):
+        :func:`load_stats` of every MoE layer's ``expert_load`` plus ``moe/bias_abs_max`` (largest
         |bias| over all gates). Empty dict without MoE layers. ``reduce`` as in
         :meth:`update_expert_biases` (applied to a copy). Call before ``update_expert_biases``.
         """
@@ -248,12 +277,5 @@ class Transformer(_Fp32Buffers, nn.Module):
         loads = torch.stack([g.expert_load for _, g in pairs]).clone()
         if reduce is not None:
             loads = reduce(loads)
-        mean = loads.mean(dim=1)
-        imb = torch.where(mean > 0, loads.amax(dim=1) / mean.clamp_min(1e-12),
-                          torch.ones_like(mean))
         bias_max = torch.stack([g.bias.abs().max() for _, g in pairs]).max()
-        vals = imb.tolist()
-        stats = {"moe/load_imbalance": sum(vals) / len(vals), "moe/bias_abs_max": bias_max.item()}
-        for (i, _), v in zip(pairs, vals):
-            stats[f"moe/load_imbalance/layer_{i}"] = v
-        return stats
+        return {**load_stats(loads, [i for i, _ in pairs]), "moe/bias_abs_max": bias_max.item()}

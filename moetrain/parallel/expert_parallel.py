@@ -57,6 +57,7 @@ from torch import nn
 
 from moetrain.model.dispatch import permute, unpermute
 from moetrain.model.moe import MoE
+from moetrain.model.transformer import load_stats
 
 __all__ = [
     "A2AMeter",
@@ -670,25 +671,13 @@ def moe_telemetry(model: nn.Module, reduce: Optional[Callable[[torch.Tensor], to
         packed = reduce(packed)
     E = loads.shape[1]
     loads, drop_t = packed[:, :E], packed[:, E:]
-    mean = loads.mean(dim=1)
-    mx = loads.amax(dim=1)
-    std = loads.std(dim=1, unbiased=False)
-    safe = mean.clamp_min(1e-12)
-    imb = torch.where(mean > 0, mx / safe, torch.ones_like(mean))
-    cv = torch.where(mean > 0, std / safe, torch.zeros_like(mean))
-    frac = torch.where(drop_t[:, 1] > 0, drop_t[:, 0] / drop_t[:, 1].clamp_min(1), torch.zeros_like(mean))
+    ids = [i for i, _ in pairs]
+    stats = load_stats(loads, ids, hist)
+    frac = torch.where(drop_t[:, 1] > 0, drop_t[:, 0] / drop_t[:, 1].clamp_min(1), torch.zeros_like(drop_t[:, 0]))
     bias_max = torch.stack([moe.gate.bias.abs().max() for _, moe in pairs]).max()
-    host = torch.stack([imb, cv, frac, mx, mean]).tolist()
     tot = drop_t.sum(dim=0).tolist()
-    stats = {"moe/load_imbalance": sum(host[0]) / len(pairs), "moe/load_cv": sum(host[1]) / len(pairs),
-             "moe/dropped_frac": tot[0] / tot[1] if tot[1] > 0 else 0.0, "moe/bias_abs_max": bias_max.item()}
-    hist_rows = loads.round().long().tolist() if hist else None
-    for j, (i, _) in enumerate(pairs):
-        stats[f"moe/load_imbalance/layer_{i}"] = host[0][j]
-        stats[f"moe/load_cv/layer_{i}"] = host[1][j]
-        stats[f"moe/dropped_frac/layer_{i}"] = host[2][j]
-        stats[f"moe/load_max/layer_{i}"] = host[3][j]
-        stats[f"moe/load_mean/layer_{i}"] = host[4][j]
-        if hist:
-            stats[f"moe/load_hist/layer_{i}"] = hist_rows[j]
+    stats["moe/dropped_frac"] = tot[0] / tot[1] if tot[1] > 0 else 0.0
+    stats["moe/bias_abs_max"] = bias_max.item()
+    for i, f in zip(ids, frac.tolist()):
+        stats[f"moe/dropped_frac/layer_{i}"] = f
     return stats
