@@ -14,11 +14,14 @@ first benchmark shape). Times are triton.testing.do_bench medians. FLOPs (causal
 2 * B * H * T * T * (Dqk + Dv) / 2, backward 2.5 x forward. Prints a table and writes JSON to
 ``<out-dir>/attention_<device>_<date>.json``.
 
-``--sweep`` also times alternative block configurations of the three kernels at one shape and prints the
-best, to tune ``kernels.mla_attention.get_config``.
+``--sweep`` also times alternative block configurations of the three kernels at one shape (``--sweep-shape``)
+and prints the best of each and the fwd+bwd time of their combination vs the default, to tune
+``kernels.mla_attention.get_config``. It is bounded by ``--sweep-budget`` seconds (default 75: short do_bench
+runs, later candidates skipped once a kernel's share is spent); ``--sweep-only`` skips the implementation table.
 
 Usage: python benchmarks/bench_attention.py [--batch 1 2 4] [--heads 16 32 64 128] [--seq 4096]
                                             [--out-dir benchmarks/results] [--no-compile] [--sweep]
+                                            [--sweep-only] [--sweep-budget 75]
 """
 
 from __future__ import annotations
@@ -59,6 +62,12 @@ def parse_args(argv=None):
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
     p.add_argument("--sweep", action="store_true", help="also sweep kernel block configs at one shape")
     p.add_argument("--sweep-shape", type=int, nargs=2, default=[1, 128], metavar=("B", "H"))
+    p.add_argument("--sweep-only", action="store_true",
+                   help="with --sweep: skip the implementation table (correctness checks and sweep only)")
+    p.add_argument("--sweep-budget", type=float, default=75.0,
+                   help="seconds for the whole sweep (compiles included); later candidates are skipped")
+    p.add_argument("--sweep-warmup", type=int, default=10, help="do_bench warmup in the sweep (ms)")
+    p.add_argument("--sweep-rep", type=int, default=50, help="do_bench repetition time in the sweep (ms)")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     return p.parse_args(argv)
 
@@ -175,11 +184,40 @@ def check_correctness(args, dtype, causal):
 
 
 # ------------------------------------------------------------------------------------------------ sweep
+# Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, most promising first; the sweep times the
+# get_config default before them and stops a part when its share of --sweep-budget is spent.
+# Meant for bf16 (128 + 64, 128) on H100/H200 (227 KB shared memory); configs that do not fit fail and are listed.
+# Ordered by an offline sm_90a compile (ptxas, Triton 3.9: register spills) -- e.g. dK/dV with BLOCK_M 64 x
+# BLOCK_N 128 spills ~400 B/thread, BLOCK_M 32 or 16 x 128 (almost) none; fwd 128 x 64 with 3 stages uses 214
+# registers, 4 stages 234, none spill; dQ 128 x 64 and 128 x 32 with 8 warps do not spill, 4 warps do.
+#   fwd:    BLOCK_M query rows per program x BLOCK_N keys per step
+#   bwd_kv: BLOCK_M query rows per step x BLOCK_N keys per program (dK/dV kernel)
+#   bwd_q:  BLOCK_M query rows per program x BLOCK_N keys per step (dQ kernel)
+SWEEP_CANDIDATES = {
+    "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3),
+            (128, 32, 4, 3), (256, 64, 16, 2), (128, 64, 4, 3)],
+    "bwd_kv": [(64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (32, 128, 8, 4),
+               (64, 128, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (64, 64, 8, 2), (16, 128, 8, 4), (64, 128, 8, 1),
+               (32, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+    "bwd_q": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 3),
+              (64, 32, 4, 3), (64, 64, 4, 4), (64, 128, 8, 2), (128, 128, 8, 2), (128, 32, 4, 3)],
+}
+SWEEP_FIELDS = {
+    "fwd": ("fwd_block_m", "fwd_block_n", "fwd_warps", "fwd_stages"),
+    "bwd_kv": ("kv_block_m", "kv_block_n", "kv_warps", "kv_stages"),
+    "bwd_q": ("q_block_m", "q_block_n", "q_warps", "q_stages"),
+}
+
+
 def sweep(args, dtype, causal):
+    """Time each candidate of each kernel (the others at the default), within --sweep-budget seconds in all
+    (short do_bench: --sweep-warmup / --sweep-rep ms). Each candidate costs one Triton compile plus a few runs;
+    a part stops early when its share of the budget is spent. Then times the best combination fwd+bwd."""
+    import time
+
     import triton.testing
 
     import kernels.mla_attention as mla
-    from kernels.mla_attention import AttentionConfig
 
     B, H = args.sweep_shape
     T, dn, dr, dv = args.seq, args.nope_dim, args.rope_dim, args.v_dim
@@ -188,6 +226,12 @@ def sweep(args, dtype, causal):
     fwd_f = flops(B, H, T, dn + dr, dv, causal, False)
     bwd_f = fwd_f * 2.5
     results = []
+    t_start = time.perf_counter()
+
+    def bench_ms(run, leaves=None):
+        run()  # compile outside the timing
+        return triton.testing.do_bench(run, warmup=args.sweep_warmup, rep=args.sweep_rep, grad_to_none=leaves,
+                                       return_mode="median")
 
     def time_cfg(cfg, part):
         mla.CONFIG_OVERRIDE = cfg
@@ -196,47 +240,64 @@ def sweep(args, dtype, causal):
                 def run():
                     with torch.no_grad():
                         mla.mla_attention(x["q"], x["k"], x["v"], causal=causal)
-                run()
-                ms = triton.testing.do_bench(run, warmup=args.warmup, rep=args.rep, return_mode="median")
+                ms = bench_ms(run)
                 return ms, fwd_f / ms / 1e9
-            o = mla.mla_attention(x["q"], x["k"], x["v"], causal=causal)
+            if part == "bwd":
+                o = mla.mla_attention(x["q"], x["k"], x["v"], causal=causal)
 
-            def run():
-                o.backward(do, retain_graph=True)
-            run()
-            ms = triton.testing.do_bench(run, warmup=args.warmup, rep=args.rep,
-                                         grad_to_none=[x["q"], x["k"], x["v"]], return_mode="median")
-            return ms, bwd_f / ms / 1e9
+                def run():
+                    o.backward(do, retain_graph=True)
+                ms = bench_ms(run, [x["q"], x["k"], x["v"]])
+                return ms, bwd_f / ms / 1e9
+
+            def run():  # fwd+bwd
+                mla.mla_attention(x["q"], x["k"], x["v"], causal=causal).backward(do)
+            ms = bench_ms(run, [x["q"], x["k"], x["v"]])
+            return ms, (fwd_f + bwd_f) / ms / 1e9
         except Exception as e:  # out of shared memory / registers
-            return None, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            return None, f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
         finally:
             mla.CONFIG_OVERRIDE = None
+            for t in x.values():
+                t.grad = None
 
-    print(f"\nsweep at B={B} H={H} T={T} (default {base})")
-    fwd_cands = [(128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)]
-    kv_cands = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 1),
-                (32, 128, 8, 2)]
-    q_cands = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 4), (64, 32, 4, 3),
-               (128, 64, 8, 4)]
+    print(f"\nsweep at B={B} H={H} T={T}, budget {args.sweep_budget:.0f} s (default {base})")
     best = {}
-    for part, cands, fields in (("fwd", fwd_cands, ("fwd_block_m", "fwd_block_n", "fwd_warps", "fwd_stages")),
-                                ("bwd_kv", kv_cands, ("kv_block_m", "kv_block_n", "kv_warps", "kv_stages")),
-                                ("bwd_q", q_cands, ("q_block_m", "q_block_n", "q_warps", "q_stages"))):
-        for c in cands:
+    parts = list(SWEEP_CANDIDATES)
+    for i, part in enumerate(parts):
+        now = time.perf_counter()  # this part's share of what is left of the budget
+        part_deadline = now + (args.sweep_budget - (now - t_start)) / (len(parts) - i)
+        fields = SWEEP_FIELDS[part]
+        default = tuple(getattr(base, f) for f in fields)
+        for j, c in enumerate([default] + [c for c in SWEEP_CANDIDATES[part] if c != default]):
+            label = f"{part} BM={c[0]} BN={c[1]} warps={c[2]} stages={c[3]}"
+            if j and time.perf_counter() > part_deadline:  # the first (the default) always runs
+                print(f"  {label:<44} skipped (sweep budget)")
+                results.append(dict(part=part, config=c, ms=None, tflops=None, error="skipped: budget"))
+                continue
             cfg = dataclasses.replace(base, **dict(zip(fields, c)))
             ms, tf = time_cfg(cfg, "fwd" if part == "fwd" else "bwd")
-            label = f"{part} BM={c[0]} BN={c[1]} warps={c[2]} stages={c[3]}"
             if ms is None:
                 print(f"  {label:<44} failed: {tf}")
             else:
-                print(f"  {label:<44} {ms:8.3f} ms {tf:7.1f} TFLOP/s ({'fwd' if part == 'fwd' else 'whole bwd'})")
+                print(f"  {label:<44} {ms:8.3f} ms {tf:7.1f} TFLOP/s ({'fwd' if part == 'fwd' else 'whole bwd'})"
+                      f"  [{time.perf_counter() - t_start:5.1f} s]")
                 if part not in best or ms < best[part][1]:
                     best[part] = (c, ms)
             results.append(dict(part=part, config=c, ms=ms, tflops=tf if ms else None, error=None if ms else tf))
     print("best: " + ", ".join(f"{p}={c} {ms:.3f} ms" for p, (c, ms) in best.items()))
-    del x, do
-    torch.cuda.empty_cache()
-    return dict(shape=dict(B=B, H=H, T=T), results=results, best={p: list(c) for p, (c, _) in best.items()})
+    combo = base
+    for part, (c, _) in best.items():
+        combo = dataclasses.replace(combo, **dict(zip(SWEEP_FIELDS[part], c)))
+    combined = {}
+    for name, cfg in (("default", base), ("best", combo)):
+        ms, tf = time_cfg(cfg, "fwdbwd")
+        combined[name] = dict(config=dataclasses.asdict(cfg), ms=ms, tflops=tf if ms else None)
+        print(f"  fwd+bwd {name:<8} " + (f"{ms:8.3f} ms {tf:7.1f} TFLOP/s" if ms else f"failed: {tf}")
+              + f"  {cfg}")
+    print(f"sweep took {time.perf_counter() - t_start:.1f} s")
+    return dict(shape=dict(B=B, H=H, T=T), results=results, best={p: list(c) for p, (c, _) in best.items()},
+                combined=combined, seconds=time.perf_counter() - t_start)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -269,7 +330,7 @@ def main(argv=None):
     if not args.no_compile:
         variants += [(impl, True) for impl in args.impls]
     rows = []
-    for B in args.batch:
+    for B in ([] if args.sweep and args.sweep_only else args.batch):
         for H in args.heads:
             x, do = make_inputs(B, H, args.seq, dn, dr, dv, dtype, True)
             for impl, comp in variants:

@@ -284,10 +284,29 @@ def dispatch_vs_raw(a, base) -> dict:
     ms_disp = _timeit(dispatch_combine, dev, a.reps)
     ms_raw = _timeit(raw, dev, a.reps)
     nbytes = 2 * send.numel() * send.element_size()  # there and back, per rank
-    return {"tokens": N, "dim": D, "topk": K, "experts": E, "dtype": str(dt).replace("torch.", ""),
-            "bytes_per_rank": nbytes, "dispatch_combine_ms": ms_disp, "raw_a2a_ms": ms_raw,
-            "dispatch_combine_GBps": nbytes / ms_disp / 1e6, "raw_a2a_GBps": nbytes / ms_raw / 1e6,
-            "overhead_ms": ms_disp - ms_raw}
+    out = {"tokens": N, "dim": D, "topk": K, "experts": E, "dtype": str(dt).replace("torch.", ""),
+           "bytes_per_rank": nbytes, "dispatch_combine_ms": ms_disp, "raw_a2a_ms": ms_raw,
+           "dispatch_combine_GBps": nbytes / ms_disp / 1e6, "raw_a2a_GBps": nbytes / ms_raw / 1e6,
+           "overhead_ms": ms_disp - ms_raw}
+    # where the overhead goes: the local passes over the rows, timed alone (no communication)
+    st = disp.dispatch(x, ids, w)
+    ex, _ = disp.wait(st)
+    out["parts_ms"] = {
+        "permute": _timeit(lambda: disp.permute_fn(x, ids, E), dev, a.reps),
+        "regroup_both_ways": (_timeit(lambda: st.recv.index_select(0, st.order), dev, a.reps) * 2
+                              if st.order is not None else 0.0),
+        "unpermute": _timeit(lambda: disp.unpermute_fn(send, st.sorted_idx, w), dev, a.reps),
+    }
+    if dev.type == "cuda":  # the same with the Triton permute / unpermute kernels (kernels.permute=true)
+        from kernels.permute import permute as k_permute, unpermute as k_unpermute
+        disp.permute_fn, disp.unpermute_fn = k_permute, k_unpermute
+        ms_k = _timeit(dispatch_combine, dev, a.reps)
+        out["dispatch_combine_triton_ms"] = ms_k
+        out["parts_triton_ms"] = {
+            "permute": _timeit(lambda: k_permute(x, ids, E), dev, a.reps),
+            "unpermute": _timeit(lambda: k_unpermute(send, st.sorted_idx, w), dev, a.reps),
+        }
+    return out
 
 
 def overlap_gain(a, base) -> dict:
@@ -379,7 +398,14 @@ def main(argv=None) -> int:
                 print(f"\ndispatch+combine of {d['tokens']} tokens x top-{d['topk']} x {d['dim']} ({d['dtype']}): "
                       f"{d['dispatch_combine_ms']:.2f} ms ({d['dispatch_combine_GBps']:.1f} GB/s) vs raw "
                       f"all_to_all_single there+back {d['raw_a2a_ms']:.2f} ms ({d['raw_a2a_GBps']:.1f} GB/s); "
-                      f"overhead {d['overhead_ms']:.2f} ms", flush=True)
+                      f"overhead {d['overhead_ms']:.2f} ms ({d['dispatch_combine_ms'] / d['raw_a2a_ms']:.2f}x raw)",
+                      flush=True)
+                print("  local passes alone (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in d["parts_ms"].items()))
+                if "dispatch_combine_triton_ms" in d:
+                    r = d["dispatch_combine_triton_ms"] / d["raw_a2a_ms"]
+                    print(f"  with the Triton permute/unpermute kernels: {d['dispatch_combine_triton_ms']:.2f} ms "
+                          f"({r:.2f}x raw); alone (ms): "
+                          + ", ".join(f"{k} {v:.3f}" for k, v in d["parts_triton_ms"].items()), flush=True)
         if "overlap" in a.sections and base.world_size > 1:
             o = info["overlap"] = overlap_gain(a, base)
             if main_rank:

@@ -17,6 +17,16 @@ methods), then timed with triton.testing.do_bench (median). TFLOP/s = 2 M N K / 
                   over experts
 
 Prints a table and writes <out>/bench_fp8_<date>.json (date, device, versions, rows). Not part of CI.
+
+    python benchmarks/bench_fp8.py --sweep                     # + per-config table of the blockwise GEMM
+    python benchmarks/bench_fp8.py --sweep-grouped             # + per-config table of the grouped GEMM
+
+--sweep: after the normal table, the forward blockwise GEMM of the FIRST shape (a "G" shape's M x N x K as one
+dense GEMM) is run with every candidate tile config explicitly (``config=``: the autotune list
+kernels.fp8_gemm._gpu_configs() plus a few extra candidates), each checked against the dequantised reference
+first, and printed sorted by time (config, ms, TFLOP/s). --sweep-grouped does the same for fp8_gemm_grouped on
+the first "G" shape (kernels.fp8_gemm._grouped_gpu_configs() plus extras). Configs that fail to compile or
+run are listed as failed. The sweep rows go to the JSON too ("sweep").
 """
 from __future__ import annotations
 
@@ -37,6 +47,10 @@ def _parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=None, help="subset of methods to run (default: all)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition ms")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time the blockwise GEMM of the first shape for every candidate config")
+    p.add_argument("--sweep-grouped", action="store_true",
+                   help="also time the grouped GEMM of the first G shape for every candidate config")
     return p.parse_args(argv)
 
 
@@ -164,15 +178,123 @@ def main(argv=None):
                                       for (a, sa), (b, sb) in zip(xs_, wq_ws)])
                 record(name, "grouped_fp8_loop", bench(f), flops, _rel(f(), ref), "looped over experts")
 
+    sweep_rows = []
+    if args.sweep:
+        sweep_rows += _sweep_dense(args, bench, args.shapes[0])
+    if args.sweep_grouped:
+        gspecs = [s for s in args.shapes if s.startswith("G")]
+        if gspecs:
+            sweep_rows += _sweep_grouped(args, bench, gspecs[0])
+        else:
+            print("--sweep-grouped: no G shape given, skipped")
+
     os.makedirs(args.out, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = os.path.join(args.out, f"bench_fp8_{stamp}.json")
     info = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), device=torch.cuda.get_device_name(),
                 torch=torch.__version__, triton=triton.__version__, rows=rows)
+    if sweep_rows:
+        info["sweep"] = sweep_rows
     with open(path, "w") as fh:
         json.dump(info, fh, indent=1)
     print(f"wrote {path}")
     return info
+
+
+# extra explicit candidates beyond the autotune lists (bigger warp counts, shallower pipelines), sweep only
+_EXTRA_DENSE = [(128, 256, 16, 3), (128, 256, 16, 4), (256, 128, 16, 3), (128, 256, 8, 2), (256, 128, 8, 2)]
+_EXTRA_GROUPED = [(128, 256, 16, 3), (128, 256, 8, 2)]
+
+
+def _cfg_dicts(configs):
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
+
+
+def _cfg_str(cfg):
+    s = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
+    return s + (f" g{cfg['GROUP_M']}" if "GROUP_M" in cfg else "")
+
+
+def _print_sweep(title, res):
+    print(f"\nsweep: {title} (sorted by time)")
+    print(f"{'config':>24s} {'ms':>9s} {'TFLOP/s':>9s}  note")
+    for r in sorted(res, key=lambda r: (r["ms"] is None, r["ms"] or 0.0)):
+        if r["ms"] is None:
+            print(f"{r['config']:>24s} {'-':>9s} {'-':>9s}  {r['note']}", flush=True)
+        else:
+            print(f"{r['config']:>24s} {r['ms']:9.3f} {r['tflops']:9.1f}  {r['note']}", flush=True)
+
+
+def _time_config(bench, fn, ref, flops, cfg, title):
+    """Check ``fn(cfg)`` against ``ref`` (rel < 1e-2), then time it; failures become a row with ms None."""
+    import torch
+    row = dict(sweep=title, config=_cfg_str(cfg), cfg=cfg, ms=None, tflops=None, note="")
+    try:
+        y = fn(cfg)
+        if y.is_cuda:
+            torch.cuda.synchronize()
+        err = _rel(y, ref)
+        if not err < 1e-2:
+            row["note"] = f"WRONG vs reference: rel_err {err:.2e}"
+            return row
+        ms = bench(lambda: fn(cfg))
+        row.update(ms=round(ms, 4), tflops=round(flops / (ms * 1e-3) / 1e12, 1), note=f"rel_err {err:.1e}")
+    except Exception as e:  # noqa: BLE001 (a config that does not compile/run is reported, not fatal)
+        row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+    return row
+
+
+def _sweep_dense(args, bench, spec, device="cuda"):
+    import torch
+    from kernels import fp8_gemm as fg
+    from kernels.fp8_quant import quant_128x128, quant_1x128
+    if spec.startswith("G"):
+        spec = spec.split(":", 1)[1]
+    M, N, K = (int(v) for v in spec.lower().split("x"))
+    flops = 2.0 * M * N * K
+    x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+    w = torch.randn(N, K, device=device, dtype=torch.bfloat16) * 0.02
+    xq, xs = quant_1x128(x)
+    wq, ws = quant_128x128(w)
+    ref = fg.fp8_gemm_blockwise_ref(xq, xs, wq, ws, out_dtype=torch.float32)
+    cands = _cfg_dicts(fg._gpu_configs())
+    cands += [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=w, num_stages=s) for bm, bn, w, s in _EXTRA_DENSE]
+    title = f"fp8_blockwise {spec}"
+    res = [_time_config(bench, lambda c: fg.fp8_gemm_blockwise(xq, xs, wq, ws, config=c), ref, flops, c, title)
+           for c in cands]
+    # what the autotuner picks for this shape (the normal path)
+    fg.fp8_gemm_blockwise(xq, xs, wq, ws)
+    best = getattr(fg._fp8_gemm_kernel_tuned, "best_config", None)
+    _print_sweep(title + (f"; autotune picked {best}" if best is not None else ""), res)
+    return res
+
+
+def _sweep_grouped(args, bench, spec, device="cuda"):
+    import torch
+    from kernels import fp8_gemm as fg
+    from kernels.fp8_quant import grouped_tiles, quant_128x128, quant_1x128
+    g, spec = spec[1:].split(":")
+    E = int(g)
+    M, N, K = (int(v) for v in spec.lower().split("x"))
+    flops = 2.0 * M * N * K
+    gen = torch.Generator().manual_seed(1)
+    cuts = torch.sort(torch.randint(0, M + 1, (E - 1,), generator=gen)).values.tolist()
+    counts = [b - a for a, b in zip([0] + cuts, cuts + [M])]
+    tiles = grouped_tiles(torch.tensor(counts, device=device), M)
+    x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+    we = torch.randn(E, N, K, device=device, dtype=torch.bfloat16) * 0.02
+    xq, xs = quant_1x128(x)
+    wq, ws = quant_128x128(we)
+    ref = fg.fp8_gemm_grouped_ref(xq, xs, wq, ws, tiles, out_dtype=torch.float32)
+    cands = _cfg_dicts(fg._grouped_gpu_configs())
+    cands += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in _EXTRA_GROUPED]
+    title = f"grouped_fp8_block G{E}:{spec}"
+    res = [_time_config(bench, lambda c: fg.fp8_gemm_grouped(xq, xs, wq, ws, tiles, config=c), ref, flops, c, title)
+           for c in cands]
+    fg.fp8_gemm_grouped(xq, xs, wq, ws, tiles)
+    best = getattr(fg._fp8_gemm_grouped_tuned, "best_config", None)
+    _print_sweep(title + (f"; autotune picked {best}" if best is not None else ""), res)
+    return res
 
 
 if __name__ == "__main__":

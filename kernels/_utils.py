@@ -87,3 +87,12 @@ def new_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
 def new_empty_like(t: torch.Tensor) -> torch.Tensor:
     """:func:`new_empty` with ``t``'s shape, dtype and device (contiguous)."""
     return new_empty(t.shape, t.dtype, t.device)
+
+
+def poisoned(t: torch.Tensor) -> torch.Tensor:
+    """Return the freshly allocated ``t``, filled in place with NaN (floats) / the dtype's minimum (integers)
+    when :data:`POISON_OUTPUTS` is set. Unlike :func:`new_empty` it keeps ``t``'s strides, so a strided
+    allocation (e.g. an empty_like or a transposed [B, T, H, D] buffer) is poisoned without changing layout."""
+    if POISON_OUTPUTS and t.numel():
+        t.fill_(float("nan") if t.dtype.is_floating_point else torch.iinfo(t.dtype).min)
+    return t

@@ -11,6 +11,14 @@ accumulation has limited precision); its fp32 result is multiplied by the tile's
 separate fp32 accumulator — the "promotion to CUDA cores every N_C = 128 elements" of DeepSeek-V3 §3.3.2.
 BLOCK_K is therefore fixed to 128 (= the quantisation tile).
 
+Kernel structure: every kernel runs the same K loop, ``_fp8_k_loop`` (full, unmasked K tiles) over
+``_fp8_k_tile`` (one tile: fp8 dot + scale promotion); when K % 128 != 0 (constexpr EVEN_K False) the last,
+partial K tile is peeled out of the loop and is the only masked load. Rows past M / N (the tile's end for the
+grouped kernel) are clamped onto valid rows, so loads carry no M/N mask; only the store is masked. Tiles:
+BLOCK_M in {16..256} (grouped: dividing the 128-row tile), BLOCK_N in {16..256}; with 128x128 b scales a
+BLOCK_N <= 128 tile reads one scalar scale per K tile, a BLOCK_N == 256 tile two (selected per column).
+GPU launches autotune over a list of configs pruned per shape (``_prune``); ``config=`` fixes one instead.
+
 Variants
   fp8_gemm_blockwise(a, a_s, b, b_s)   a: 1x128 scales [M, ceil(K/128)]; b: 128x128 scales
                                        [ceil(N/128), ceil(K/128)]. Forward y = x W^T and, with
@@ -77,6 +85,79 @@ def _round_to_bf16_grid(v):
 
 
 @triton.jit
+def _fp8_k_tile(acc, a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, sb_hi_ptrs, k_left,
+                B_BLOCK_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr,
+                UPCAST_DOT: tl.constexpr):
+    # One 128-wide K tile: acc += (A_tile @ B_tile^T) * a_scale[:, None] * b_scale, promoted in fp32.
+    # a_ptrs [BLOCK_M, BLOCK_K] / b_ptrs [BLOCK_N, BLOCK_K] point at valid rows (callers clamp out-of-range rows,
+    # so only K needs a mask, and only when MASK_K: the last, partial tile; k_left = K columns left).
+    # sa_ptrs [BLOCK_M]; b scales (sb_ptrs) by case:
+    #   per-row (not B_BLOCK_SCALES)      sb_ptrs [BLOCK_N]
+    #   128x128, BLOCK_N <= 128           sb_ptrs scalar (the tile lies in one 128-row block of B)
+    #   128x128, BLOCK_N == 256           sb_ptrs / sb_hi_ptrs scalars: the blocks of columns 0..127 / 128..255
+    if MASK_K:
+        k_mask = tl.arange(0, BLOCK_K) < k_left
+        a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[None, :], other=0.0)
+    else:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
+    sa = tl.load(sa_ptrs)
+    if B_BLOCK_SCALES:
+        if BLOCK_N <= 128:
+            sb = tl.load(sb_ptrs)
+            acc += part * (sa * sb)[:, None]
+        else:  # BLOCK_N == 256: two scalar loads and a select, not a per-column gather
+            sb_lo = tl.load(sb_ptrs)
+            sb_hi = tl.load(sb_hi_ptrs)
+            sb = tl.where(tl.arange(0, BLOCK_N) < 128, sb_lo, sb_hi)
+            acc += part * (sa[:, None] * sb[None, :])
+    else:
+        sb = tl.load(sb_ptrs)
+        acc += part * sa[:, None] * sb[None, :]
+    return acc
+
+
+@triton.jit
+def _fp8_k_loop(acc, a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, sb_hi_ptrs, kt0, kt1,
+                stride_ak, stride_bk, stride_sak, stride_sbk,
+                B_BLOCK_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    # The unmasked K loop shared by every kernel here: full K tiles kt0 .. kt1-1 (pointers at K tile 0).
+    a_ptrs += kt0 * (BLOCK_K * stride_ak)
+    b_ptrs += kt0 * (BLOCK_K * stride_bk)
+    for kt in range(kt0, kt1):
+        acc = _fp8_k_tile(acc, a_ptrs, b_ptrs, sa_ptrs + kt * stride_sak, sb_ptrs + kt * stride_sbk,
+                          sb_hi_ptrs + kt * stride_sbk, 0, B_BLOCK_SCALES, BLOCK_N, BLOCK_K, False, UPCAST_DOT)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def _b_scale_ptrs(bs_ptr, pid_n, offs_bn, N, stride_bsn,
+                  B_BLOCK_SCALES: tl.constexpr, BLOCK_N: tl.constexpr):
+    # (sb_ptrs, sb_hi_ptrs) at K tile 0 for _fp8_k_tile; offs_bn: the tile's B rows, clamped into [0, N)
+    if B_BLOCK_SCALES:
+        tl.static_assert(BLOCK_N <= 256, "128x128 b scales: BLOCK_N must be <= 256")
+        if BLOCK_N <= 128:
+            sb_ptrs = bs_ptr + ((pid_n * BLOCK_N) // 128) * stride_bsn
+            sb_hi_ptrs = sb_ptrs
+        else:
+            blk = pid_n * 2
+            sb_ptrs = bs_ptr + blk * stride_bsn
+            # a partial last tile may have no second block: its columns are never stored, reuse the first
+            sb_hi_ptrs = bs_ptr + tl.minimum(blk + 1, (N - 1) // 128) * stride_bsn
+    else:
+        sb_ptrs = bs_ptr + offs_bn * stride_bsn
+        sb_hi_ptrs = sb_ptrs
+    return sb_ptrs, sb_hi_ptrs
+
+
+@triton.jit
 def _fp8_gemm_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr,
     M, N, K,
@@ -85,6 +166,7 @@ def _fp8_gemm_kernel(
     M_BUCKET,  # only an autotune key
     B_BLOCK_SCALES: tl.constexpr,  # True: b scales per 128x128 block [ceil(N/128), Kt]; False: per row [N, Kt]
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask anywhere
     UPCAST_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, OUT_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -100,55 +182,86 @@ def _fp8_gemm_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # rows past M / N are wrapped onto valid rows (results discarded by the masked store): unmasked loads
+    offs_am = offs_m % M
+    offs_bn = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk
-    as_ptrs = as_ptr + offs_m * stride_asm
-    if B_BLOCK_SCALES:
-        bs_ptrs = bs_ptr + ((pid_n * BLOCK_N) // 128) * stride_bsn
-    else:
-        bs_ptrs = bs_ptr + offs_n * stride_bsn
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_bn[:, None] * stride_bn + offs_k[None, :] * stride_bk
+    as_ptrs = as_ptr + offs_am * stride_asm
+    bs_ptrs, bs_hi_ptrs = _b_scale_ptrs(bs_ptr, pid_n, offs_bn, N, stride_bsn, B_BLOCK_SCALES, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    for kt in range(0, k_tiles):
-        k_mask = offs_k < K - kt * BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_n[:, None] & k_mask[None, :], other=0.0)
-        if UPCAST_DOT:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
-        sa = tl.load(as_ptrs + kt * stride_ask, mask=mask_m, other=0.0)
-        if B_BLOCK_SCALES:
-            sb = tl.load(bs_ptrs + kt * stride_bsk)
-            acc += part * (sa * sb)[:, None]
-        else:
-            sb = tl.load(bs_ptrs + kt * stride_bsk, mask=mask_n, other=0.0)
-            acc += part * sa[:, None] * sb[None, :]
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    k_full = K // BLOCK_K
+    acc = _fp8_k_loop(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, bs_hi_ptrs, 0, k_full,
+                      stride_ak, stride_bk, stride_ask, stride_bsk, B_BLOCK_SCALES, BLOCK_N, BLOCK_K, UPCAST_DOT)
+    if not EVEN_K:  # the partial last K tile, peeled out of the loop
+        acc = _fp8_k_tile(acc, a_ptrs + k_full * (BLOCK_K * stride_ak), b_ptrs + k_full * (BLOCK_K * stride_bk),
+                          as_ptrs + k_full * stride_ask, bs_ptrs + k_full * stride_bsk,
+                          bs_hi_ptrs + k_full * stride_bsk, K - k_full * BLOCK_K,
+                          B_BLOCK_SCALES, BLOCK_N, BLOCK_K, True, UPCAST_DOT)
 
     if EXACT_CAST and OUT_BF16:
         acc = _round_to_bf16_grid(acc)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+_SMEM_BYTES = 232448  # sm90 opt-in shared memory per block; configs whose fp8 pipeline buffers exceed it are dropped
+
+
+def _cfg(w, s, **blocks):
+    return triton.Config(dict(blocks), num_warps=w, num_stages=s)
 
 
 def _gpu_configs():
-    cfgs = []
-    for bm, bn, w, s in [(128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4),
-                         (64, 64, 4, 4), (128, 128, 4, 3)]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s))
-    return cfgs
+    """Autotune candidates of the dense kernel (GROUP_M 8): (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8) for bm, bn, w, s in [
+        (128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (256, 128, 8, 4),
+        (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 8, 5), (128, 128, 4, 3),
+        (64, 256, 4, 4), (64, 256, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)]]
+
+
+def _pow2_at_least(n, lo=16):
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _prune(configs, m, n, m_key="BLOCK_M", n_key="BLOCK_N"):
+    """Drop configs invalid or wasteful for an (m, n) output: a tile dimension past the problem's size rounded up
+    to a power of two (>= 64), or fp8 pipeline buffers over the shared memory. Never returns an empty list."""
+    keep = []
+    for c in configs:
+        bm, bn = c.kwargs.get(m_key, 128), c.kwargs[n_key]
+        if bm > _pow2_at_least(m, 64) or bn > _pow2_at_least(n, 64):
+            continue
+        if c.num_stages * (bm + bn) * 128 > _SMEM_BYTES:
+            continue
+        keep.append(c)
+    if keep:
+        return keep
+    return [min(configs, key=lambda c: c.kwargs.get(m_key, 128) * c.kwargs[n_key])]
+
+
+def _prune_dense(configs, named_args, **kwargs):
+    return _prune(configs, named_args["M"], named_args["N"])
 
 
 _fp8_gemm_kernel_tuned = _fp8_gemm_kernel if INTERPRETED else triton.autotune(
-    configs=_gpu_configs(), key=["M_BUCKET", "N", "K", "B_BLOCK_SCALES"])(_fp8_gemm_kernel)
+    configs=_gpu_configs(), key=["M_BUCKET", "N", "K", "B_BLOCK_SCALES"],
+    prune_configs_by={"early_config_prune": _prune_dense})(_fp8_gemm_kernel)
 
 _OUT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages")
+
+
+def _check_config(name, cfg, keys=_CONFIG_KEYS, max_m=256):
+    bad = set(cfg) - set(keys)
+    if bad:
+        raise ValueError(f"{name}: unknown config keys {sorted(bad)} (allowed: {list(keys)})")
+    for k, hi in (("BLOCK_M", max_m), ("BLOCK_N", 256)):
+        v = cfg.get(k)
+        if v is not None and (not isinstance(v, int) or v < 16 or v > hi or v & (v - 1)):
+            raise ValueError(f"{name}: {k} must be a power of two in [16, {hi}], got {v}")
 
 
 def _launch(a, a_s, b, b_s, out_dtype, b_block_scales: bool, name: str, config: dict | None = None):
@@ -179,7 +292,7 @@ def _launch(a, a_s, b, b_s, out_dtype, b_block_scales: bool, name: str, config: 
     if K == 0:
         return c.zero_()
     m_bucket = min(triton.next_power_of_2(M), 4096)
-    common = dict(B_BLOCK_SCALES=b_block_scales, BLOCK_K=TILE,
+    common = dict(B_BLOCK_SCALES=b_block_scales, BLOCK_K=TILE, EVEN_K=K % TILE == 0,
                   UPCAST_DOT=INTERPRETED and _UPCAST_DOT_INTERPRETED,
                   EXACT_CAST=INTERPRETED, OUT_BF16=out_dtype == torch.bfloat16)
     args = (a, b, c, a_s, b_s, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
@@ -188,9 +301,8 @@ def _launch(a, a_s, b, b_s, out_dtype, b_block_scales: bool, name: str, config: 
         # interpreter: large tiles = fewer (slow, Python-level) programs; GPU: a fixed sane default
         cfg = dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
         if config is not None:
+            _check_config(name, config)
             cfg.update(config)
-        if b_block_scales and 128 % cfg["BLOCK_N"]:
-            raise ValueError(f"{name}: BLOCK_N must divide 128 with 128x128 b scales, got {cfg['BLOCK_N']}")
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         _fp8_gemm_kernel[grid](*args, **common, **cfg)
     else:
@@ -208,7 +320,7 @@ def fp8_gemm_blockwise(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch
     b_fp8: [N, K] float8_e4m3fn, b_scales: [ceil(N/128), ceil(K/128)] fp32 (from quant_128x128).
     FP32 accumulation with promotion (scale multiply + add) every 128 K. Returns [M, N] ``out_dtype``.
     ``config`` (optional, GPU benchmarking): fixed {BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages}
-    instead of autotuning; BLOCK_N must divide 128.
+    instead of autotuning (BLOCK_M, BLOCK_N: powers of two in [16, 256]; ValueError otherwise).
     """
     return _launch(a_fp8, a_scales, b_fp8, b_scales, out_dtype, True, "fp8_gemm_blockwise", config)
 
@@ -259,46 +371,47 @@ def fp8_gemm_dgrad_ref(g_fp8, g_scales, w_fp8, w_scales, out_dtype=torch.bfloat1
 @triton.jit
 def _fp8_gemm_grouped_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, tg_ptr, ts_ptr, te_ptr,
-    N, K,
+    N, K, E,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
     stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask anywhere
     UPCAST_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, OUT_BF16: tl.constexpr,
 ):
-    # C[rows of tile t] = A[rows of tile t] @ B[group(t)]^T; one 128-row tile (of one group) per program
+    # C[rows of tile t] = A[rows of tile t] @ B[group(t)]^T; one BLOCK_M-row part (BLOCK_M divides 128) of one
+    # 128-row tile (of one group) per program
     pid_n = tl.program_id(0)
-    t = tl.program_id(1)
-    g = tl.load(tg_ptr + t).to(tl.int64)
-    rs = tl.load(ts_ptr + t)
+    pid_t = tl.program_id(1)
+    t = pid_t // (128 // BLOCK_M)
+    # empty (sub-)tiles run no K loop; their group index may be E (no such expert): clamped for addressing only
+    g = tl.minimum(tl.load(tg_ptr + t), E - 1).to(tl.int64)
+    rs = tl.load(ts_ptr + t) + (pid_t % (128 // BLOCK_M)) * BLOCK_M
     re = tl.load(te_ptr + t)
-    offs_m = rs + tl.arange(0, 128)
+    nonempty = re > rs
+    offs_m = rs + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # rows past the tile's end / N are clamped onto valid rows (results discarded by the masked store)
+    offs_am = tl.maximum(tl.minimum(offs_m, re - 1), 0)
+    offs_bn = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < re
-    mask_n = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + g * stride_be + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk
-    as_ptrs = as_ptr + offs_m * stride_asm
-    bs_ptrs = bs_ptr + g * stride_bse + ((pid_n * BLOCK_N) // 128) * stride_bsn
-    acc = tl.zeros((128, BLOCK_N), dtype=tl.float32)
-    k_tiles = tl.where(re > rs, tl.cdiv(K, BLOCK_K), 0)  # empty tiles: no loads at all
-    for kt in range(0, k_tiles):
-        k_mask = offs_k < K - kt * BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_n[:, None] & k_mask[None, :], other=0.0)
-        if UPCAST_DOT:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
-        sa = tl.load(as_ptrs + kt * stride_ask, mask=mask_m, other=0.0)
-        sb = tl.load(bs_ptrs + kt * stride_bsk)
-        acc += part * (sa * sb)[:, None]
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + g * stride_be + offs_bn[:, None] * stride_bn + offs_k[None, :] * stride_bk
+    as_ptrs = as_ptr + offs_am * stride_asm
+    bs_ptrs, bs_hi_ptrs = _b_scale_ptrs(bs_ptr + g * stride_bse, pid_n, offs_bn, N, stride_bsn, True, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_full = tl.where(nonempty, K // BLOCK_K, 0)
+    acc = _fp8_k_loop(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, bs_hi_ptrs, 0, k_full,
+                      stride_ak, stride_bk, stride_ask, stride_bsk, True, BLOCK_N, BLOCK_K, UPCAST_DOT)
+    if not EVEN_K:  # the partial last K tile; for empty tiles the K mask is all off (no operand loads)
+        k_last = K // BLOCK_K
+        acc = _fp8_k_tile(acc, a_ptrs + k_last * (BLOCK_K * stride_ak), b_ptrs + k_last * (BLOCK_K * stride_bk),
+                          as_ptrs + k_last * stride_ask, bs_ptrs + k_last * stride_bsk,
+                          bs_hi_ptrs + k_last * stride_bsk, tl.where(nonempty, K - k_last * BLOCK_K, 0),
+                          True, BLOCK_N, BLOCK_K, True, UPCAST_DOT)
     if EXACT_CAST and OUT_BF16:
         acc = _round_to_bf16_grid(acc)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < re)[:, None] & (offs_n < N)[None, :])
 
 
 @triton.jit
@@ -306,56 +419,68 @@ def _fp8_wgrad_grouped_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, gts_ptr,
     N, K,
     stride_an, stride_bk, stride_ce, stride_cn, stride_ck, stride_asn, stride_bsk,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, OUT_BF16: tl.constexpr,
 ):
-    # C[g] = A[:, tiles of g] @ B[:, tiles of g]^T over the tile-padded token layout (128 columns per tile)
+    # C[g] = A[:, tiles of g] @ B[:, tiles of g]^T over the tile-padded token layout (128 columns per tile):
+    # the shared K loop with K = tokens, the 1x128 scales per row of A and B, no K mask (tiles are full)
     pid = tl.program_id(0)
     g = tl.program_id(1)
+    num_pid_m = tl.cdiv(N, BLOCK_M)
     num_pid_n = tl.cdiv(K, BLOCK_N)
-    pid_m = pid // num_pid_n
-    pid_n = pid % num_pid_n
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # rows of A (output features N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # rows of B (input features K)
+    offs_am = offs_m % N
+    offs_bn = offs_n % K
     offs_t = tl.arange(0, 128)
-    mask_m = offs_m < N
-    mask_n = offs_n < K
     t0 = tl.load(gts_ptr + g).to(tl.int64)
     t1 = tl.load(gts_ptr + g + 1).to(tl.int64)
+    a_ptrs = a_ptr + offs_am[:, None] * stride_an + offs_t[None, :]
+    b_ptrs = b_ptr + offs_bn[:, None] * stride_bk + offs_t[None, :]
+    as_ptrs = as_ptr + offs_am * stride_asn
+    bs_ptrs = bs_ptr + offs_bn * stride_bsk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(t0, t1):
-        cols = t * 128 + offs_t
-        a = tl.load(a_ptr + offs_m[:, None] * stride_an + cols[None, :], mask=mask_m[:, None], other=0.0)
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bk + cols[None, :], mask=mask_n[:, None], other=0.0)
-        if UPCAST_DOT:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
-        sa = tl.load(as_ptr + offs_m * stride_asn + t, mask=mask_m, other=0.0)
-        sb = tl.load(bs_ptr + offs_n * stride_bsk + t, mask=mask_n, other=0.0)
-        acc += part * sa[:, None] * sb[None, :]
+    acc = _fp8_k_loop(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, bs_ptrs, t0, t1, 1, 1, 1, 1,
+                      False, BLOCK_N, 128, UPCAST_DOT)
     if EXACT_CAST and OUT_BF16:
         acc = _round_to_bf16_grid(acc)
     c_ptrs = c_ptr + g.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cn + offs_n[None, :] * stride_ck
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < N)[:, None] & (offs_n < K)[None, :])
 
 
 def _grouped_gpu_configs():
-    return [triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=4),
-            triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4)]
+    """Autotune candidates of the grouped kernel: (BLOCK_M (divides the 128-row tile), BLOCK_N, warps, stages)."""
+    return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn) for bm, bn, w, s in [
+        (128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 8, 5),
+        (64, 256, 4, 4), (64, 256, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4)]]
 
 
 def _wgrad_gpu_configs():
-    return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=4),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=4)]
+    """Autotune candidates of the grouped wgrad kernel (GROUP_M 8)."""
+    return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8) for bm, bn, w, s in [
+        (128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (128, 128, 8, 3), (128, 128, 8, 4),
+        (128, 128, 8, 5), (64, 256, 4, 4), (64, 128, 4, 4)]]
+
+
+def _prune_grouped(configs, named_args, **kwargs):
+    return _prune(configs, 128, named_args["N"])
+
+
+def _prune_wgrad(configs, named_args, **kwargs):
+    return _prune(configs, named_args["N"], named_args["K"])
 
 
 _fp8_gemm_grouped_tuned = _fp8_gemm_grouped_kernel if INTERPRETED else triton.autotune(
-    configs=_grouped_gpu_configs(), key=["N", "K"])(_fp8_gemm_grouped_kernel)
+    configs=_grouped_gpu_configs(), key=["N", "K"],
+    prune_configs_by={"early_config_prune": _prune_grouped})(_fp8_gemm_grouped_kernel)
 _fp8_wgrad_grouped_tuned = _fp8_wgrad_grouped_kernel if INTERPRETED else triton.autotune(
-    configs=_wgrad_gpu_configs(), key=["N", "K"])(_fp8_wgrad_grouped_kernel)
+    configs=_wgrad_gpu_configs(), key=["N", "K"],
+    prune_configs_by={"early_config_prune": _prune_wgrad})(_fp8_wgrad_grouped_kernel)
 
 
 def _check_common(name, a, b, a_s, b_s, out_dtype):
@@ -371,13 +496,16 @@ def _check_common(name, a, b, a_s, b_s, out_dtype):
 
 
 def fp8_gemm_grouped(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.Tensor, b_scales: torch.Tensor,
-                     tiles: GroupedTiles, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                     tiles: GroupedTiles, out_dtype: torch.dtype = torch.bfloat16,
+                     config: dict | None = None) -> torch.Tensor:
     """Grouped block-scaled GEMM: C[rows of group e] = A[rows of e] @ B[e]^T, rows of A sorted by group.
 
     a_fp8 [M, K] e4m3 with 1x128 a_scales [M, ceil(K/128)] (quant_1x128 or the grouped quantiser);
     b_fp8 [E, N, K] e4m3 with 128x128 b_scales [E, ceil(N/128), ceil(K/128)] (quant_128x128 of [E, N, K]);
     tiles: grouped_tiles(counts, M). No host sync. Used for the experts' forward (B = W) and dgrad
     (B = W^T per expert: ``b_fp8.transpose(1, 2).contiguous()``, ``b_scales.transpose(1, 2).contiguous()``).
+    ``config`` (optional): fixed {BLOCK_M (dividing 128), BLOCK_N (<= 256), num_warps, num_stages} instead of
+    autotuning.
     """
     name = "fp8_gemm_grouped"
     _check_common(name, a_fp8, b_fp8, a_scales, b_scales, out_dtype)
@@ -395,27 +523,35 @@ def fp8_gemm_grouped(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.T
         return c
     if K == 0:
         return c.zero_()
-    args = (a_fp8, b_fp8, c, a_scales, b_scales, tiles.tile_group, tiles.tile_start, tiles.tile_end, N, K,
+    args = (a_fp8, b_fp8, c, a_scales, b_scales, tiles.tile_group, tiles.tile_start, tiles.tile_end, N, K, E,
             a_fp8.stride(0), a_fp8.stride(1), b_fp8.stride(0), b_fp8.stride(1), b_fp8.stride(2), c.stride(0),
             c.stride(1), a_scales.stride(0), a_scales.stride(1), b_scales.stride(0), b_scales.stride(1),
             b_scales.stride(2))
-    common = dict(BLOCK_K=TILE, UPCAST_DOT=INTERPRETED and _UPCAST_DOT_INTERPRETED, EXACT_CAST=INTERPRETED,
-                  OUT_BF16=out_dtype == torch.bfloat16)
-    if INTERPRETED or not _autotune():
-        _fp8_gemm_grouped_kernel[(triton.cdiv(N, 128), tiles.n_tiles)](*args, **common, BLOCK_N=128, num_warps=8,
-                                                                        num_stages=3)
+    common = dict(BLOCK_K=TILE, EVEN_K=K % TILE == 0, UPCAST_DOT=INTERPRETED and _UPCAST_DOT_INTERPRETED,
+                  EXACT_CAST=INTERPRETED, OUT_BF16=out_dtype == torch.bfloat16)
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), tiles.n_tiles * (TILE // meta["BLOCK_M"]))
+    if INTERPRETED or config is not None or not _autotune():
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+        if config is not None:
+            _check_config(name, config, ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), max_m=TILE)
+            cfg.update(config)
+        _fp8_gemm_grouped_kernel[grid(cfg)](*args, **common, **cfg)
     else:
-        _fp8_gemm_grouped_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), tiles.n_tiles)](*args, **common)
+        _fp8_gemm_grouped_tuned[grid](*args, **common)
     return c
 
 
 def fp8_gemm_grouped_wgrad(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.Tensor, b_scales: torch.Tensor,
-                           tiles: GroupedTiles, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                           tiles: GroupedTiles, out_dtype: torch.dtype = torch.float32,
+                           config: dict | None = None) -> torch.Tensor:
     """Grouped weight gradient: C[e] = A[:, tokens of e] @ B[:, tokens of e]^T -> [E, N, K].
 
     a_fp8 [N, T*128], a_scales [N, T]; b_fp8 [K, T*128], b_scales [K, T]: the tile-padded transposed outputs
     of quant_1x128_with_transpose_grouped (grad_out^T and x^T; T = tiles.n_tiles), 1x128 tiles along tokens
     that never cross experts. Experts without tokens get zeros. No host sync.
+    ``config`` (optional): fixed {BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages} instead of autotuning.
     """
     name = "fp8_gemm_grouped_wgrad"
     _check_common(name, a_fp8, b_fp8, a_scales, b_scales, out_dtype)
@@ -437,12 +573,15 @@ def fp8_gemm_grouped_wgrad(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: t
             c.stride(0), c.stride(1), c.stride(2), a_scales.stride(0), b_scales.stride(0))
     common = dict(UPCAST_DOT=INTERPRETED and _UPCAST_DOT_INTERPRETED, EXACT_CAST=INTERPRETED,
                   OUT_BF16=out_dtype == torch.bfloat16)
-    if INTERPRETED or not _autotune():
-        grid = (triton.cdiv(N, 128) * triton.cdiv(K, 128), E)
-        _fp8_wgrad_grouped_kernel[grid](*args, **common, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]), E)
+    if INTERPRETED or config is not None or not _autotune():
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
+        if config is not None:
+            _check_config(name, config)
+            cfg.update(config)
+        _fp8_wgrad_grouped_kernel[grid(cfg)](*args, **common, **cfg)
     else:
-        def grid(meta):
-            return (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]), E)
         _fp8_wgrad_grouped_tuned[grid](*args, **common)
     return c
 

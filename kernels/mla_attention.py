@@ -7,13 +7,19 @@ FlashAttention-2 (Dao, 2023, "FlashAttention-2: Faster Attention with Better Par
 Partitioning") for that case:
 
 * forward: one program per (query block, batch*head); online softmax over key blocks; stores the output
-  and the row log-sum-exp ``LSE`` [B, H, T] (fp32) -- never a T x T matrix;
+  and the row log-sum-exp ``LSE`` [B, H, T] (fp32, base 2 of the log2(e)-scaled scores, so the backward
+  recomputes ``P = exp2(q.k * scale * log2(e) - LSE)`` with one FMA per score) -- never a T x T matrix;
 * backward: a preprocess kernel ``delta = rowsum(dO * O)``, a dK/dV kernel (one program per key block,
   looping over query blocks) and a dQ kernel (one program per query block, looping over key blocks).
   No atomics: the result is deterministic.
 
 The q.k product is split into a "nope" part and a "rope" part, ``q.k = q_nope.k_nope + q_pe.k_pe``, computed
 as two ``tl.dot`` calls on power-of-two-or-masked head-dim blocks (192 = 128 + 64 needs no padding at all).
+Masks cost only where needed: under causal, only the blocks that straddle the diagonal apply the causal mask
+(forward and dQ: key blocks; dK/dV: query blocks), all others run unmasked; bounds masks on loads/stores and
+the tail loops exist only when T is not a multiple of the block (``EVEN_M`` / ``EVEN_N`` constexprs). The
+score product and the mask are jit helpers shared by the three kernels (``_scores_t``, ``_mask_scores``).
+
 Because the two parts are read through separate pointers, the kernel also accepts them as separate tensors,
 and the rope key ``k_pe`` may be shared by all heads (shape [B, 1, T, Dr], read with a head stride of 0, never
 materialised per head): see :func:`mla_attention_split`. Its gradient is then summed over heads.
@@ -42,6 +48,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from ._utils import new_empty, poisoned
 
 __all__ = [
     "AttentionConfig",
@@ -100,9 +108,10 @@ def get_config(dqk: int, dv: int, device: torch.device | str | None = None,
       partial blocks and the causal diagonal.
     * GPU: tiers by the bytes of one row of the padded q/k/v head-dim blocks (a proxy for shared memory and
       registers). bf16 DeepSeek dims (128 + 64, 128) on Hopper: forward BLOCK_M 128 x BLOCK_N 64, 8 warps,
-      4 stages; dK/dV 64 (q rows per step) x 128 (keys per program), 8 warps, 2 stages; dQ 128 (q rows per
+      3 stages; dK/dV 64 (q rows per step) x 128 (keys per program), 8 warps, 3 stages; dQ 128 (q rows per
       program) x 64 (keys per step), 8 warps, 3 stages -- the best of a sweep on an H200 (torch 2.11,
-      triton 3.6, B=1, H=128, T=4096 causal; benchmarks/bench_attention.py --sweep). Pre-Hopper GPUs get a
+      triton 3.6, B=1, H=128, T=4096 causal; benchmarks/bench_attention.py --sweep, 2026-11-30: fwd+bwd
+      6.36 ms vs 6.59 ms with the previous 4 / 2 stages). Pre-Hopper GPUs get a
       smaller, untuned config that fits 99 KB of shared memory. fp32 inputs and the absorbed-MLA dims
       (512 + 64, 512) get smaller blocks and fewer stages so they fit in shared memory.
 
@@ -120,7 +129,7 @@ def get_config(dqk: int, dv: int, device: torch.device | str | None = None,
     dn, dr = split if split is not None else split_head_dim(dqk)
     width = (_block(dn) + (_block(dr) if dr else 0) + _block(dv)) * dtype.itemsize // 2
     if width <= 384 and major >= 9:   # bf16 / fp16 (128 + 64, 128) on Hopper (227 KB shared memory)
-        return AttentionConfig(128, 64, 8, 4, 64, 128, 8, 2, 128, 64, 8, 3, 64)
+        return AttentionConfig(128, 64, 8, 3, 64, 128, 8, 3, 128, 64, 8, 3, 64)
     if width <= 384:   # pre-Hopper (99-163 KB shared memory): conservative, not tuned
         return AttentionConfig(64, 32, 4, 2, 32, 64, 4, 2, 64, 32, 4, 2, 64)
     if width <= 768:   # fp32 (128 + 64, 128)
@@ -166,39 +175,106 @@ def _load2d(ptrs, rmask, cmask, USE_R: tl.constexpr, USE_C: tl.constexpr, UPCAST
 
 
 @triton.jit
+def _store2d(ptrs, x, rmask, cmask, USE_R: tl.constexpr, USE_C: tl.constexpr):
+    """Store a 2-D tile in the pointers' dtype; masks only where needed (constexpr)."""
+    x = x.to(ptrs.dtype.element_ty)
+    if USE_R:
+        if USE_C:
+            tl.store(ptrs, x, mask=rmask[:, None] & cmask[None, :])
+        else:
+            tl.store(ptrs, x, mask=rmask[:, None])
+    else:
+        if USE_C:
+            tl.store(ptrs, x, mask=cmask[None, :])
+        else:
+            tl.store(ptrs, x)
+
+
+@triton.jit
+def _load1d(ptrs, mask, USE: tl.constexpr):
+    if USE:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _scores_t(a_n, a_r, Bn, Br, s_bn, s_br, offs_c, offs_dn, offs_dr, c_ok,
+              CHECK_C: tl.constexpr, HAS_PE: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr,
+              BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Unscaled scores ``a_n @ Bn[offs_c]^T + a_r @ Br[offs_c]^T`` [rows of a, BLOCK_C] (q.k split into its nope
+    and rope parts). The B tiles are loaded transposed ([BLOCK_D, BLOCK_C]; rows ``offs_c`` masked by ``c_ok``
+    only if CHECK_C) and returned for reuse by the caller (``b_r`` is ``b_n`` without a rope part).
+    Shared by the forward (q vs K), dQ (q vs K) and dK/dV (k vs Q) loops."""
+    b_n = _load2d(Bn + offs_c[None, :] * s_bn + offs_dn[:, None], offs_dn < DN, c_ok,
+                  BLOCK_DN != DN, CHECK_C, UPCAST)
+    s = tl.dot(a_n, b_n, input_precision=PREC)
+    if HAS_PE:
+        b_r = _load2d(Br + offs_c[None, :] * s_br + offs_dr[:, None], offs_dr < DR, c_ok,
+                      BLOCK_DR != DR, CHECK_C, UPCAST)
+        s = tl.dot(a_r, b_r, s, input_precision=PREC)
+    else:
+        b_r = b_n
+    return s, b_n, b_r
+
+
+@triton.jit
+def _mask_scores(s, offs_q, offs_k, T, Q_ROWS: tl.constexpr, CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr,
+                 CAUSAL: tl.constexpr):
+    """``s`` with -inf where key > query (CAUSAL), query >= T (CHECK_Q) or key >= T (CHECK_K; implied by the
+    causal mask for every query < T, so only applied without it). Q_ROWS: ``s`` is [queries, keys], else
+    [keys, queries] (the dK/dV kernel's transposed scores). Call only with at least one mask on."""
+    if Q_ROWS:
+        q = offs_q[:, None]
+        k = offs_k[None, :]
+    else:
+        q = offs_q[None, :]
+        k = offs_k[:, None]
+    if CAUSAL:
+        valid = q >= k
+        if CHECK_Q:
+            valid = valid & (q < T)
+    elif CHECK_K:
+        valid = k < T
+        if CHECK_Q:
+            valid = valid & (q < T)
+    else:
+        valid = q < T
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                offs_m, offs_dn, offs_dr, offs_dv, lo, hi, T, qk_scale,
-               MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_PE: tl.constexpr,
-               DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
+               MASK: tl.constexpr, CHECK_N: tl.constexpr, CAUSAL: tl.constexpr, SCALE_POS: tl.constexpr,
+               HAS_PE: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
                BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax over key blocks [lo, hi). MASK: apply the causal / key-range mask (diagonal and tail
+    blocks only); CHECK_N: keys may reach past T (bounds-masked loads)."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    dn_ok = offs_dn < DN
-    dr_ok = offs_dr < DR
     dv_ok = offs_dv < DV
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < T
-        # K^T tiles [BLOCK_D, BLOCK_N], V tile [BLOCK_N, BLOCK_DV]
-        kn = _load2d(Kn + offs_n[None, :] * s_kn_t + offs_dn[:, None], dn_ok, n_ok,
-                     BLOCK_DN != DN, MASK, UPCAST)
-        s = tl.dot(q_n, kn, input_precision=PREC)
-        if HAS_PE:
-            kr = _load2d(Kr + offs_n[None, :] * s_kr_t + offs_dr[:, None], dr_ok, n_ok,
-                         BLOCK_DR != DR, MASK, UPCAST)
-            s = tl.dot(q_r, kr, s, input_precision=PREC)
-        s = s * qk_scale
+        s, kt_n, kt_r = _scores_t(q_n, q_r, Kn, Kr, s_kn_t, s_kr_t, offs_n, offs_dn, offs_dr, n_ok,
+                                  CHECK_N, HAS_PE, DN, DR, BLOCK_DN, BLOCK_DR, UPCAST, PREC)
         if MASK:
-            valid = n_ok[None, :]
-            if CAUSAL:
-                valid = valid & (offs_m[:, None] >= offs_n[None, :])
-            s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+            s = _mask_scores(s * qk_scale, offs_m, offs_n, T, True, False, CHECK_N, CAUSAL)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+        else:
+            # scale folded into one FMA per score: max_j(c * s_j) = c * max_j s_j for c >= 0 (c * min for c < 0)
+            if SCALE_POS:
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.min(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load2d(V + offs_n[:, None] * s_v_t + offs_dv[None, :], n_ok, dv_ok,
-                    MASK, BLOCK_DV != DV, UPCAST)
+                    CHECK_N, BLOCK_DV != DV, UPCAST)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
         m_i = m_new
@@ -212,10 +288,11 @@ def _mla_attn_fwd_kernel(
     s_kn_b, s_kn_h, s_kn_t, s_kr_b, s_kr_h, s_kr_t,
     s_v_b, s_v_h, s_v_t, s_o_b, s_o_h, s_o_t,
     H, T, sm_scale,
-    CAUSAL: tl.constexpr, HAS_PE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PE: tl.constexpr, SCALE_POS: tl.constexpr,
     DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
     BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     # heaviest (last, under causal) query blocks first: better tail balance
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -238,10 +315,10 @@ def _mla_attn_fwd_kernel(
     m_ok = offs_m < T
 
     q_n = _load2d(Qn + offs_m[:, None] * s_qn_t + offs_dn[None, :], m_ok, offs_dn < DN,
-                  True, BLOCK_DN != DN, UPCAST)
+                  not EVEN_M, BLOCK_DN != DN, UPCAST)
     if HAS_PE:
         q_r = _load2d(Qr + offs_m[:, None] * s_qr_t + offs_dr[None, :], m_ok, offs_dr < DR,
-                      True, BLOCK_DR != DR, UPCAST)
+                      not EVEN_M, BLOCK_DR != DR, UPCAST)
     else:
         q_r = q_n
 
@@ -251,25 +328,37 @@ def _mla_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     if CAUSAL:
+        # key blocks [0, full_end) lie entirely at/below the diagonal: no mask; [full_end, hi) straddle it
+        full_end = ((start_m + 1) // BLOCK_N) * BLOCK_N
         hi = tl.minimum(start_m + BLOCK_M, T)
-        full_end = ((start_m + 1) // BLOCK_N) * BLOCK_N   # key blocks entirely at/below the diagonal
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
+                                   offs_m, offs_dn, offs_dr, offs_dv, 0, full_end, T, qk_scale,
+                                   False, False, True, SCALE_POS, HAS_PE, DN, DR, DV,
+                                   BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
+                                   offs_m, offs_dn, offs_dr, offs_dv, full_end, hi, T, qk_scale,
+                                   True, not EVEN_N, True, SCALE_POS, HAS_PE, DN, DR, DV,
+                                   BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC)
     else:
-        hi = T
         full_end = (T // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
-                               offs_m, offs_dn, offs_dr, offs_dv, 0, full_end, T, qk_scale,
-                               False, CAUSAL, HAS_PE, DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV,
-                               BLOCK_N, UPCAST, PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
-                               offs_m, offs_dn, offs_dr, offs_dv, full_end, hi, T, qk_scale,
-                               True, CAUSAL, HAS_PE, DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV,
-                               BLOCK_N, UPCAST, PREC)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
+                                   offs_m, offs_dn, offs_dr, offs_dv, 0, full_end, T, qk_scale,
+                                   False, False, False, SCALE_POS, HAS_PE, DN, DR, DV,
+                                   BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC)
+        if not EVEN_N:  # the partial last key block
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
+                                       offs_m, offs_dn, offs_dr, offs_dv, full_end, T, T, qk_scale,
+                                       True, True, False, SCALE_POS, HAS_PE, DN, DR, DV,
+                                       BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC)
     # every row saw key 0 unmasked, so l_i >= 1 and m_i is finite
     acc = acc / l_i[:, None]
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural-log LSE
-    tl.store(LSE + offs_m, lse, mask=m_ok)
-    o_ptrs = O + offs_m[:, None] * s_o_t + offs_dv[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv < DV)[None, :])
+    lse2 = m_i + tl.math.log2(l_i)  # base-2 LSE of the log2(e)-scaled scores: P = exp2(s * qk_scale - lse2)
+    if EVEN_M:
+        tl.store(LSE + offs_m, lse2)
+    else:
+        tl.store(LSE + offs_m, lse2, mask=m_ok)
+    _store2d(O + offs_m[:, None] * s_o_t + offs_dv[None, :], acc, m_ok, offs_dv < DV,
+             not EVEN_M, BLOCK_DV != DV)
 
 
 @triton.jit
@@ -293,41 +382,29 @@ def _mla_attn_bwd_preprocess(O, DO, Delta, s_o_b, s_o_h, s_o_t, s_do_b, s_do_h, 
 @triton.jit
 def _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta,
                     s_qn_t, s_qr_t, s_do_t, offs_n, offs_dn, offs_dr, offs_dv, lo, hi, T, qk_scale,
-                    MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_PE: tl.constexpr,
+                    MASK: tl.constexpr, CHECK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_PE: tl.constexpr,
                     DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
                     BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi). MASK: apply the causal / query-range
+    mask; CHECK_M: queries may reach past T (bounds-masked loads). Keys >= T need no mask: their dK/dV rows
+    are never stored and nothing else reads them."""
     offs_m0 = tl.arange(0, BLOCK_M)
-    dn_ok = offs_dn < DN
-    dr_ok = offs_dr < DR
     dv_ok = offs_dv < DV
-    n_ok = offs_n < T
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         m_ok = offs_m < T
-        # Q^T tiles [BLOCK_D, BLOCK_M]; dO tile [BLOCK_M, BLOCK_DV]
-        qn_t = _load2d(Qn + offs_m[None, :] * s_qn_t + offs_dn[:, None], dn_ok, m_ok,
-                       BLOCK_DN != DN, MASK, UPCAST)
-        s_t = tl.dot(k_n, qn_t, input_precision=PREC)
-        if HAS_PE:
-            qr_t = _load2d(Qr + offs_m[None, :] * s_qr_t + offs_dr[:, None], dr_ok, m_ok,
-                           BLOCK_DR != DR, MASK, UPCAST)
-            s_t = tl.dot(k_r, qr_t, s_t, input_precision=PREC)
+        # S^T = K Q^T [BLOCK_N, BLOCK_M]; Q^T tiles [BLOCK_D, BLOCK_M]
+        s_t, qn_t, qr_t = _scores_t(k_n, k_r, Qn, Qr, s_qn_t, s_qr_t, offs_m, offs_dn, offs_dr, m_ok,
+                                    CHECK_M, HAS_PE, DN, DR, BLOCK_DN, BLOCK_DR, UPCAST, PREC)
+        lse2 = _load1d(LSE + offs_m, m_ok, CHECK_M)
+        delta = _load1d(Delta + offs_m, m_ok, CHECK_M)
+        s_t = s_t * qk_scale - lse2[None, :]
         if MASK:
-            lse = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
-            delta = tl.load(Delta + offs_m, mask=m_ok, other=0.0)
-        else:
-            lse = tl.load(LSE + offs_m)
-            delta = tl.load(Delta + offs_m)
-        s_t = s_t * qk_scale - (lse * 1.4426950408889634)[None, :]
-        if MASK:
-            valid = m_ok[None, :] & n_ok[:, None]
-            if CAUSAL:
-                valid = valid & (offs_m[None, :] >= offs_n[:, None])
-            s_t = tl.where(valid, s_t, float("-inf"))
+            s_t = _mask_scores(s_t, offs_m, offs_n, T, False, CHECK_M, False, CAUSAL)
         p_t = tl.math.exp2(s_t)                                   # P^T [BLOCK_N, BLOCK_M]
         do = _load2d(DO + offs_m[:, None] * s_do_t + offs_dv[None, :], m_ok, dv_ok,
-                     MASK, BLOCK_DV != DV, UPCAST)
+                     CHECK_M, BLOCK_DV != DV, UPCAST)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)          # dV += P^T dO
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)                 # (dO V^T)^T
         ds_t = p_t * (dp_t - delta[None, :])                                # dS^T
@@ -348,7 +425,8 @@ def _mla_attn_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_PE: tl.constexpr,
     DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
     BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -373,83 +451,72 @@ def _mla_attn_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     n_ok = offs_n < T
     k_n = _load2d(Kn + offs_n[:, None] * s_kn_t + offs_dn[None, :], n_ok, offs_dn < DN,
-                  True, BLOCK_DN != DN, UPCAST)
+                  not EVEN_N, BLOCK_DN != DN, UPCAST)
     if HAS_PE:
         k_r = _load2d(Kr + offs_n[:, None] * s_kr_t + offs_dr[None, :], n_ok, offs_dr < DR,
-                      True, BLOCK_DR != DR, UPCAST)
+                      not EVEN_N, BLOCK_DR != DR, UPCAST)
     else:
         k_r = k_n
     v = _load2d(V + offs_n[:, None] * s_v_t + offs_dv[None, :], n_ok, offs_dv < DV,
-                True, BLOCK_DV != DV, UPCAST)
+                not EVEN_N, BLOCK_DV != DV, UPCAST)
     dk_n = tl.zeros([BLOCK_N, BLOCK_DN], dtype=tl.float32)
     dk_r = tl.zeros([BLOCK_N, BLOCK_DR], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
 
-    # query blocks: [lo, a) straddle the diagonal (masked), [a, t_full) entirely below it and inside T
-    # (unmasked), [t_full, T) the partial tail block (masked)
+    # query blocks: [lo, a) straddle the diagonal (causal mask only: all rows < t_full <= T), [a, t_full)
+    # lie entirely below it (no mask), [t_full, T) is the partial last query block (absent when EVEN_M)
     t_full = (T // BLOCK_M) * BLOCK_M
     if CAUSAL:
         lo = (start_n // BLOCK_M) * BLOCK_M
         full_start = ((start_n + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
         a = tl.minimum(full_start, t_full)
+        dk_n, dk_r, dv = _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta,
+                                         s_qn_t, s_qr_t, s_do_t, offs_n, offs_dn, offs_dr, offs_dv,
+                                         lo, a, T, qk_scale, True, False, True, HAS_PE, DN, DR, DV,
+                                         BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_M, UPCAST, PREC)
     else:
-        lo = 0
         a = 0
     dk_n, dk_r, dv = _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta,
                                      s_qn_t, s_qr_t, s_do_t, offs_n, offs_dn, offs_dr, offs_dv,
-                                     lo, a, T, qk_scale, True, CAUSAL, HAS_PE, DN, DR, DV,
+                                     a, t_full, T, qk_scale, False, False, CAUSAL, HAS_PE, DN, DR, DV,
                                      BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_M, UPCAST, PREC)
-    dk_n, dk_r, dv = _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta,
-                                     s_qn_t, s_qr_t, s_do_t, offs_n, offs_dn, offs_dr, offs_dv,
-                                     a, t_full, T, qk_scale, False, CAUSAL, HAS_PE, DN, DR, DV,
-                                     BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_M, UPCAST, PREC)
-    dk_n, dk_r, dv = _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta,
-                                     s_qn_t, s_qr_t, s_do_t, offs_n, offs_dn, offs_dr, offs_dv,
-                                     tl.maximum(t_full, a), T, T, qk_scale, True, CAUSAL, HAS_PE,
-                                     DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_M, UPCAST, PREC)
+    if not EVEN_M:
+        dk_n, dk_r, dv = _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta,
+                                         s_qn_t, s_qr_t, s_do_t, offs_n, offs_dn, offs_dr, offs_dv,
+                                         t_full, T, T, qk_scale, True, True, CAUSAL, HAS_PE, DN, DR, DV,
+                                         BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_M, UPCAST, PREC)
 
-    tl.store(DV_ + offs_n[:, None] * s_dv_t + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_dv < DV)[None, :])
-    dk_n = dk_n * sm_scale
-    tl.store(DKn + offs_n[:, None] * s_dkn_t + offs_dn[None, :], dk_n.to(DKn.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_dn < DN)[None, :])
+    _store2d(DV_ + offs_n[:, None] * s_dv_t + offs_dv[None, :], dv, n_ok, offs_dv < DV,
+             not EVEN_N, BLOCK_DV != DV)
+    _store2d(DKn + offs_n[:, None] * s_dkn_t + offs_dn[None, :], dk_n * sm_scale, n_ok, offs_dn < DN,
+             not EVEN_N, BLOCK_DN != DN)
     if HAS_PE:
-        dk_r = dk_r * sm_scale
-        tl.store(DKr + offs_n[:, None] * s_dkr_t + offs_dr[None, :], dk_r.to(DKr.dtype.element_ty),
-                 mask=n_ok[:, None] & (offs_dr < DR)[None, :])
+        _store2d(DKr + offs_n[:, None] * s_dkr_t + offs_dr[None, :], dk_r * sm_scale, n_ok, offs_dr < DR,
+                 not EVEN_N, BLOCK_DR != DR)
 
 
 @triton.jit
 def _bwd_dq_inner(dq_n, dq_r, q_n, q_r, do, lse2, delta, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                   offs_m, offs_dn, offs_dr, offs_dv, lo, hi, T, qk_scale,
-                  MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_PE: tl.constexpr,
+                  MASK: tl.constexpr, CHECK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_PE: tl.constexpr,
                   DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
                   BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi) (MASK / CHECK_N as in _fwd_inner)."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    dn_ok = offs_dn < DN
-    dr_ok = offs_dr < DR
     dv_ok = offs_dv < DV
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < T
-        kn_t = _load2d(Kn + offs_n[None, :] * s_kn_t + offs_dn[:, None], dn_ok, n_ok,
-                       BLOCK_DN != DN, MASK, UPCAST)
-        s = tl.dot(q_n, kn_t, input_precision=PREC)
-        if HAS_PE:
-            kr_t = _load2d(Kr + offs_n[None, :] * s_kr_t + offs_dr[:, None], dr_ok, n_ok,
-                           BLOCK_DR != DR, MASK, UPCAST)
-            s = tl.dot(q_r, kr_t, s, input_precision=PREC)
+        s, kn_t, kr_t = _scores_t(q_n, q_r, Kn, Kr, s_kn_t, s_kr_t, offs_n, offs_dn, offs_dr, n_ok,
+                                  CHECK_N, HAS_PE, DN, DR, BLOCK_DN, BLOCK_DR, UPCAST, PREC)
         s = s * qk_scale - lse2[:, None]
         if MASK:
-            valid = n_ok[None, :]
-            if CAUSAL:
-                valid = valid & (offs_m[:, None] >= offs_n[None, :])
-            s = tl.where(valid, s, float("-inf"))
+            s = _mask_scores(s, offs_m, offs_n, T, True, False, CHECK_N, CAUSAL)
         p = tl.math.exp2(s)
         v_t = _load2d(V + offs_n[None, :] * s_v_t + offs_dv[:, None], dv_ok, n_ok,
-                      BLOCK_DV != DV, MASK, UPCAST)
+                      BLOCK_DV != DV, CHECK_N, UPCAST)
         dp = tl.dot(do, v_t, input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq_n = tl.dot(ds.to(kn_t.dtype), tl.trans(kn_t), dq_n, input_precision=PREC)
@@ -469,7 +536,8 @@ def _mla_attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_PE: tl.constexpr,
     DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
     BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -492,43 +560,49 @@ def _mla_attn_bwd_dq_kernel(
     offs_dr = tl.arange(0, BLOCK_DR)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < T
-    # padded rows (>= T) load q = dO = 0 and delta = 0, so their dS is exactly 0
+    # padded rows (>= T) load q = dO = 0 and lse = delta = 0, so their dS is exactly 0 (and never stored)
     q_n = _load2d(Qn + offs_m[:, None] * s_qn_t + offs_dn[None, :], m_ok, offs_dn < DN,
-                  True, BLOCK_DN != DN, UPCAST)
+                  not EVEN_M, BLOCK_DN != DN, UPCAST)
     if HAS_PE:
         q_r = _load2d(Qr + offs_m[:, None] * s_qr_t + offs_dr[None, :], m_ok, offs_dr < DR,
-                      True, BLOCK_DR != DR, UPCAST)
+                      not EVEN_M, BLOCK_DR != DR, UPCAST)
     else:
         q_r = q_n
     do = _load2d(DO + offs_m[:, None] * s_do_t + offs_dv[None, :], m_ok, offs_dv < DV,
-                 True, BLOCK_DV != DV, UPCAST)
-    lse2 = tl.load(LSE + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(Delta + offs_m, mask=m_ok, other=0.0)
+                 not EVEN_M, BLOCK_DV != DV, UPCAST)
+    lse2 = _load1d(LSE + offs_m, m_ok, not EVEN_M)
+    delta = _load1d(Delta + offs_m, m_ok, not EVEN_M)
     dq_n = tl.zeros([BLOCK_M, BLOCK_DN], dtype=tl.float32)
     dq_r = tl.zeros([BLOCK_M, BLOCK_DR], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
 
     if CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M, T)
         full_end = ((start_m + 1) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(start_m + BLOCK_M, T)
+        dq_n, dq_r = _bwd_dq_inner(dq_n, dq_r, q_n, q_r, do, lse2, delta, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
+                                   offs_m, offs_dn, offs_dr, offs_dv, 0, full_end, T, qk_scale,
+                                   False, False, True, HAS_PE, DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV,
+                                   BLOCK_N, UPCAST, PREC)
+        dq_n, dq_r = _bwd_dq_inner(dq_n, dq_r, q_n, q_r, do, lse2, delta, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
+                                   offs_m, offs_dn, offs_dr, offs_dv, full_end, hi, T, qk_scale,
+                                   True, not EVEN_N, True, HAS_PE, DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV,
+                                   BLOCK_N, UPCAST, PREC)
     else:
-        hi = T
         full_end = (T // BLOCK_N) * BLOCK_N
-    dq_n, dq_r = _bwd_dq_inner(dq_n, dq_r, q_n, q_r, do, lse2, delta, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
-                               offs_m, offs_dn, offs_dr, offs_dv, 0, full_end, T, qk_scale,
-                               False, CAUSAL, HAS_PE, DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV,
-                               BLOCK_N, UPCAST, PREC)
-    dq_n, dq_r = _bwd_dq_inner(dq_n, dq_r, q_n, q_r, do, lse2, delta, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
-                               offs_m, offs_dn, offs_dr, offs_dv, full_end, hi, T, qk_scale,
-                               True, CAUSAL, HAS_PE, DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV,
-                               BLOCK_N, UPCAST, PREC)
-    dq_n = dq_n * sm_scale
-    tl.store(DQn + offs_m[:, None] * s_dqn_t + offs_dn[None, :], dq_n.to(DQn.dtype.element_ty),
-             mask=m_ok[:, None] & (offs_dn < DN)[None, :])
+        dq_n, dq_r = _bwd_dq_inner(dq_n, dq_r, q_n, q_r, do, lse2, delta, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
+                                   offs_m, offs_dn, offs_dr, offs_dv, 0, full_end, T, qk_scale,
+                                   False, False, False, HAS_PE, DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV,
+                                   BLOCK_N, UPCAST, PREC)
+        if not EVEN_N:
+            dq_n, dq_r = _bwd_dq_inner(dq_n, dq_r, q_n, q_r, do, lse2, delta, Kn, Kr, V, s_kn_t, s_kr_t,
+                                       s_v_t, offs_m, offs_dn, offs_dr, offs_dv, full_end, T, T, qk_scale,
+                                       True, True, False, HAS_PE, DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV,
+                                       BLOCK_N, UPCAST, PREC)
+    _store2d(DQn + offs_m[:, None] * s_dqn_t + offs_dn[None, :], dq_n * sm_scale, m_ok, offs_dn < DN,
+             not EVEN_M, BLOCK_DN != DN)
     if HAS_PE:
-        dq_r = dq_r * sm_scale
-        tl.store(DQr + offs_m[:, None] * s_dqr_t + offs_dr[None, :], dq_r.to(DQr.dtype.element_ty),
-                 mask=m_ok[:, None] & (offs_dr < DR)[None, :])
+        _store2d(DQr + offs_m[:, None] * s_dqr_t + offs_dr[None, :], dq_r * sm_scale, m_ok, offs_dr < DR,
+                 not EVEN_M, BLOCK_DR != DR)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -552,10 +626,16 @@ def _common_meta(dtype: torch.dtype, dn: int, dr: int, dv: int) -> dict:
 
 
 def _alloc_like_q(q: torch.Tensor, B: int, H: int, T: int, D: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, H, T, D] tensor; stored [B, T, H, D] when q is (so the caller's transpose back is free)."""
+    """[B, H, T, D] tensor; stored [B, T, H, D] when q is (so the caller's transpose back is free).
+    Plain torch.empty: also used by the fake (meta) implementation; launchers wrap it in ``poisoned``."""
     if q.stride(1) < q.stride(2):
         return torch.empty(B, T, H, D, device=q.device, dtype=dtype).transpose(1, 2)
     return torch.empty(B, H, T, D, device=q.device, dtype=dtype)
+
+
+def _even(T: int, block: int) -> bool:
+    """T is a whole number of blocks: the kernels drop the bounds masks of that axis."""
+    return T % block == 0
 
 
 def _mla_attn_forward(qn, qr, kn, kr, v, causal: bool, sm_scale: float, kr_shared: bool):
@@ -563,8 +643,8 @@ def _mla_attn_forward(qn, qr, kn, kr, v, causal: bool, sm_scale: float, kr_share
     B, H, T, dn = qn.shape
     dr = qr.shape[-1] if qr is not None else 0
     dv = v.shape[-1]
-    o = _alloc_like_q(qn, B, H, T, dv, v.dtype)
-    lse = torch.empty(B, H, T, device=qn.device, dtype=torch.float32)
+    o = poisoned(_alloc_like_q(qn, B, H, T, dv, v.dtype))
+    lse = new_empty((B, H, T), torch.float32, qn.device)  # base-2 LSE of the log2(e)-scaled scores
     if qr is None:  # no rope part: pass the nope tensors again (never read)
         qr, kr = qn, kn
     cfg = get_config(dn + dr, dv, qn.device, qn.dtype, split=(dn, dr))
@@ -574,7 +654,8 @@ def _mla_attn_forward(qn, qr, kn, kr, v, causal: bool, sm_scale: float, kr_share
         *_bht_strides(qn), *_bht_strides(qr), *_bht_strides(kn), *_bht_strides(kr, kr_shared),
         *_bht_strides(v), *_bht_strides(o),
         H, T, float(sm_scale),
-        CAUSAL=bool(causal), BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
+        CAUSAL=bool(causal), SCALE_POS=sm_scale >= 0, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
+        EVEN_M=_even(T, cfg.fwd_block_m), EVEN_N=_even(T, cfg.fwd_block_n),
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
         **_common_meta(qn.dtype, dn, dr, dv),
     )
@@ -591,7 +672,7 @@ def _mla_attn_backward(do, qn, qr, kn, kr, v, o, lse, causal, sm_scale, kr_share
         qr, kr, dqr, dkr = qn, kn, dqn, dkn
     cfg = get_config(dn + dr, dv, qn.device, qn.dtype, split=(dn, dr))
     meta = _common_meta(qn.dtype, dn, dr, dv)
-    delta = torch.empty(B, H, T, device=qn.device, dtype=torch.float32)
+    delta = new_empty((B, H, T), torch.float32, qn.device)
     _mla_attn_bwd_preprocess[(triton.cdiv(T, cfg.pre_block_m), B * H)](
         o, do, delta, *_bht_strides(o), *_bht_strides(do), H, T,
         DV=dv, BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=cfg.pre_block_m,
@@ -603,6 +684,7 @@ def _mla_attn_backward(do, qn, qr, kn, kr, v, o, lse, causal, sm_scale, kr_share
         *_bht_strides(dkn), *_bht_strides(dkr), *_bht_strides(dv_out),
         H, T, float(sm_scale),
         CAUSAL=bool(causal), BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n,
+        EVEN_M=_even(T, cfg.kv_block_m), EVEN_N=_even(T, cfg.kv_block_n),
         num_warps=cfg.kv_warps, num_stages=cfg.kv_stages, **meta,
     )
     _mla_attn_bwd_dq_kernel[(triton.cdiv(T, cfg.q_block_m), B * H)](
@@ -611,6 +693,7 @@ def _mla_attn_backward(do, qn, qr, kn, kr, v, o, lse, causal, sm_scale, kr_share
         *_bht_strides(v), *_bht_strides(do), *_bht_strides(dqn), *_bht_strides(dqr),
         H, T, float(sm_scale),
         CAUSAL=bool(causal), BLOCK_M=cfg.q_block_m, BLOCK_N=cfg.q_block_n,
+        EVEN_M=_even(T, cfg.q_block_m), EVEN_N=_even(T, cfg.q_block_n),
         num_warps=cfg.q_warps, num_stages=cfg.q_stages, **meta,
     )
 
@@ -687,9 +770,9 @@ def _(qn, qr, kn, kr, v, causal, softmax_scale):
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
             lse: torch.Tensor, causal: bool, softmax_scale: float, dn: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or v.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq, dk, dv = poisoned(torch.empty_like(q)), poisoned(torch.empty_like(k)), poisoned(torch.empty_like(v))
     dr = q.shape[-1] - dn
 
     def sl(x):
@@ -711,14 +794,14 @@ def _split_bwd_op(do: torch.Tensor, qn: torch.Tensor, qr: torch.Tensor, kn: torc
                   v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, T, _ = qn.shape
-    dqn, dqr, dkn, dv = (torch.empty_like(x) for x in (qn, qr, kn, v))
     if qn.numel() == 0 or v.numel() == 0:
-        return dqn.zero_(), dqr.zero_(), dkn.zero_(), torch.zeros_like(kr), dv.zero_()
+        return tuple(torch.zeros_like(x) for x in (qn, qr, kn, kr, v))
+    dqn, dqr, dkn, dv = (poisoned(torch.empty_like(x)) for x in (qn, qr, kn, v))
     shared = kr.shape[1] == 1 and H != 1
     if shared:  # per-head partial gradients, reduced once (deterministic, no atomics)
-        dkr_heads = torch.empty(B, H, T, kr.shape[-1], device=kr.device, dtype=torch.float32)
+        dkr_heads = new_empty((B, H, T, kr.shape[-1]), torch.float32, kr.device)
     else:
-        dkr_heads = torch.empty_like(kr)
+        dkr_heads = poisoned(torch.empty_like(kr))
     _mla_attn_backward(_last_dim_contiguous(do), qn, qr, kn, kr, v, o, lse, causal, softmax_scale, shared,
                        dqn, dqr, dkn, dkr_heads, dv)
     dkr = dkr_heads.sum(1, keepdim=True).to(kr.dtype) if shared else dkr_heads

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import new_empty, new_empty_like, MAX_FUSED_DIM, check_device, check_dtype, next_pow2, num_warps_for, sm_count
+from ._utils import new_empty, MAX_FUSED_DIM, check_device, check_dtype, next_pow2, num_warps_for, sm_count
 
 __all__ = [
     "rmsnorm",

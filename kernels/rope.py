@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import new_empty, new_empty_like, check_device, check_dtype, next_pow2, num_warps_for
+from ._utils import new_empty, check_device, check_dtype, next_pow2, num_warps_for
 
 __all__ = ["rope", "rope_ref", "RoPEFunction"]
 

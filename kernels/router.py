@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import new_empty, new_empty_like, check_device, check_dtype, next_pow2
+from ._utils import new_empty, check_device, check_dtype, next_pow2
 
 __all__ = ["router_topk", "router_topk_ref", "RouterTopKFunction", "MAX_EXPERTS"]
 

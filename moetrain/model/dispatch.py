@@ -59,7 +59,8 @@ def unpermute(expert_y: torch.Tensor, sorted_idx: torch.Tensor,
         ``[N, D]`` fp32 (the caller casts to the activation dtype).
     """
     N, K = topk_weights.shape
-    inverse = torch.empty_like(sorted_idx)
+    # a Tensor method, not torch.empty_like: torch 2.11's dynamo refused to trace the latter here (H200 run)
+    inverse = sorted_idx.new_empty(sorted_idx.shape)
     inverse.scatter_(0, sorted_idx, torch.arange(sorted_idx.numel(), device=sorted_idx.device))
     y = expert_y.index_select(0, inverse).view(N, K, -1)
     return (y.float() * topk_weights.float().unsqueeze(-1)).sum(dim=1)

@@ -109,8 +109,74 @@ def test_strided_operands_and_block_n():
     for cfg in ({"BLOCK_M": 16, "BLOCK_N": 32}, {"BLOCK_M": 32, "BLOCK_N": 128}):
         c = fp8_gemm_blockwise(xq, xs, wq, ws, out_dtype=torch.float32, config=cfg)
         _close_to_ref(c, ref, torch.float32)
-    with pytest.raises(ValueError, match="BLOCK_N"):
-        fp8_gemm_blockwise(xq, xs, wq, ws, config={"BLOCK_N": 256})
+    for bad in ({"BLOCK_N": 96}, {"BLOCK_N": 512}, {"BLOCK_M": 8}):
+        with pytest.raises(ValueError, match="BLOCK_"):
+            fp8_gemm_blockwise(xq, xs, wq, ws, config=bad)
+    with pytest.raises(ValueError, match="unknown config keys"):
+        fp8_gemm_blockwise(xq, xs, wq, ws, config={"BLOCK_K": 64})
+
+
+class _LaunchSpy:
+    """Stands in for a jitted kernel: records each launch's keyword (constexpr) arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("K", [384, 200])  # 384: EVEN_K (no K mask); 200: one full K tile + a masked tail
+@pytest.mark.parametrize("bm,bn", [(64, 256), (128, 256), (256, 128), (32, 64)])
+def test_block_sizes_odd_shapes(K, bm, bn, monkeypatch):
+    """BLOCK_N = 256 spans two 128x128 b-scale blocks (the second absent in the last partial N tile: N = 300);
+    rows past M / N are clamped (unmasked loads), only the store is masked."""
+    M, N = 130, 300
+    x, w = _rand(M, K, seed=21), _rand(N, K, seed=22, scale=0.05)
+    w[:128] *= 50.0  # b-scale blocks differ by 50x: a block read for the wrong columns shows up
+    xq, xs = quant_1x128(x)
+    wq, ws = quant_128x128(w)
+    spy = _LaunchSpy(fg._fp8_gemm_kernel)
+    monkeypatch.setattr(fg, "_fp8_gemm_kernel", spy)
+    cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4}
+    c = fp8_gemm_blockwise(xq, xs, wq, ws, out_dtype=torch.float32, config=cfg)
+    _close_to_ref(c, fp8_gemm_blockwise_ref(xq, xs, wq, ws, out_dtype=torch.float32), torch.float32)
+    assert spy.calls[-1]["EVEN_K"] is (K % 128 == 0)
+    assert spy.calls[-1]["BLOCK_N"] == bn and spy.calls[-1]["BLOCK_M"] == bm
+    # bf16 output and the per-row (wgrad) b scales with the same tile
+    cb = fp8_gemm_blockwise(xq, xs, wq, ws, config=cfg)
+    _close_to_ref(cb, fp8_gemm_blockwise_ref(xq, xs, wq, ws, out_dtype=torch.float32), torch.bfloat16)
+    _, _, xtq, xts = quant_1x128_with_transpose(x.t().contiguous())
+    _, _, wtq, wts = quant_1x128_with_transpose(w.t().contiguous())
+    d = fp8_gemm_1x128_1x128(xtq, xts, wtq, wts, config=cfg)
+    _close_to_ref(d, fp8_gemm_1x128_1x128_ref(xtq, xts, wtq, wts), torch.float32)
+
+
+def test_block_n_256_dgrad_and_small_n():
+    """dgrad with BLOCK_N = 256 over N = 130 (one tile, both blocks present) and N = 70 (one block only)."""
+    for N in (130, 70):
+        g, w = _rand(9, 256, seed=23), _rand(256, N, seed=24, scale=0.05)
+        gq, gs = quant_1x128(g)
+        wq, ws = quant_128x128(w)
+        dx = fp8_gemm_dgrad(gq, gs, wq, ws, out_dtype=torch.float32, config={"BLOCK_M": 16, "BLOCK_N": 256})
+        _close_to_ref(dx, fp8_gemm_dgrad_ref(gq, gs, wq, ws, out_dtype=torch.float32), torch.float32)
+
+
+def test_autotune_prune():
+    cfgs = fg._gpu_configs()
+    assert len(cfgs) >= 10 and all(c.kwargs["GROUP_M"] == 8 for c in cfgs)
+    big = fg._prune_dense(cfgs, {"M": 4096, "N": 7168, "K": 16384})
+    assert any(c.kwargs["BLOCK_N"] == 256 for c in big) and any(c.kwargs["BLOCK_M"] == 256 for c in big)
+    assert all(c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * 128 <= fg._SMEM_BYTES for c in big)
+    small = fg._prune_dense(cfgs, {"M": 20, "N": 100, "K": 256})
+    assert small and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 128 for c in small)
+    assert fg._prune_dense([c for c in cfgs if c.kwargs["BLOCK_N"] == 256], {"M": 1, "N": 1, "K": 1})  # never empty
+    g = fg._prune_grouped(fg._grouped_gpu_configs(), {"N": 2048, "K": 7168})
+    assert g and all(128 % c.kwargs["BLOCK_M"] == 0 for c in g)
+    assert fg._prune_wgrad(fg._wgrad_gpu_configs(), {"N": 2048, "K": 7168})
 
 
 def test_promotion_per_k_tile_uses_each_tiles_scale():
@@ -187,6 +253,48 @@ def test_grouped_gemm_fwd_dgrad_match_ref(counts, out_dtype):
     assert dx.shape == (M, K)
     if M:
         _close_to_ref(dx, fp8_gemm_grouped_ref(gq, gs, wtq, wts, tiles, out_dtype=torch.float32), out_dtype)
+
+
+@pytest.mark.parametrize("K", [256, 257])  # EVEN_K and the masked tail (only for non-empty sub-tiles)
+@pytest.mark.parametrize("bm,bn", [(64, 256), (128, 256), (32, 64)])
+def test_grouped_gemm_block_sizes(K, bm, bn):
+    """Grouped kernel with BLOCK_N = 256 (two b-scale blocks) and BLOCK_M < 128 (sub-tiles of a 128-row tile, some
+    empty) at N = 300; empty tiles (group index E) must load nothing."""
+    counts = [0, 70, 3, 130, 0]
+    c = torch.tensor(counts, device=DEVICE)
+    E, M, N = len(counts), sum(counts), 300
+    tiles = grouped_tiles(c, M)
+    x, w = _rand(M, K, seed=31), _rand(E, N, K, seed=32, scale=0.05)
+    w[:, 128:256] *= 50.0
+    xq, xs, _, _ = quant_1x128_with_transpose_grouped(x, tiles)
+    wq, ws = quant_128x128(w)
+    y = fp8_gemm_grouped(xq, xs, wq, ws, tiles, out_dtype=torch.float32,
+                         config={"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4})
+    _close_to_ref(y, fp8_gemm_grouped_ref(xq, xs, wq, ws, tiles, out_dtype=torch.float32), torch.float32)
+
+
+def test_grouped_config_errors():
+    tiles = grouped_tiles(torch.tensor([3, 5], device=DEVICE), 8)
+    xq, xs = quant_1x128(_rand(8, 256))
+    wq, ws = quant_128x128(_rand(2, 16, 256))
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        fp8_gemm_grouped(xq, xs, wq, ws, tiles, config={"BLOCK_M": 256})
+    with pytest.raises(ValueError, match="unknown config keys"):
+        fp8_gemm_grouped(xq, xs, wq, ws, tiles, config={"GROUP_M": 8})
+
+
+@pytest.mark.parametrize("bm,bn", [(64, 256), (256, 128)])
+def test_grouped_wgrad_block_sizes(bm, bn):
+    counts = [0, 130, 3, 200]
+    c = torch.tensor(counts, device=DEVICE)
+    M, N, K = sum(counts), 130, 300
+    tiles = grouped_tiles(c, M)
+    g, x = _rand(M, N, seed=33), _rand(M, K, seed=34)
+    _, _, gtq, gts = quant_1x128_with_transpose_grouped(g, tiles)
+    _, _, xtq, xts = quant_1x128_with_transpose_grouped(x, tiles)
+    dw = fp8_gemm_grouped_wgrad(gtq, gts, xtq, xts, tiles, config={"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 2})
+    _close_to_ref(dw, fp8_gemm_grouped_wgrad_ref(gtq, gts, xtq, xts, tiles), torch.float32)
+    assert (dw[0] == 0).all()
 
 
 @pytest.mark.parametrize("counts", GROUP_COUNTS)

@@ -11,6 +11,7 @@ import torch
 
 
 import kernels.mla_attention as mla  # noqa: E402
+import kernels._utils as kutils  # noqa: E402
 from kernels.mla_attention import (  # noqa: E402
     AttentionConfig,
     mla_attention,
@@ -18,7 +19,9 @@ from kernels.mla_attention import (  # noqa: E402
     mla_attention_split,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# poison_outputs (autouse): every launcher output (o, lse, delta, dq/dk/dv) starts as NaN, so an element the
+# kernels fail to write (padded rows, head-dim tails, grads) cannot pass. Nothing in torch is patched.
+from tests.kernels.common import DEVICE, poison_outputs  # noqa: E402,F401
 
 # (dtype) -> (atol, rtol) for the output and for gradients, vs the fp32 reference on the same stored inputs.
 # bf16: the output/grad is rounded to bf16 (rel 2^-8) and on the GPU P / dS are rounded to bf16 before the
@@ -36,24 +39,6 @@ def _close(name, got, want, dtype, kind):
     assert got.dtype == dtype, f"{name}: dtype {got.dtype} != {dtype}"
     assert not torch.isnan(got).any(), f"{name}: NaN in result"
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
-
-
-@pytest.fixture
-def nan_poison(monkeypatch):
-    """Every torch.empty / empty_like of a float dtype returns NaN: any element the kernels fail to write
-    (padded rows, head-dim tails, grads) shows up as NaN."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def empty(*a, **kw):
-        t = real_empty(*a, **kw)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def empty_like(*a, **kw):
-        t = real_empty_like(*a, **kw)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
-    monkeypatch.setattr(torch, "empty_like", empty_like)
 
 
 def _inputs(B, H, T, dqk, dv, dtype, seed=0):
@@ -90,7 +75,7 @@ SHAPES = [
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_forward_backward_matches_reference(shape, dtype, causal, nan_poison):
+def test_forward_backward_matches_reference(shape, dtype, causal):
     B, H, T, dqk, dv = shape
     q, k, v, do = _inputs(B, H, T, dqk, dv, dtype)
     got = _kernel_grads(q, k, v, do, causal, None)
@@ -99,7 +84,7 @@ def test_forward_backward_matches_reference(shape, dtype, causal, nan_poison):
         _close(name, g, w, dtype, "out" if name == "o" else "grad")
 
 
-def test_unequal_blocks_and_strided_layout(nan_poison, monkeypatch):
+def test_unequal_blocks_and_strided_layout(monkeypatch):
     """Block shapes with BLOCK_M != BLOCK_N in every kernel (ratios of the GPU config), inputs in the model's
     [B, T, H, D] memory layout seen through a transpose, non-default scale."""
     monkeypatch.setattr(mla, "CONFIG_OVERRIDE", AttentionConfig(32, 16, 4, 1, 16, 32, 4, 1, 32, 16, 4, 1, 32))
@@ -114,7 +99,7 @@ def test_unequal_blocks_and_strided_layout(nan_poison, monkeypatch):
     assert got[0].transpose(1, 2).is_contiguous()  # output follows q's [B, T, H, D] storage
 
 
-def test_power_of_two_head_dim_without_rope_part(nan_poison):
+def test_power_of_two_head_dim_without_rope_part():
     B, H, T, dqk, dv = 1, 2, 17, 16, 16
     q, k, v, do = _inputs(B, H, T, dqk, dv, torch.float32, seed=2)
     got = _kernel_grads(q, k, v, do, True, None)
@@ -125,7 +110,7 @@ def test_power_of_two_head_dim_without_rope_part(nan_poison):
 
 @pytest.mark.parametrize("dtype,causal", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)],
                          ids=["fp32-causal", "fp32-full", "bf16-causal"])
-def test_split_shared_k_pe_matches_reference(dtype, causal, nan_poison):
+def test_split_shared_k_pe_matches_reference(dtype, causal):
     """q_nope/q_pe/k_nope separate, k_pe [B, 1, T, Dr] shared by all heads; its gradient sums over heads."""
     B, H, T, dn, dr, dv = 2, 3, 33, 16, 8, 20
     g = torch.Generator().manual_seed(3)
@@ -149,6 +134,67 @@ def test_split_shared_k_pe_matches_reference(dtype, causal, nan_poison):
     for name, a, b in zip(("dq_nope", "dq_pe", "dk_nope", "dk_pe", "dv"), leaves, ref_leaves):
         assert a.grad.shape == b.grad.shape
         _close(name, a.grad, b.grad, dtype, "grad")
+
+
+# Block configs for the block-multiple tests: the interpreter default (16 everywhere) and one with BLOCK_M != BLOCK_N
+# in every kernel, so a length can be a multiple of one block axis and not of the other.
+_CFG16 = AttentionConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 16)
+_CFG_UNEQUAL = AttentionConfig(32, 16, 4, 1, 16, 32, 4, 1, 32, 16, 4, 1, 32)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("T,cfg", [(32, _CFG16), (31, _CFG16), (64, _CFG_UNEQUAL), (48, _CFG_UNEQUAL),
+                                   (40, _CFG_UNEQUAL)],
+                         ids=["T32-even", "T31-odd", "T64-even", "T48-even16-odd32", "T40-odd"])
+def test_block_multiple_and_partial_lengths(T, cfg, causal, monkeypatch):
+    """T a multiple of every block (EVEN_M / EVEN_N: unmasked loads and stores, no tail loops), of only the
+    16-blocks (T=48 with 32 x 16 blocks) or of none: same result as the reference, every element written."""
+    monkeypatch.setattr(mla, "CONFIG_OVERRIDE", cfg)
+    B, H, dqk, dv = 1, 2, 24, 16
+    q, k, v, do = _inputs(B, H, T, dqk, dv, torch.float32, seed=7)
+    got = _kernel_grads(q, k, v, do, causal, None)
+    want = _ref_grads(q, k, v, do, causal, 1.0 / math.sqrt(dqk))
+    for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+        _close(f"{name} T={T}", g, w, torch.float32, "out" if name == "o" else "grad")
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("scale", [-0.4, 0.0, 2.0, -8.0])
+@pytest.mark.parametrize("T", [32, 27])
+def test_softmax_scale_sign(T, scale, causal):
+    """The forward folds the scale into the row max (max(c*s) = c*max(s) for c >= 0, c*min(s) for c < 0):
+    negative and zero scales stay correct, with and without the masked blocks (at -8 the scaled scores span hundreds:
+    a wrong running max would overflow exp2)."""
+    q, k, v, do = _inputs(1, 1, T, 24, 16, torch.float32, seed=8)
+    got = _kernel_grads(q, k, v, do, causal, scale)
+    want = _ref_grads(q, k, v, do, causal, scale)
+    for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+        _close(f"{name} scale={scale}", g, w, torch.float32, "out" if name == "o" else "grad")
+
+
+class _SkippedKernel:
+    """Stands in for a Triton kernel: launching it writes nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("skip", ["_mla_attn_fwd_kernel", "_mla_attn_bwd_dkdv_kernel", "_mla_attn_bwd_dq_kernel"])
+def test_unwritten_outputs_are_poisoned(skip, monkeypatch):
+    """The launchers allocate through kernels._utils (poison_outputs): with a kernel that writes nothing, its
+    outputs are NaN -- in the transposed [B, T, H, D] output layout too -- and the test helpers would catch it."""
+    assert kutils.POISON_OUTPUTS
+    monkeypatch.setattr(mla, skip, _SkippedKernel())
+    q, k, v, do = _inputs(1, 2, 20, 24, 16, torch.float32, seed=9)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    o, dq, dk, dv = _kernel_grads(q, k, v, do, True, None)
+    assert o.transpose(1, 2).is_contiguous()
+    nan = {name: bool(torch.isnan(t).all()) for name, t in (("o", o), ("dq", dq), ("dk", dk), ("dv", dv))}
+    expect = {"_mla_attn_fwd_kernel": {"o"}, "_mla_attn_bwd_dkdv_kernel": {"dk", "dv"},
+              "_mla_attn_bwd_dq_kernel": {"dq"}}[skip]
+    if skip == "_mla_attn_fwd_kernel":  # NaN o and lse propagate into every gradient
+        expect = {"o", "dq", "dk", "dv"}
+    assert {n for n, is_nan in nan.items() if is_nan} == expect, nan
 
 
 def test_split_per_head_k_pe_equals_combined():
