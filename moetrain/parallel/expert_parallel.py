@@ -23,7 +23,9 @@ the same scheme)::
                unpermute + weighted sum with the routing weights (fp32), cast to x.dtype
 
 Both all-to-alls are autograd Functions whose backward is the reverse all-to-all of the gradient, so the
-expert weights' local gradients sum the contributions of every rank of the ``"ep"`` group. Gradient
+expert weights' local gradients sum the contributions of every rank of the ``"ep"`` group. With overlap on,
+the token all-to-all's backward is split the same way (launched by ``wait``'s backward, waited by
+``dispatch``'s), so the shared experts' backward runs while the gradient rows are in flight. Gradient
 synchronisation, clipping and the checkpoint conversion live in :mod:`moetrain.parallel.grad_sync` and
 :class:`ExpertShardCheckpointHook`.
 
@@ -196,44 +198,77 @@ class _AllToAll(torch.autograd.Function):
 
 @dataclass
 class _Pending:
-    """An in-flight all-to-all: its work handle and the send buffer it must keep alive."""
+    """An in-flight all-to-all: its work handle and the send buffer it must keep alive.
+
+    With ``overlap_backward`` the pair is mirrored in the backward pass: :class:`_AllToAllWait`'s backward
+    launches the reverse all-to-all of the gradient asynchronously (``bwd_*``) and :class:`_AllToAllStart`'s
+    backward waits for it. Autograd runs ready nodes latest-created first, so the backward of what the forward
+    ran between the two (the shared experts) runs while the gradient rows are in flight."""
     work: object = None
     send: Optional[torch.Tensor] = None
+    overlap_backward: bool = False
+    splits: Optional[tuple] = None        # (out_splits, in_splits, group, meter) of the forward exchange
+    bwd_work: object = None
+    bwd_send: Optional[torch.Tensor] = None
+    bwd_recv: Optional[torch.Tensor] = None
 
     def wait(self) -> None:
         if self.work is not None:
             self.work.wait()
         self.work, self.send = None, None
 
+    def start_backward(self, g: torch.Tensor) -> None:
+        out_splits, in_splits, group, meter = self.splits
+        self.bwd_send = g.contiguous()
+        self.bwd_recv, self.bwd_work = _exchange(self.bwd_send, in_splits, out_splits, group, meter,
+                                                 async_op=True)
+
+    def finish_backward(self) -> torch.Tensor:
+        meter = self.splits[3]
+        with meter.measure(self.bwd_recv.device):
+            self.bwd_work.wait()
+        out = self.bwd_recv
+        self.bwd_work = self.bwd_send = self.bwd_recv = None
+        return out
+
 
 class _AllToAllStart(torch.autograd.Function):
     """Launches ``all_to_all_single(async_op=True)``; the returned buffer is valid after
-    :class:`_AllToAllWait`. Backward: the reverse all-to-all (blocking)."""
+    :class:`_AllToAllWait`. Backward: the reverse all-to-all, waited here if :class:`_AllToAllWait`'s
+    backward launched it (``pending.overlap_backward``), else run here (blocking)."""
 
     @staticmethod
     def forward(ctx, x, out_splits, in_splits, group, pending, meter):
         ctx.out_splits, ctx.in_splits, ctx.group, ctx.meter = out_splits, in_splits, group, meter
+        ctx.pending = pending
         x = x.contiguous()
         out, pending.work = _exchange(x, out_splits, in_splits, group, meter, async_op=True)
         pending.send = x
+        pending.splits = (out_splits, in_splits, group, meter)
         return out
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.pending.bwd_work is not None:   # launched by _AllToAllWait.backward; g is the same gradient
+            return ctx.pending.finish_backward(), None, None, None, None, None
         return _reverse_exchange(ctx, g), None, None, None, None, None
 
 
 class _AllToAllWait(torch.autograd.Function):
-    """Identity that first waits for the pending all-to-all that fills ``x``."""
+    """Identity that first waits for the pending all-to-all that fills ``x``. Backward: passes the gradient
+    through and, with ``pending.overlap_backward``, launches its reverse all-to-all (see :class:`_Pending`)."""
 
     @staticmethod
     def forward(ctx, x, pending, meter):
+        ctx.pending = pending
         with meter.measure(x.device):
             pending.wait()
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.needs_input_grad[0] and ctx.pending.overlap_backward and ctx.pending.splits is not None:
+            ctx.pending.start_backward(g)
         return g, None, None
 
 
@@ -415,7 +450,7 @@ class AllToAllDispatcher:
         n_kept, M = sum(in_splits), sum(out_splits)
         self._count(tracking, N * K, n_kept)
         send = expert_x[:n_kept] if n_kept < expert_x.shape[0] else expert_x
-        pending = _Pending()
+        pending = _Pending(overlap_backward=self.overlap)
         recv = _AllToAllStart.apply(send, out_splits, in_splits, self.group, pending, meter)
         order = inv = None
         recv_counts = recv_counts.view(ep, El)

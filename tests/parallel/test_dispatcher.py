@@ -125,5 +125,6 @@ def test_all_to_all_dispatcher_edge_cases(world):
 
 @pytest.mark.timeout(200)
 def test_shared_experts_run_while_the_all_to_all_is_in_flight():
+    """Forward and backward: the shared experts overlap the (reverse) token all-to-all only when overlap=True."""
     out = run_workers(workers.run_overlap_order_check, 2, timeout=180)
-    assert out == [[True, False], [True, False]]
+    assert out == [{"fwd": [True, False], "bwd": [True, False]}] * 2

@@ -237,7 +237,9 @@ def run_dispatcher_edge_cases(rank: int, world: int) -> dict:
 
 def run_overlap_order_check(rank: int, world: int) -> dict:
     """In MoE.forward the shared experts run while the token all-to-all is still pending (launched with
-    async_op=True by dispatch, waited in wait), and the result equals the overlap=False path."""
+    async_op=True by dispatch, waited in wait); in the backward their gradient runs while the reverse
+    all-to-all of the gradient rows is pending (launched by _AllToAllWait's backward, waited by
+    _AllToAllStart's). Output and input gradient equal the overlap=False path."""
     ctx = make_ctx(rank, world, 1, world)
     args = tiny_args(n_layers=1, n_dense_layers=0)
     torch.manual_seed(0)
@@ -245,26 +247,37 @@ def run_overlap_order_check(rank: int, world: int) -> dict:
     apply_ep(model, ctx)
     moe = model.moe_layers()[0]
     disp = moe.dispatcher
-    seen = {"states": [], "pending_during_shared": []}
+    seen = {"pending": [], "fwd_in_flight": [], "bwd_in_flight": []}
     orig_dispatch = disp.dispatch
 
     def dispatch(*a, **k):
         st = orig_dispatch(*a, **k)
-        seen["states"].append(st)
+        seen["pending"].append(st.pending)   # None when overlap=False (waited inside dispatch)
         return st
 
+    def in_flight(kind):
+        p = seen["pending"][-1]
+        return p is not None and (p.work if kind == "fwd" else p.bwd_work) is not None
+
     disp.dispatch = dispatch
-    moe.shared_experts.register_forward_pre_hook(
-        lambda m, inp: seen["pending_during_shared"].append(
-            seen["states"][-1].pending is not None and seen["states"][-1].pending.work is not None))
-    x = torch.randn(2, 8, args.dim, generator=torch.Generator().manual_seed(rank))
-    y_overlap = moe(x)
-    disp.overlap = False
-    y_sync = moe(x)
-    if seen["pending_during_shared"] != [True, False]:
-        raise AssertionError(f"a2a in flight during shared experts: {seen['pending_during_shared']}")
-    _close("overlap vs sync", y_overlap, y_sync, 0, 0)
-    return seen["pending_during_shared"]
+    moe.shared_experts.register_forward_pre_hook(lambda m, inp: seen["fwd_in_flight"].append(in_flight("fwd")))
+    moe.shared_experts.register_full_backward_pre_hook(
+        lambda m, g: seen["bwd_in_flight"].append(in_flight("bwd")))
+    x0 = torch.randn(2, 8, args.dim, generator=torch.Generator().manual_seed(rank))
+    results = []
+    for overlap in (True, False):
+        disp.overlap = overlap
+        x = x0.clone().requires_grad_(True)
+        y = moe(x)
+        y.square().sum().backward()
+        results.append((y.detach(), x.grad))
+    if seen["fwd_in_flight"] != [True, False]:
+        raise AssertionError(f"a2a in flight during the shared experts' forward: {seen['fwd_in_flight']}")
+    if seen["bwd_in_flight"] != [True, False]:
+        raise AssertionError(f"reverse a2a in flight during the shared experts' backward: {seen['bwd_in_flight']}")
+    _close("overlap vs sync y", results[0][0], results[1][0], 0, 0)
+    _close("overlap vs sync dx", results[0][1], results[1][1], 0, 0)
+    return {"fwd": seen["fwd_in_flight"], "bwd": seen["bwd_in_flight"]}
 
 
 # --------------------------------------------------------------------------------------------
