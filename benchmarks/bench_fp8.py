@@ -23,7 +23,8 @@ Prints a table and writes <out>/bench_fp8_<date>.json (date, device, versions, r
 
 --sweep: after the normal table, the forward blockwise GEMM of the FIRST shape (a "G" shape's M x N x K as one
 dense GEMM) is run with every candidate tile config explicitly (``config=``: the autotune list
-kernels.fp8_gemm._gpu_configs() plus a few extra candidates), each checked against the dequantised reference
+kernels.fp8_gemm._gpu_configs() plus a few extra candidates, including the SPLIT_N / PIPE kernel variants:
+"split" / "pipe" in the config column), each checked against the dequantised reference
 first, and printed sorted by time (config, ms, TFLOP/s). --sweep-grouped does the same for fp8_gemm_grouped on
 the first "G" shape (kernels.fp8_gemm._grouped_gpu_configs() plus extras). Configs that fail to compile or
 run are listed as failed. The sweep rows go to the JSON too ("sweep").
@@ -202,17 +203,39 @@ def main(argv=None):
 
 
 # extra explicit candidates beyond the autotune lists (bigger warp counts, shallower pipelines), sweep only
-_EXTRA_DENSE = [(128, 256, 16, 3), (128, 256, 16, 4), (256, 128, 16, 3), (128, 256, 8, 2), (256, 128, 8, 2)]
-_EXTRA_GROUPED = [(128, 256, 16, 3), (128, 256, 8, 2)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, variant): variant "" default, "S" SPLIT_N, "P" PIPE, "SP" both
+_EXTRA_DENSE = [(128, 256, 16, 3, ""), (128, 256, 16, 4, ""), (256, 128, 16, 3, ""), (128, 256, 8, 2, ""),
+                (256, 128, 8, 2, ""), (256, 128, 8, 4, "S"), (128, 256, 8, 2, "S"), (128, 128, 8, 3, "S"),
+                (128, 128, 8, 3, "P"), (128, 128, 8, 5, "P"), (64, 128, 4, 4, "P"), (128, 64, 4, 4, "P"),
+                (128, 128, 8, 3, "SP"), (128, 128, 8, 4, "SP")]
+_EXTRA_GROUPED = [(128, 256, 16, 3, ""), (128, 256, 8, 2, ""), (128, 256, 8, 2, "S"), (128, 128, 8, 3, "P"),
+                  (128, 128, 8, 4, "SP")]
 
 
-def _cfg_dicts(configs):
+def _variant(v):
+    from kernels import fp8_gemm as fg
+    return fg._variant(v)
+
+
+def _cfg_dicts(config_list_fn):
+    """The autotune list of ``config_list_fn`` with the SPLIT_N / PIPE variants included (the sweep checks each
+    config against the reference, so the variants kept out of the default autotuning are measured here)."""
+    old = os.environ.get("MOETRAIN_FP8_VARIANTS")
+    os.environ["MOETRAIN_FP8_VARIANTS"] = "1"
+    try:
+        configs = config_list_fn()
+    finally:
+        if old is None:
+            del os.environ["MOETRAIN_FP8_VARIANTS"]
+        else:
+            os.environ["MOETRAIN_FP8_VARIANTS"] = old
     return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
 
 
 def _cfg_str(cfg):
     s = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
-    return s + (f" g{cfg['GROUP_M']}" if "GROUP_M" in cfg else "")
+    s += f" g{cfg['GROUP_M']}" if "GROUP_M" in cfg else ""
+    return s + (" split" if cfg.get("SPLIT_N") else "") + (" pipe" if cfg.get("PIPE") else "")
 
 
 def _print_sweep(title, res):
@@ -257,8 +280,9 @@ def _sweep_dense(args, bench, spec, device="cuda"):
     xq, xs = quant_1x128(x)
     wq, ws = quant_128x128(w)
     ref = fg.fp8_gemm_blockwise_ref(xq, xs, wq, ws, out_dtype=torch.float32)
-    cands = _cfg_dicts(fg._gpu_configs())
-    cands += [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=w, num_stages=s) for bm, bn, w, s in _EXTRA_DENSE]
+    cands = _cfg_dicts(fg._gpu_configs)
+    cands += [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=w, num_stages=s, **_variant(v))
+              for bm, bn, w, s, v in _EXTRA_DENSE]
     title = f"fp8_blockwise {spec}"
     res = [_time_config(bench, lambda c: fg.fp8_gemm_blockwise(xq, xs, wq, ws, config=c), ref, flops, c, title)
            for c in cands]
@@ -286,8 +310,9 @@ def _sweep_grouped(args, bench, spec, device="cuda"):
     xq, xs = quant_1x128(x)
     wq, ws = quant_128x128(we)
     ref = fg.fp8_gemm_grouped_ref(xq, xs, wq, ws, tiles, out_dtype=torch.float32)
-    cands = _cfg_dicts(fg._grouped_gpu_configs())
-    cands += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in _EXTRA_GROUPED]
+    cands = _cfg_dicts(fg._grouped_gpu_configs)
+    cands += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **_variant(v))
+              for bm, bn, w, s, v in _EXTRA_GROUPED]
     title = f"grouped_fp8_block G{E}:{spec}"
     res = [_time_config(bench, lambda c: fg.fp8_gemm_grouped(xq, xs, wq, ws, tiles, config=c), ref, flops, c, title)
            for c in cands]

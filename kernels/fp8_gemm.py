@@ -19,6 +19,16 @@ BLOCK_M in {16..256} (grouped: dividing the 128-row tile), BLOCK_N in {16..256};
 BLOCK_N <= 128 tile reads one scalar scale per K tile, a BLOCK_N == 256 tile two (selected per column).
 GPU launches autotune over a list of configs pruned per shape (``_prune``); ``config=`` fixes one instead.
 
+Kernel variants (constexpr, default off; config kwargs, so the autotuner / ``config=`` choose them):
+  SPLIT_N  the N tile as two BLOCK_N/2 halves with two accumulators sharing one A tile load; half 0 is promoted
+           (and pinned there by ``_order_fence``) before half 1's dot, so only a half-width product is live next
+           to the accumulators: 128x256 / 256x128 tiles with 8 warps no longer spill heavily (sm90 offline compile,
+           triton 3.9: 260 / 236 B -> 24 / 48 B of spill stores).
+  PIPE     software-pipelined promotion: the dot of K tile k+1 is issued before tile k's product is promoted,
+           meant to let sm90's async wgmma overlap the promotion FMAs. Triton 3.9 still waits for each wgmma
+           (``wgmma.wait_group 0``) right after issuing it, so offline this gives no overlap yet; kept for
+           measurement (other triton versions may differ). With SPLIT_N: a half-tile-shifted pipeline.
+
 Variants
   fp8_gemm_blockwise(a, a_s, b, b_s)   a: 1x128 scales [M, ceil(K/128)]; b: 128x128 scales
                                        [ceil(N/128), ceil(K/128)]. Forward y = x W^T and, with
@@ -85,56 +95,196 @@ def _round_to_bf16_grid(v):
 
 
 @triton.jit
+def _fp8_load_k(ptrs, k_left, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    # one [rows, BLOCK_K] fp8 operand tile; K mask only when MASK_K (the last, partial tile; k_left = K columns left)
+    if MASK_K:
+        k_mask = tl.arange(0, BLOCK_K) < k_left
+        x = tl.load(ptrs, mask=k_mask[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    if UPCAST_DOT:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _fp8_scales(sa, sb_ptrs, sb_hi_ptrs, B_BLOCK_SCALES: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One K tile's promotion factors (fa [BLOCK_M], fb [BLOCK_N]) for _fp8_promote; sa: the loaded a scales.
+    # b scales (sb_ptrs) by case:
+    #   per-row (not B_BLOCK_SCALES)      sb_ptrs [BLOCK_N]                    fa = sa,      fb = sb
+    #   128x128, BLOCK_N <= 128           sb_ptrs scalar (one 128-row block)   fa = sa * sb, fb unused (ones)
+    #   128x128, BLOCK_N == 256           sb_ptrs / sb_hi_ptrs scalars: the blocks of columns 0..127 / 128..255;
+    #                                     fa = sa, fb = the per-column select (two scalar loads, no gather)
+    if B_BLOCK_SCALES:
+        if BLOCK_N <= 128:
+            fa = sa * tl.load(sb_ptrs)
+            fb = tl.full((BLOCK_N,), 1.0, tl.float32)
+        else:
+            fa = sa
+            fb = tl.where(tl.arange(0, BLOCK_N) < 128, tl.load(sb_ptrs), tl.load(sb_hi_ptrs))
+    else:
+        fa = sa
+        fb = tl.load(sb_ptrs)
+    return fa, fb
+
+
+@triton.jit
+def _fp8_promote(acc, part, fa, fb, B_BLOCK_SCALES: tl.constexpr, BLOCK_N: tl.constexpr):
+    # acc += part * scales (the fp32 promotion of one K tile's tensor-core product)
+    if B_BLOCK_SCALES:
+        if BLOCK_N <= 128:
+            acc += part * fa[:, None]
+        else:
+            acc += part * (fa[:, None] * fb[None, :])
+    else:
+        acc += part * fa[:, None] * fb[None, :]
+    return acc
+
+
+@triton.jit
 def _fp8_k_tile(acc, a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, sb_hi_ptrs, k_left,
                 B_BLOCK_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr,
                 UPCAST_DOT: tl.constexpr):
     # One 128-wide K tile: acc += (A_tile @ B_tile^T) * a_scale[:, None] * b_scale, promoted in fp32.
     # a_ptrs [BLOCK_M, BLOCK_K] / b_ptrs [BLOCK_N, BLOCK_K] point at valid rows (callers clamp out-of-range rows,
-    # so only K needs a mask, and only when MASK_K: the last, partial tile; k_left = K columns left).
-    # sa_ptrs [BLOCK_M]; b scales (sb_ptrs) by case:
-    #   per-row (not B_BLOCK_SCALES)      sb_ptrs [BLOCK_N]
-    #   128x128, BLOCK_N <= 128           sb_ptrs scalar (the tile lies in one 128-row block of B)
-    #   128x128, BLOCK_N == 256           sb_ptrs / sb_hi_ptrs scalars: the blocks of columns 0..127 / 128..255
-    if MASK_K:
-        k_mask = tl.arange(0, BLOCK_K) < k_left
-        a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[None, :], other=0.0)
-    else:
-        a = tl.load(a_ptrs)
-        b = tl.load(b_ptrs)
-    if UPCAST_DOT:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
+    # so only K needs a mask, and only when MASK_K). sa_ptrs [BLOCK_M]; b scales: see _fp8_scales.
+    a = _fp8_load_k(a_ptrs, k_left, BLOCK_K, MASK_K, UPCAST_DOT)
+    b = _fp8_load_k(b_ptrs, k_left, BLOCK_K, MASK_K, UPCAST_DOT)
     part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
-    sa = tl.load(sa_ptrs)
-    if B_BLOCK_SCALES:
-        if BLOCK_N <= 128:
-            sb = tl.load(sb_ptrs)
-            acc += part * (sa * sb)[:, None]
-        else:  # BLOCK_N == 256: two scalar loads and a select, not a per-column gather
-            sb_lo = tl.load(sb_ptrs)
-            sb_hi = tl.load(sb_hi_ptrs)
-            sb = tl.where(tl.arange(0, BLOCK_N) < 128, sb_lo, sb_hi)
-            acc += part * (sa[:, None] * sb[None, :])
-    else:
-        sb = tl.load(sb_ptrs)
-        acc += part * sa[:, None] * sb[None, :]
-    return acc
+    fa, fb = _fp8_scales(tl.load(sa_ptrs), sb_ptrs, sb_hi_ptrs, B_BLOCK_SCALES, BLOCK_N)
+    return _fp8_promote(acc, part, fa, fb, B_BLOCK_SCALES, BLOCK_N)
 
 
 @triton.jit
 def _fp8_k_loop(acc, a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, sb_hi_ptrs, kt0, kt1,
                 stride_ak, stride_bk, stride_sak, stride_sbk,
-                B_BLOCK_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                B_BLOCK_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                PIPE: tl.constexpr = False):
     # The unmasked K loop shared by every kernel here: full K tiles kt0 .. kt1-1 (pointers at K tile 0).
+    # PIPE (software-pipelined promotion): the dot of tile kt is issued before tile kt-1's product is promoted,
+    # so an async tensor-core MMA (sm90 wgmma) can overlap the previous tile's FMAs; costs a third
+    # [BLOCK_M, BLOCK_N] fp32 tile of registers (part_prev). part_prev / its factors start at zero (0 * 0 adds 0).
     a_ptrs += kt0 * (BLOCK_K * stride_ak)
     b_ptrs += kt0 * (BLOCK_K * stride_bk)
-    for kt in range(kt0, kt1):
-        acc = _fp8_k_tile(acc, a_ptrs, b_ptrs, sa_ptrs + kt * stride_sak, sb_ptrs + kt * stride_sbk,
-                          sb_hi_ptrs + kt * stride_sbk, 0, B_BLOCK_SCALES, BLOCK_N, BLOCK_K, False, UPCAST_DOT)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    if PIPE:
+        part_prev = tl.zeros(acc.shape, dtype=tl.float32)
+        fa_prev = tl.zeros((acc.shape[0],), dtype=tl.float32)
+        fb_prev = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for kt in range(kt0, kt1):
+            a = _fp8_load_k(a_ptrs, 0, BLOCK_K, False, UPCAST_DOT)
+            b = _fp8_load_k(b_ptrs, 0, BLOCK_K, False, UPCAST_DOT)
+            part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
+            acc = _fp8_promote(acc, part_prev, fa_prev, fb_prev, B_BLOCK_SCALES, BLOCK_N)
+            fa_prev, fb_prev = _fp8_scales(tl.load(sa_ptrs + kt * stride_sak), sb_ptrs + kt * stride_sbk,
+                                           sb_hi_ptrs + kt * stride_sbk, B_BLOCK_SCALES, BLOCK_N)
+            part_prev = part
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        acc = _fp8_promote(acc, part_prev, fa_prev, fb_prev, B_BLOCK_SCALES, BLOCK_N)
+    else:
+        for kt in range(kt0, kt1):
+            acc = _fp8_k_tile(acc, a_ptrs, b_ptrs, sa_ptrs + kt * stride_sak, sb_ptrs + kt * stride_sbk,
+                              sb_hi_ptrs + kt * stride_sbk, 0, B_BLOCK_SCALES, BLOCK_N, BLOCK_K, False, UPCAST_DOT)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
     return acc
+
+
+# Compiled (not interpreted) kernels order SPLIT_N's half-tile promotions with an inline-asm fence (see _order_fence).
+_ASM_FENCE = tl.constexpr(not INTERPRETED)
+
+
+@triton.jit
+def _order_fence(x):
+    # Identity on fp32 x through a side-effecting inline asm (`mov`): LLVM keeps side-effecting asm in program
+    # order, so the FMAs producing x stay before the next tl.dot's wgmma (also side-effecting asm). Without it,
+    # LLVM sinks half 0's promotion FMAs past half 1's wgmma and both half products are live at once (seen in the
+    # PTX with triton 3.9). The interpreter has no inline asm: identity there.
+    if _ASM_FENCE:
+        x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=False, pack=1)
+    return x
+
+
+@triton.jit
+def _fp8_k_tile_split(acc0, acc1, a_ptrs, b0_ptrs, b1_ptrs, sa_ptrs, sb0_ptrs, sb1_ptrs, k_left,
+                      B_BLOCK_SCALES: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr,
+                      UPCAST_DOT: tl.constexpr):
+    # SPLIT_N form of _fp8_k_tile: the N tile as two HALF-column halves (acc0 / acc1, B rows b0_ptrs / b1_ptrs,
+    # b scales sb0_ptrs / sb1_ptrs, each a scalar with 128x128 scales as HALF <= 128) sharing one A tile.
+    # Half 0 is promoted before half 1's dot, so only one HALF-wide product is live next to the accumulators.
+    a = _fp8_load_k(a_ptrs, k_left, BLOCK_K, MASK_K, UPCAST_DOT)
+    b0 = _fp8_load_k(b0_ptrs, k_left, BLOCK_K, MASK_K, UPCAST_DOT)
+    b1 = _fp8_load_k(b1_ptrs, k_left, BLOCK_K, MASK_K, UPCAST_DOT)
+    sa = tl.load(sa_ptrs)
+    part0 = tl.dot(a, tl.trans(b0), out_dtype=tl.float32)
+    fa0, fb0 = _fp8_scales(sa, sb0_ptrs, sb0_ptrs, B_BLOCK_SCALES, HALF)
+    acc0 = _order_fence(_fp8_promote(acc0, part0, fa0, fb0, B_BLOCK_SCALES, HALF))
+    part1 = tl.dot(a, tl.trans(b1), out_dtype=tl.float32)
+    fa1, fb1 = _fp8_scales(sa, sb1_ptrs, sb1_ptrs, B_BLOCK_SCALES, HALF)
+    acc1 = _fp8_promote(acc1, part1, fa1, fb1, B_BLOCK_SCALES, HALF)
+    return acc0, acc1
+
+
+@triton.jit
+def _fp8_k_loop_split(acc0, acc1, a_ptrs, b0_ptrs, b1_ptrs, sa_ptrs, sb0_ptrs, sb1_ptrs, kt0, kt1,
+                      stride_ak, stride_bk, stride_sak, stride_sbk,
+                      B_BLOCK_SCALES: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
+                      UPCAST_DOT: tl.constexpr, PIPE: tl.constexpr):
+    # SPLIT_N K loop (full tiles kt0 .. kt1-1). With PIPE, a half-tile-shifted pipeline: each iteration issues
+    # half 0's dot, promotes the previous tile's half 1 (overlapping that dot), issues half 1's dot, then
+    # promotes half 0 (overlapping half 1's dot). Live fp32 registers: 2 tiles (accumulators + two half
+    # products), the same as the plain path, instead of PIPE's 3.
+    a_ptrs += kt0 * (BLOCK_K * stride_ak)
+    b0_ptrs += kt0 * (BLOCK_K * stride_bk)
+    b1_ptrs += kt0 * (BLOCK_K * stride_bk)
+    if PIPE:
+        part1_prev = tl.zeros(acc1.shape, dtype=tl.float32)
+        fa1_prev = tl.zeros((acc1.shape[0],), dtype=tl.float32)
+        fb1_prev = tl.zeros((HALF,), dtype=tl.float32)
+        for kt in range(kt0, kt1):
+            a = _fp8_load_k(a_ptrs, 0, BLOCK_K, False, UPCAST_DOT)
+            b0 = _fp8_load_k(b0_ptrs, 0, BLOCK_K, False, UPCAST_DOT)
+            b1 = _fp8_load_k(b1_ptrs, 0, BLOCK_K, False, UPCAST_DOT)
+            sa = tl.load(sa_ptrs + kt * stride_sak)
+            part0 = tl.dot(a, tl.trans(b0), out_dtype=tl.float32)
+            acc1 = _fp8_promote(acc1, part1_prev, fa1_prev, fb1_prev, B_BLOCK_SCALES, HALF)
+            part1 = tl.dot(a, tl.trans(b1), out_dtype=tl.float32)
+            fa0, fb0 = _fp8_scales(sa, sb0_ptrs + kt * stride_sbk, sb0_ptrs + kt * stride_sbk, B_BLOCK_SCALES, HALF)
+            acc0 = _fp8_promote(acc0, part0, fa0, fb0, B_BLOCK_SCALES, HALF)
+            fa1_prev, fb1_prev = _fp8_scales(sa, sb1_ptrs + kt * stride_sbk, sb1_ptrs + kt * stride_sbk,
+                                             B_BLOCK_SCALES, HALF)
+            part1_prev = part1
+            a_ptrs += BLOCK_K * stride_ak
+            b0_ptrs += BLOCK_K * stride_bk
+            b1_ptrs += BLOCK_K * stride_bk
+        acc1 = _fp8_promote(acc1, part1_prev, fa1_prev, fb1_prev, B_BLOCK_SCALES, HALF)
+    else:
+        for kt in range(kt0, kt1):
+            acc0, acc1 = _fp8_k_tile_split(acc0, acc1, a_ptrs, b0_ptrs, b1_ptrs, sa_ptrs + kt * stride_sak,
+                                           sb0_ptrs + kt * stride_sbk, sb1_ptrs + kt * stride_sbk, 0,
+                                           B_BLOCK_SCALES, HALF, BLOCK_K, False, UPCAST_DOT)
+            a_ptrs += BLOCK_K * stride_ak
+            b0_ptrs += BLOCK_K * stride_bk
+            b1_ptrs += BLOCK_K * stride_bk
+    return acc0, acc1
+
+
+@triton.jit
+def _b_half_scale_ptrs(bs_ptr, n0, offs_bn, N, stride_bsn, B_BLOCK_SCALES: tl.constexpr):
+    # b scale pointers (K tile 0) of a SPLIT_N half starting at column n0 (width <= 128, so inside one 128-block;
+    # a half past N in the partial last tile is clamped onto the last block: its columns are never stored)
+    if B_BLOCK_SCALES:
+        p = bs_ptr + tl.minimum(n0 // 128, (N - 1) // 128) * stride_bsn
+    else:
+        p = bs_ptr + offs_bn * stride_bsn
+    return p
+
+
+@triton.jit
+def _store_c(c_ptrs, acc, mask, EXACT_CAST: tl.constexpr, OUT_BF16: tl.constexpr):
+    if EXACT_CAST and OUT_BF16:
+        acc = _round_to_bf16_grid(acc)
+    tl.store(c_ptrs, acc.to(c_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -168,6 +318,8 @@ def _fp8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask anywhere
     UPCAST_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, OUT_BF16: tl.constexpr,
+    SPLIT_N: tl.constexpr = False,  # the N tile as two BLOCK_N/2 halves (two accumulators, one shared A tile)
+    PIPE: tl.constexpr = False,  # software-pipelined promotion (see _fp8_k_loop / _fp8_k_loop_split)
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -181,30 +333,54 @@ def _fp8_gemm_kernel(
     pid_n = (pid % num_pid_in_group) // group_size_m
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows past M / N are wrapped onto valid rows (results discarded by the masked store): unmasked loads
     offs_am = offs_m % M
-    offs_bn = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_bn[:, None] * stride_bn + offs_k[None, :] * stride_bk
     as_ptrs = as_ptr + offs_am * stride_asm
-    bs_ptrs, bs_hi_ptrs = _b_scale_ptrs(bs_ptr, pid_n, offs_bn, N, stride_bsn, B_BLOCK_SCALES, BLOCK_N)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_full = K // BLOCK_K
-    acc = _fp8_k_loop(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, bs_hi_ptrs, 0, k_full,
-                      stride_ak, stride_bk, stride_ask, stride_bsk, B_BLOCK_SCALES, BLOCK_N, BLOCK_K, UPCAST_DOT)
-    if not EVEN_K:  # the partial last K tile, peeled out of the loop
-        acc = _fp8_k_tile(acc, a_ptrs + k_full * (BLOCK_K * stride_ak), b_ptrs + k_full * (BLOCK_K * stride_bk),
-                          as_ptrs + k_full * stride_ask, bs_ptrs + k_full * stride_bsk,
-                          bs_hi_ptrs + k_full * stride_bsk, K - k_full * BLOCK_K,
-                          B_BLOCK_SCALES, BLOCK_N, BLOCK_K, True, UPCAST_DOT)
-
-    if EXACT_CAST and OUT_BF16:
-        acc = _round_to_bf16_grid(acc)
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+    if SPLIT_N:
+        tl.static_assert(BLOCK_N >= 32, "SPLIT_N: BLOCK_N must be >= 32")
+        HALF: tl.constexpr = BLOCK_N // 2
+        offs_n0 = pid_n * BLOCK_N + tl.arange(0, HALF)
+        offs_n1 = offs_n0 + HALF
+        offs_bn0 = offs_n0 % N
+        offs_bn1 = offs_n1 % N
+        b0_ptrs = b_ptr + offs_bn0[:, None] * stride_bn + offs_k[None, :] * stride_bk
+        b1_ptrs = b_ptr + offs_bn1[:, None] * stride_bn + offs_k[None, :] * stride_bk
+        bs0_ptrs = _b_half_scale_ptrs(bs_ptr, pid_n * BLOCK_N, offs_bn0, N, stride_bsn, B_BLOCK_SCALES)
+        bs1_ptrs = _b_half_scale_ptrs(bs_ptr, pid_n * BLOCK_N + HALF, offs_bn1, N, stride_bsn, B_BLOCK_SCALES)
+        acc0 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        acc0, acc1 = _fp8_k_loop_split(acc0, acc1, a_ptrs, b0_ptrs, b1_ptrs, as_ptrs, bs0_ptrs, bs1_ptrs, 0, k_full,
+                                       stride_ak, stride_bk, stride_ask, stride_bsk, B_BLOCK_SCALES, HALF, BLOCK_K,
+                                       UPCAST_DOT, PIPE)
+        if not EVEN_K:  # the partial last K tile, peeled out of the loop
+            acc0, acc1 = _fp8_k_tile_split(
+                acc0, acc1, a_ptrs + k_full * (BLOCK_K * stride_ak), b0_ptrs + k_full * (BLOCK_K * stride_bk),
+                b1_ptrs + k_full * (BLOCK_K * stride_bk), as_ptrs + k_full * stride_ask,
+                bs0_ptrs + k_full * stride_bsk, bs1_ptrs + k_full * stride_bsk, K - k_full * BLOCK_K,
+                B_BLOCK_SCALES, HALF, BLOCK_K, True, UPCAST_DOT)
+        row_ok = (offs_m < M)[:, None]
+        c_rows = c_ptr + offs_m[:, None] * stride_cm
+        _store_c(c_rows + offs_n0[None, :] * stride_cn, acc0, row_ok & (offs_n0 < N)[None, :], EXACT_CAST, OUT_BF16)
+        _store_c(c_rows + offs_n1[None, :] * stride_cn, acc1, row_ok & (offs_n1 < N)[None, :], EXACT_CAST, OUT_BF16)
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_bn = offs_n % N
+        b_ptrs = b_ptr + offs_bn[:, None] * stride_bn + offs_k[None, :] * stride_bk
+        bs_ptrs, bs_hi_ptrs = _b_scale_ptrs(bs_ptr, pid_n, offs_bn, N, stride_bsn, B_BLOCK_SCALES, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _fp8_k_loop(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, bs_hi_ptrs, 0, k_full,
+                          stride_ak, stride_bk, stride_ask, stride_bsk, B_BLOCK_SCALES, BLOCK_N, BLOCK_K, UPCAST_DOT,
+                          PIPE)
+        if not EVEN_K:  # the partial last K tile, peeled out of the loop
+            acc = _fp8_k_tile(acc, a_ptrs + k_full * (BLOCK_K * stride_ak), b_ptrs + k_full * (BLOCK_K * stride_bk),
+                              as_ptrs + k_full * stride_ask, bs_ptrs + k_full * stride_bsk,
+                              bs_hi_ptrs + k_full * stride_bsk, K - k_full * BLOCK_K,
+                              B_BLOCK_SCALES, BLOCK_N, BLOCK_K, True, UPCAST_DOT)
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        _store_c(c_ptrs, acc, (offs_m < M)[:, None] & (offs_n < N)[None, :], EXACT_CAST, OUT_BF16)
 
 
 _SMEM_BYTES = 232448  # sm90 opt-in shared memory per block; configs whose fp8 pipeline buffers exceed it are dropped
@@ -214,12 +390,29 @@ def _cfg(w, s, **blocks):
     return triton.Config(dict(blocks), num_warps=w, num_stages=s)
 
 
+def _variant(v):
+    """Config kwargs of a kernel variant tag: "" (default path), "S" (SPLIT_N), "P" (PIPE), "SP" (both)."""
+    return {**({"SPLIT_N": True} if "S" in v else {}), **({"PIPE": True} if "P" in v else {})}
+
+
+def _variants_autotuned() -> bool:
+    """SPLIT_N / PIPE join the autotune lists only with MOETRAIN_FP8_VARIANTS=1: they have passed the CPU
+    interpreter tests and an offline sm90 compile but have not run on a GPU yet (the autotuner picks the fastest
+    config without checking its result; ``bench_fp8.py --sweep`` checks each against the reference first)."""
+    return os.environ.get("MOETRAIN_FP8_VARIANTS", "0") == "1"
+
+
 def _gpu_configs():
     """Autotune candidates of the dense kernel (GROUP_M 8): (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8) for bm, bn, w, s in [
         (128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (256, 128, 8, 4),
         (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 8, 5), (128, 128, 4, 3),
-        (64, 256, 4, 4), (64, 256, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)]]
+        (64, 256, 4, 4), (64, 256, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)]] + [
+        # variants (offline sm90 compile, triton 3.9: SPLIT_N cuts the 128x256 / 256x128 w8 spills from ~250 B to
+        # 24 / 48 B; PIPE fits 128x128 w8 without spills, 242 regs)
+        _cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, **_variant(v)) for bm, bn, w, s, v in [
+            (128, 256, 8, 3, "S"), (128, 256, 8, 4, "S"), (256, 128, 8, 3, "S"), (128, 128, 8, 4, "P")]
+        if _variants_autotuned()]
 
 
 def _pow2_at_least(n, lo=16):
@@ -234,12 +427,14 @@ def _prune(configs, m, n, m_key="BLOCK_M", n_key="BLOCK_N"):
         bm, bn = c.kwargs.get(m_key, 128), c.kwargs[n_key]
         if bm > _pow2_at_least(m, 64) or bn > _pow2_at_least(n, 64):
             continue
+        if c.kwargs.get("SPLIT_N") and bn < 32:  # SPLIT_N halves must be >= 16 wide (tl.dot)
+            continue
         if c.num_stages * (bm + bn) * 128 > _SMEM_BYTES:
             continue
         keep.append(c)
     if keep:
         return keep
-    return [min(configs, key=lambda c: c.kwargs.get(m_key, 128) * c.kwargs[n_key])]
+    return [min(configs, key=lambda c: (c.kwargs.get(m_key, 128) * c.kwargs[n_key], len(c.kwargs)))]
 
 
 def _prune_dense(configs, named_args, **kwargs):
@@ -251,7 +446,7 @@ _fp8_gemm_kernel_tuned = _fp8_gemm_kernel if INTERPRETED else triton.autotune(
     prune_configs_by={"early_config_prune": _prune_dense})(_fp8_gemm_kernel)
 
 _OUT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
-_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages")
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages", "SPLIT_N", "PIPE")
 
 
 def _check_config(name, cfg, keys=_CONFIG_KEYS, max_m=256):
@@ -262,6 +457,11 @@ def _check_config(name, cfg, keys=_CONFIG_KEYS, max_m=256):
         v = cfg.get(k)
         if v is not None and (not isinstance(v, int) or v < 16 or v > hi or v & (v - 1)):
             raise ValueError(f"{name}: {k} must be a power of two in [16, {hi}], got {v}")
+    for k in ("SPLIT_N", "PIPE"):
+        if not isinstance(cfg.get(k, False), bool):
+            raise ValueError(f"{name}: {k} must be a bool, got {cfg[k]!r}")
+    if cfg.get("SPLIT_N") and cfg.get("BLOCK_N", 128) < 32:
+        raise ValueError(f"{name}: SPLIT_N needs BLOCK_N >= 32, got {cfg['BLOCK_N']}")
 
 
 def _launch(a, a_s, b, b_s, out_dtype, b_block_scales: bool, name: str, config: dict | None = None):
@@ -319,8 +519,9 @@ def fp8_gemm_blockwise(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch
     a_fp8: [M, K] float8_e4m3fn, a_scales: [M, ceil(K/128)] fp32 (from quant_1x128);
     b_fp8: [N, K] float8_e4m3fn, b_scales: [ceil(N/128), ceil(K/128)] fp32 (from quant_128x128).
     FP32 accumulation with promotion (scale multiply + add) every 128 K. Returns [M, N] ``out_dtype``.
-    ``config`` (optional, GPU benchmarking): fixed {BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages}
-    instead of autotuning (BLOCK_M, BLOCK_N: powers of two in [16, 256]; ValueError otherwise).
+    ``config`` (optional, GPU benchmarking): fixed {BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages, SPLIT_N,
+    PIPE} instead of autotuning (BLOCK_M, BLOCK_N: powers of two in [16, 256]; SPLIT_N / PIPE: bools, SPLIT_N
+    needs BLOCK_N >= 32; ValueError otherwise).
     """
     return _launch(a_fp8, a_scales, b_fp8, b_scales, out_dtype, True, "fp8_gemm_blockwise", config)
 
@@ -377,6 +578,7 @@ def _fp8_gemm_grouped_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask anywhere
     UPCAST_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, OUT_BF16: tl.constexpr,
+    SPLIT_N: tl.constexpr = False, PIPE: tl.constexpr = False,  # as in _fp8_gemm_kernel
 ):
     # C[rows of tile t] = A[rows of tile t] @ B[group(t)]^T; one BLOCK_M-row part (BLOCK_M divides 128) of one
     # 128-row tile (of one group) per program
@@ -389,29 +591,55 @@ def _fp8_gemm_grouped_kernel(
     re = tl.load(te_ptr + t)
     nonempty = re > rs
     offs_m = rs + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows past the tile's end / N are clamped onto valid rows (results discarded by the masked store)
     offs_am = tl.maximum(tl.minimum(offs_m, re - 1), 0)
-    offs_bn = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + g * stride_be + offs_bn[:, None] * stride_bn + offs_k[None, :] * stride_bk
     as_ptrs = as_ptr + offs_am * stride_asm
-    bs_ptrs, bs_hi_ptrs = _b_scale_ptrs(bs_ptr + g * stride_bse, pid_n, offs_bn, N, stride_bsn, True, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    b_ptr += g * stride_be
+    bs_ptr += g * stride_bse
     k_full = tl.where(nonempty, K // BLOCK_K, 0)
-    acc = _fp8_k_loop(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, bs_hi_ptrs, 0, k_full,
-                      stride_ak, stride_bk, stride_ask, stride_bsk, True, BLOCK_N, BLOCK_K, UPCAST_DOT)
-    if not EVEN_K:  # the partial last K tile; for empty tiles the K mask is all off (no operand loads)
-        k_last = K // BLOCK_K
-        acc = _fp8_k_tile(acc, a_ptrs + k_last * (BLOCK_K * stride_ak), b_ptrs + k_last * (BLOCK_K * stride_bk),
-                          as_ptrs + k_last * stride_ask, bs_ptrs + k_last * stride_bsk,
-                          bs_hi_ptrs + k_last * stride_bsk, tl.where(nonempty, K - k_last * BLOCK_K, 0),
-                          True, BLOCK_N, BLOCK_K, True, UPCAST_DOT)
-    if EXACT_CAST and OUT_BF16:
-        acc = _round_to_bf16_grid(acc)
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < re)[:, None] & (offs_n < N)[None, :])
+    k_last = K // BLOCK_K
+    k_left = tl.where(nonempty, K - k_last * BLOCK_K, 0)  # empty tiles: the tail's K mask is all off (no loads)
+    row_ok = (offs_m < re)[:, None]
+    c_rows = c_ptr + offs_m[:, None] * stride_cm
+    if SPLIT_N:
+        tl.static_assert(BLOCK_N >= 32, "SPLIT_N: BLOCK_N must be >= 32")
+        HALF: tl.constexpr = BLOCK_N // 2
+        offs_n0 = pid_n * BLOCK_N + tl.arange(0, HALF)
+        offs_n1 = offs_n0 + HALF
+        offs_bn0 = offs_n0 % N
+        offs_bn1 = offs_n1 % N
+        b0_ptrs = b_ptr + offs_bn0[:, None] * stride_bn + offs_k[None, :] * stride_bk
+        b1_ptrs = b_ptr + offs_bn1[:, None] * stride_bn + offs_k[None, :] * stride_bk
+        bs0_ptrs = _b_half_scale_ptrs(bs_ptr, pid_n * BLOCK_N, offs_bn0, N, stride_bsn, True)
+        bs1_ptrs = _b_half_scale_ptrs(bs_ptr, pid_n * BLOCK_N + HALF, offs_bn1, N, stride_bsn, True)
+        acc0 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        acc0, acc1 = _fp8_k_loop_split(acc0, acc1, a_ptrs, b0_ptrs, b1_ptrs, as_ptrs, bs0_ptrs, bs1_ptrs, 0, k_full,
+                                       stride_ak, stride_bk, stride_ask, stride_bsk, True, HALF, BLOCK_K,
+                                       UPCAST_DOT, PIPE)
+        if not EVEN_K:
+            acc0, acc1 = _fp8_k_tile_split(
+                acc0, acc1, a_ptrs + k_last * (BLOCK_K * stride_ak), b0_ptrs + k_last * (BLOCK_K * stride_bk),
+                b1_ptrs + k_last * (BLOCK_K * stride_bk), as_ptrs + k_last * stride_ask,
+                bs0_ptrs + k_last * stride_bsk, bs1_ptrs + k_last * stride_bsk, k_left, True, HALF, BLOCK_K, True,
+                UPCAST_DOT)
+        _store_c(c_rows + offs_n0[None, :] * stride_cn, acc0, row_ok & (offs_n0 < N)[None, :], EXACT_CAST, OUT_BF16)
+        _store_c(c_rows + offs_n1[None, :] * stride_cn, acc1, row_ok & (offs_n1 < N)[None, :], EXACT_CAST, OUT_BF16)
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_bn = offs_n % N
+        b_ptrs = b_ptr + offs_bn[:, None] * stride_bn + offs_k[None, :] * stride_bk
+        bs_ptrs, bs_hi_ptrs = _b_scale_ptrs(bs_ptr, pid_n, offs_bn, N, stride_bsn, True, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _fp8_k_loop(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, bs_hi_ptrs, 0, k_full,
+                          stride_ak, stride_bk, stride_ask, stride_bsk, True, BLOCK_N, BLOCK_K, UPCAST_DOT, PIPE)
+        if not EVEN_K:  # the partial last K tile
+            acc = _fp8_k_tile(acc, a_ptrs + k_last * (BLOCK_K * stride_ak), b_ptrs + k_last * (BLOCK_K * stride_bk),
+                              as_ptrs + k_last * stride_ask, bs_ptrs + k_last * stride_bsk,
+                              bs_hi_ptrs + k_last * stride_bsk, k_left, True, BLOCK_N, BLOCK_K, True, UPCAST_DOT)
+        _store_c(c_rows + offs_n[None, :] * stride_cn, acc, row_ok & (offs_n < N)[None, :], EXACT_CAST, OUT_BF16)
 
 
 @triton.jit
@@ -421,6 +649,7 @@ def _fp8_wgrad_grouped_kernel(
     stride_an, stride_bk, stride_ce, stride_cn, stride_ck, stride_asn, stride_bsk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, OUT_BF16: tl.constexpr,
+    SPLIT_N: tl.constexpr = False, PIPE: tl.constexpr = False,  # as in _fp8_gemm_kernel
 ):
     # C[g] = A[:, tiles of g] @ B[:, tiles of g]^T over the tile-padded token layout (128 columns per tile):
     # the shared K loop with K = tokens, the 1x128 scales per row of A and B, no K mask (tiles are full)
@@ -434,30 +663,48 @@ def _fp8_wgrad_grouped_kernel(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # rows of A (output features N)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # rows of B (input features K)
     offs_am = offs_m % N
-    offs_bn = offs_n % K
     offs_t = tl.arange(0, 128)
     t0 = tl.load(gts_ptr + g).to(tl.int64)
     t1 = tl.load(gts_ptr + g + 1).to(tl.int64)
     a_ptrs = a_ptr + offs_am[:, None] * stride_an + offs_t[None, :]
-    b_ptrs = b_ptr + offs_bn[:, None] * stride_bk + offs_t[None, :]
     as_ptrs = as_ptr + offs_am * stride_asn
-    bs_ptrs = bs_ptr + offs_bn * stride_bsk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _fp8_k_loop(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, bs_ptrs, t0, t1, 1, 1, 1, 1,
-                      False, BLOCK_N, 128, UPCAST_DOT)
-    if EXACT_CAST and OUT_BF16:
-        acc = _round_to_bf16_grid(acc)
-    c_ptrs = c_ptr + g.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cn + offs_n[None, :] * stride_ck
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < N)[:, None] & (offs_n < K)[None, :])
+    row_ok = (offs_m < N)[:, None]
+    c_rows = c_ptr + g.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cn
+    if SPLIT_N:
+        tl.static_assert(BLOCK_N >= 32, "SPLIT_N: BLOCK_N must be >= 32")
+        HALF: tl.constexpr = BLOCK_N // 2
+        offs_n0 = pid_n * BLOCK_N + tl.arange(0, HALF)   # rows of B (input features K)
+        offs_n1 = offs_n0 + HALF
+        offs_bn0 = offs_n0 % K
+        offs_bn1 = offs_n1 % K
+        acc0 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        acc0, acc1 = _fp8_k_loop_split(acc0, acc1, a_ptrs, b_ptr + offs_bn0[:, None] * stride_bk + offs_t[None, :],
+                                       b_ptr + offs_bn1[:, None] * stride_bk + offs_t[None, :], as_ptrs,
+                                       bs_ptr + offs_bn0 * stride_bsk, bs_ptr + offs_bn1 * stride_bsk, t0, t1,
+                                       1, 1, 1, 1, False, HALF, 128, UPCAST_DOT, PIPE)
+        _store_c(c_rows + offs_n0[None, :] * stride_ck, acc0, row_ok & (offs_n0 < K)[None, :], EXACT_CAST, OUT_BF16)
+        _store_c(c_rows + offs_n1[None, :] * stride_ck, acc1, row_ok & (offs_n1 < K)[None, :], EXACT_CAST, OUT_BF16)
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # rows of B (input features K)
+        offs_bn = offs_n % K
+        b_ptrs = b_ptr + offs_bn[:, None] * stride_bk + offs_t[None, :]
+        bs_ptrs = bs_ptr + offs_bn * stride_bsk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _fp8_k_loop(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, bs_ptrs, t0, t1, 1, 1, 1, 1,
+                          False, BLOCK_N, 128, UPCAST_DOT, PIPE)
+        _store_c(c_rows + offs_n[None, :] * stride_ck, acc, row_ok & (offs_n < K)[None, :], EXACT_CAST, OUT_BF16)
 
 
 def _grouped_gpu_configs():
     """Autotune candidates of the grouped kernel: (BLOCK_M (divides the 128-row tile), BLOCK_N, warps, stages)."""
     return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn) for bm, bn, w, s in [
         (128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 8, 5),
-        (64, 256, 4, 4), (64, 256, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4)]]
+        (64, 256, 4, 4), (64, 256, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4)]] + [
+        _cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, **_variant(v)) for bm, bn, w, s, v in [
+            (128, 256, 8, 3, "S"), (128, 256, 8, 4, "S"), (128, 128, 8, 4, "P")]
+        if _variants_autotuned()]
 
 
 def _wgrad_gpu_configs():
@@ -504,8 +751,8 @@ def fp8_gemm_grouped(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.T
     b_fp8 [E, N, K] e4m3 with 128x128 b_scales [E, ceil(N/128), ceil(K/128)] (quant_128x128 of [E, N, K]);
     tiles: grouped_tiles(counts, M). No host sync. Used for the experts' forward (B = W) and dgrad
     (B = W^T per expert: ``b_fp8.transpose(1, 2).contiguous()``, ``b_scales.transpose(1, 2).contiguous()``).
-    ``config`` (optional): fixed {BLOCK_M (dividing 128), BLOCK_N (<= 256), num_warps, num_stages} instead of
-    autotuning.
+    ``config`` (optional): fixed {BLOCK_M (dividing 128), BLOCK_N (<= 256), num_warps, num_stages, SPLIT_N, PIPE}
+    instead of autotuning.
     """
     name = "fp8_gemm_grouped"
     _check_common(name, a_fp8, b_fp8, a_scales, b_scales, out_dtype)
@@ -535,7 +782,8 @@ def fp8_gemm_grouped(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.T
     if INTERPRETED or config is not None or not _autotune():
         cfg = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
         if config is not None:
-            _check_config(name, config, ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), max_m=TILE)
+            _check_config(name, config, ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLIT_N", "PIPE"),
+                          max_m=TILE)
             cfg.update(config)
         _fp8_gemm_grouped_kernel[grid(cfg)](*args, **common, **cfg)
     else:
@@ -551,7 +799,8 @@ def fp8_gemm_grouped_wgrad(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: t
     a_fp8 [N, T*128], a_scales [N, T]; b_fp8 [K, T*128], b_scales [K, T]: the tile-padded transposed outputs
     of quant_1x128_with_transpose_grouped (grad_out^T and x^T; T = tiles.n_tiles), 1x128 tiles along tokens
     that never cross experts. Experts without tokens get zeros. No host sync.
-    ``config`` (optional): fixed {BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages} instead of autotuning.
+    ``config`` (optional): fixed {BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages, SPLIT_N, PIPE} instead of
+    autotuning.
     """
     name = "fp8_gemm_grouped_wgrad"
     _check_common(name, a_fp8, b_fp8, a_scales, b_scales, out_dtype)

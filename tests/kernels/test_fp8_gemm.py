@@ -365,3 +365,79 @@ def test_gpu_grouped_real_sizes():
     _, _, gtq, gts = quant_1x128_with_transpose_grouped(g, tiles)
     dw = fp8_gemm_grouped_wgrad(gtq, gts, xtq, xts, tiles)
     assert _rel(dw, fp8_gemm_grouped_wgrad_ref(gtq, gts, xtq, xts, tiles)) < 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kernel variants (constexpr SPLIT_N: two N halves sharing one A tile; PIPE: software-pipelined promotion)
+# ----------------------------------------------------------------------------------------------------------
+VARIANTS = [dict(SPLIT_N=True), dict(PIPE=True), dict(SPLIT_N=True, PIPE=True)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "+".join(v))
+@pytest.mark.parametrize("K", [384, 200])  # EVEN_K / one full K tile + a masked tail
+@pytest.mark.parametrize("bm,bn", [(64, 256), (32, 64)])
+def test_variants_dense(variant, K, bm, bn, monkeypatch):
+    """Dense kernel variants at N = 300 (a 256-wide last tile whose second half lies past N, and 128x128 b-scale
+    blocks differing by 50x) against the references, block-scaled (fp32 and bf16 out) and per-row (wgrad) b."""
+    M, N = 70, 300
+    x, w = _rand(M, K, seed=41), _rand(N, K, seed=42, scale=0.05)
+    w[:128] *= 50.0
+    xq, xs = quant_1x128(x)
+    wq, ws = quant_128x128(w)
+    spy = _LaunchSpy(fg._fp8_gemm_kernel)
+    monkeypatch.setattr(fg, "_fp8_gemm_kernel", spy)
+    cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, **variant}
+    ref = fp8_gemm_blockwise_ref(xq, xs, wq, ws, out_dtype=torch.float32)
+    _close_to_ref(fp8_gemm_blockwise(xq, xs, wq, ws, out_dtype=torch.float32, config=cfg), ref, torch.float32)
+    assert all(spy.calls[-1][k] is v for k, v in variant.items()) and spy.calls[-1]["EVEN_K"] is (K % 128 == 0)
+    _close_to_ref(fp8_gemm_blockwise(xq, xs, wq, ws, config=cfg), ref, torch.bfloat16)
+    _, _, xtq, xts = quant_1x128_with_transpose(x.t().contiguous())
+    _, _, wtq, wts = quant_1x128_with_transpose(w.t().contiguous())
+    d = fp8_gemm_1x128_1x128(xtq, xts, wtq, wts, config=cfg)
+    _close_to_ref(d, fp8_gemm_1x128_1x128_ref(xtq, xts, wtq, wts), torch.float32)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "+".join(v))
+@pytest.mark.parametrize("K", [256, 257])
+def test_variants_grouped(variant, K):
+    """Grouped forward and wgrad variants (empty groups: the pipelined loop runs zero iterations)."""
+    counts = [0, 70, 3, 130, 0]
+    c = torch.tensor(counts, device=DEVICE)
+    E, M, N = len(counts), sum(counts), 300
+    tiles = grouped_tiles(c, M)
+    x, w = _rand(M, K, seed=43), _rand(E, N, K, seed=44, scale=0.05)
+    w[:, 128:256] *= 50.0
+    xq, xs, xtq, xts = quant_1x128_with_transpose_grouped(x, tiles)
+    wq, ws = quant_128x128(w)
+    y = fp8_gemm_grouped(xq, xs, wq, ws, tiles, out_dtype=torch.float32,
+                         config={"BLOCK_M": 64, "BLOCK_N": 256, "num_warps": 4, **variant})
+    _close_to_ref(y, fp8_gemm_grouped_ref(xq, xs, wq, ws, tiles, out_dtype=torch.float32), torch.float32)
+    if K == 256:  # wgrad variants: dW [E, 130, 256] over the tile-padded token layout
+        g = _rand(M, 130, seed=45)
+        _, _, gtq, gts = quant_1x128_with_transpose_grouped(g, tiles)
+        dw = fp8_gemm_grouped_wgrad(gtq, gts, xtq, xts, tiles,
+                                    config={"BLOCK_M": 64, "BLOCK_N": 256, "GROUP_M": 2, **variant})
+        _close_to_ref(dw, fp8_gemm_grouped_wgrad_ref(gtq, gts, xtq, xts, tiles), torch.float32)
+
+
+def test_variant_configs_and_prune(monkeypatch):
+    monkeypatch.delenv("MOETRAIN_FP8_VARIANTS", raising=False)  # default: variants not autotuned (not GPU-run yet)
+    for cfgs in (fg._gpu_configs(), fg._grouped_gpu_configs()):
+        assert not any(c.kwargs.get("SPLIT_N") or c.kwargs.get("PIPE") for c in cfgs)
+    monkeypatch.setenv("MOETRAIN_FP8_VARIANTS", "1")
+    for cfgs in (fg._gpu_configs(), fg._grouped_gpu_configs()):
+        assert any(c.kwargs.get("SPLIT_N") for c in cfgs) and any(c.kwargs.get("PIPE") for c in cfgs)
+        assert not any(c.kwargs.get("SPLIT_N") and c.kwargs["BLOCK_N"] < 32 for c in cfgs)
+    big = fg._prune_dense(fg._gpu_configs(), {"M": 4096, "N": 7168, "K": 2048})
+    assert any(c.kwargs.get("SPLIT_N") for c in big) and any(c.kwargs.get("PIPE") for c in big)
+    tiny = fg._prune_dense([fg._cfg(4, 3, BLOCK_M=16, BLOCK_N=16, GROUP_M=8, SPLIT_N=True)], {"M": 1, "N": 1, "K": 1})
+    assert tiny  # never empty (the fallback keeps the smallest)
+    assert fg._prune_dense([fg._cfg(4, 3, BLOCK_M=64, BLOCK_N=16, GROUP_M=8, SPLIT_N=True),
+                            fg._cfg(4, 3, BLOCK_M=64, BLOCK_N=64, GROUP_M=8)], {"M": 64, "N": 64, "K": 1}) \
+        [0].kwargs.get("SPLIT_N") is None
+    xq, xs = quant_1x128(_rand(8, 256))
+    wq, ws = quant_128x128(_rand(16, 256))
+    with pytest.raises(ValueError, match="SPLIT_N"):
+        fp8_gemm_blockwise(xq, xs, wq, ws, config={"BLOCK_N": 16, "SPLIT_N": True})
+    with pytest.raises(ValueError, match="PIPE"):
+        fp8_gemm_blockwise(xq, xs, wq, ws, config={"PIPE": 1})
