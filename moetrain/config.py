@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from moetrain.economics import GPU_SPECS
 from moetrain.model.args import FLAVORS, ModelArgs
@@ -209,7 +209,11 @@ def load_config(config_file: str | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"{key}: unknown config key; {hint}")
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
     except OmegaConfBaseException as e:
-        raise ConfigError(_one_line(e)) from None
+        msg, key = _one_line(e), getattr(e, "full_key", None)
+        current = OmegaConf.select(cfg, key, default=None) if isinstance(e, ValidationError) and key else None
+        if current is not None:  # a value of the wrong type: say which type, with the current value as example
+            msg += f"; expected {type(current).__name__}, e.g. {key}={current}"
+        raise ConfigError(msg) from None
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

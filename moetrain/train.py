@@ -43,6 +43,9 @@ from moetrain.parallel.parallelize import UnavailableFeature, parallelize
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
+#: train.* keys that shape the learning-rate schedule: a resume that changes one says so.
+SCHEDULE_KEYS = ("steps", "lr", "warmup_steps", "min_lr_ratio")
+
 class UserError(Exception):
     """A mistake the user can fix; printed as one line, exit code 2."""
 
@@ -225,7 +228,11 @@ class Trainer:
     # ----- checkpoints --------------------------------------------------------------------------
     def trainer_state(self) -> dict:
         return {"sampler": self.sampler.state_dict(), "meter": self.meter.state_dict(),
-                "wandb_id": self.wandb_id, "world_size": self.ctx.world_size}
+                "wandb_id": self.wandb_id, "world_size": self.ctx.world_size, "schedule": self._schedule()}
+
+    def _schedule(self) -> dict:
+        """The keys that shape the learning-rate schedule (compared on resume)."""
+        return {k: self.cfg.train[k] for k in SCHEDULE_KEYS}
 
     def save(self) -> Path:
         with self.meter.phase("checkpoint"):
@@ -261,6 +268,11 @@ class Trainer:
         if self.ctx.is_main:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
             print(f"resumed from {path} at step {self.step}", flush=True)
+            saved = state.get("schedule") or {}
+            changed = [f"train.{k} {saved[k]} -> {v}" for k, v in self._schedule().items() if k in saved and saved[k] != v]
+            if changed:
+                print(f"note: {', '.join(changed)} since that checkpoint; the learning-rate schedule follows the "
+                      f"new values from step {self.step}", flush=True)
 
     # ----- steps --------------------------------------------------------------------------------
     def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

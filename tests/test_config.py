@@ -39,6 +39,7 @@ def test_resolved_config_is_saved(tmp_path):
     (["train.stepz=3"], "train.stepz: unknown config key"),
     (["nosuch.key=1"], "nosuch.key: unknown config key"),
     (["train.steps=abc"], "train.steps"),
+    (["train.lr=abc"], "; expected float, e.g. train.lr="),
     (["train.steps=0"], "train.steps=0: must be > 0"),
     (["train.batch_size=-4"], "train.batch_size=-4: must be > 0"),
     (["model.dim=0"], "model.dim=0: must be > 0"),

@@ -95,6 +95,7 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_continues(tmp_path):
     resumed = run_trainer(train_args(run, cache, f"train.steps={stopped_at + 2}", "train.log_every=1",
                                      "train.eval_every=0"))
     assert f"resumed from {ckpts[-1]}" in resumed.stdout
+    assert f"note: train.steps 400 -> {stopped_at + 2} since that checkpoint" in resumed.stdout
     assert max(losses(run)) == stopped_at + 2
 
 
