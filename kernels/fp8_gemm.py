@@ -288,6 +288,48 @@ def _store_c(c_ptrs, acc, mask, EXACT_CAST: tl.constexpr, OUT_BF16: tl.constexpr
 
 
 @triton.jit
+def _store_c_halves(c_rows, acc0, acc1, offs_n0, offs_n1, row_ok, N, stride_cn,
+                    EXACT_CAST: tl.constexpr, OUT_BF16: tl.constexpr):
+    # SPLIT_N store: the two halves (columns offs_n0 / offs_n1 of the rows c_rows [BLOCK_M, 1], masked by row_ok
+    # and the columns < N)
+    _store_c(c_rows + offs_n0[None, :] * stride_cn, acc0, row_ok & (offs_n0 < N)[None, :], EXACT_CAST, OUT_BF16)
+    _store_c(c_rows + offs_n1[None, :] * stride_cn, acc1, row_ok & (offs_n1 < N)[None, :], EXACT_CAST, OUT_BF16)
+
+
+@triton.jit
+def _fp8_split_n_tile(a_ptrs, as_ptrs, b_ptr, bs_ptr, pid_n, N, offs_k,
+                      stride_ak, stride_bn, stride_bk, stride_ask, stride_bsn, stride_bsk, kt_end, kt_tail, k_left,
+                      B_BLOCK_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, PIPE: tl.constexpr):
+    # The SPLIT_N output tile of the dense / grouped forward kernels: column tile pid_n of B [N, K] (b_ptr, scales
+    # bs_ptr at K tile 0) as two BLOCK_N/2 halves over the A rows a_ptrs / as_ptrs (K tile 0). Full K tiles
+    # 0 .. kt_end-1 in the loop, then (not EVEN_K) the partial tile kt_tail with k_left columns, masked.
+    # Returns (acc0, acc1, offs_n0, offs_n1): the halves' fp32 accumulators and (unclamped) columns.
+    tl.static_assert(BLOCK_N >= 32, "SPLIT_N: BLOCK_N must be >= 32")
+    HALF: tl.constexpr = BLOCK_N // 2
+    offs_n0 = pid_n * BLOCK_N + tl.arange(0, HALF)
+    offs_n1 = offs_n0 + HALF
+    offs_bn0 = offs_n0 % N
+    offs_bn1 = offs_n1 % N
+    b0_ptrs = b_ptr + offs_bn0[:, None] * stride_bn + offs_k[None, :] * stride_bk
+    b1_ptrs = b_ptr + offs_bn1[:, None] * stride_bn + offs_k[None, :] * stride_bk
+    bs0_ptrs = _b_half_scale_ptrs(bs_ptr, pid_n * BLOCK_N, offs_bn0, N, stride_bsn, B_BLOCK_SCALES)
+    bs1_ptrs = _b_half_scale_ptrs(bs_ptr, pid_n * BLOCK_N + HALF, offs_bn1, N, stride_bsn, B_BLOCK_SCALES)
+    acc0 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+    acc0, acc1 = _fp8_k_loop_split(acc0, acc1, a_ptrs, b0_ptrs, b1_ptrs, as_ptrs, bs0_ptrs, bs1_ptrs, 0, kt_end,
+                                   stride_ak, stride_bk, stride_ask, stride_bsk, B_BLOCK_SCALES, HALF, BLOCK_K,
+                                   UPCAST_DOT, PIPE)
+    if not EVEN_K:  # the partial last K tile, peeled out of the loop
+        acc0, acc1 = _fp8_k_tile_split(
+            acc0, acc1, a_ptrs + kt_tail * (BLOCK_K * stride_ak), b0_ptrs + kt_tail * (BLOCK_K * stride_bk),
+            b1_ptrs + kt_tail * (BLOCK_K * stride_bk), as_ptrs + kt_tail * stride_ask,
+            bs0_ptrs + kt_tail * stride_bsk, bs1_ptrs + kt_tail * stride_bsk, k_left,
+            B_BLOCK_SCALES, HALF, BLOCK_K, True, UPCAST_DOT)
+    return acc0, acc1, offs_n0, offs_n1
+
+
+@triton.jit
 def _b_scale_ptrs(bs_ptr, pid_n, offs_bn, N, stride_bsn,
                   B_BLOCK_SCALES: tl.constexpr, BLOCK_N: tl.constexpr):
     # (sb_ptrs, sb_hi_ptrs) at K tile 0 for _fp8_k_tile; offs_bn: the tile's B rows, clamped into [0, N)
@@ -340,31 +382,13 @@ def _fp8_gemm_kernel(
     as_ptrs = as_ptr + offs_am * stride_asm
     k_full = K // BLOCK_K
     if SPLIT_N:
-        tl.static_assert(BLOCK_N >= 32, "SPLIT_N: BLOCK_N must be >= 32")
-        HALF: tl.constexpr = BLOCK_N // 2
-        offs_n0 = pid_n * BLOCK_N + tl.arange(0, HALF)
-        offs_n1 = offs_n0 + HALF
-        offs_bn0 = offs_n0 % N
-        offs_bn1 = offs_n1 % N
-        b0_ptrs = b_ptr + offs_bn0[:, None] * stride_bn + offs_k[None, :] * stride_bk
-        b1_ptrs = b_ptr + offs_bn1[:, None] * stride_bn + offs_k[None, :] * stride_bk
-        bs0_ptrs = _b_half_scale_ptrs(bs_ptr, pid_n * BLOCK_N, offs_bn0, N, stride_bsn, B_BLOCK_SCALES)
-        bs1_ptrs = _b_half_scale_ptrs(bs_ptr, pid_n * BLOCK_N + HALF, offs_bn1, N, stride_bsn, B_BLOCK_SCALES)
-        acc0 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
-        acc1 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
-        acc0, acc1 = _fp8_k_loop_split(acc0, acc1, a_ptrs, b0_ptrs, b1_ptrs, as_ptrs, bs0_ptrs, bs1_ptrs, 0, k_full,
-                                       stride_ak, stride_bk, stride_ask, stride_bsk, B_BLOCK_SCALES, HALF, BLOCK_K,
-                                       UPCAST_DOT, PIPE)
-        if not EVEN_K:  # the partial last K tile, peeled out of the loop
-            acc0, acc1 = _fp8_k_tile_split(
-                acc0, acc1, a_ptrs + k_full * (BLOCK_K * stride_ak), b0_ptrs + k_full * (BLOCK_K * stride_bk),
-                b1_ptrs + k_full * (BLOCK_K * stride_bk), as_ptrs + k_full * stride_ask,
-                bs0_ptrs + k_full * stride_bsk, bs1_ptrs + k_full * stride_bsk, K - k_full * BLOCK_K,
-                B_BLOCK_SCALES, HALF, BLOCK_K, True, UPCAST_DOT)
+        acc0, acc1, offs_n0, offs_n1 = _fp8_split_n_tile(
+            a_ptrs, as_ptrs, b_ptr, bs_ptr, pid_n, N, offs_k, stride_ak, stride_bn, stride_bk, stride_ask, stride_bsn,
+            stride_bsk, k_full, k_full, K - k_full * BLOCK_K, B_BLOCK_SCALES, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+            UPCAST_DOT, PIPE)
         row_ok = (offs_m < M)[:, None]
         c_rows = c_ptr + offs_m[:, None] * stride_cm
-        _store_c(c_rows + offs_n0[None, :] * stride_cn, acc0, row_ok & (offs_n0 < N)[None, :], EXACT_CAST, OUT_BF16)
-        _store_c(c_rows + offs_n1[None, :] * stride_cn, acc1, row_ok & (offs_n1 < N)[None, :], EXACT_CAST, OUT_BF16)
+        _store_c_halves(c_rows, acc0, acc1, offs_n0, offs_n1, row_ok, N, stride_cn, EXACT_CAST, OUT_BF16)
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_bn = offs_n % N
@@ -604,29 +628,10 @@ def _fp8_gemm_grouped_kernel(
     row_ok = (offs_m < re)[:, None]
     c_rows = c_ptr + offs_m[:, None] * stride_cm
     if SPLIT_N:
-        tl.static_assert(BLOCK_N >= 32, "SPLIT_N: BLOCK_N must be >= 32")
-        HALF: tl.constexpr = BLOCK_N // 2
-        offs_n0 = pid_n * BLOCK_N + tl.arange(0, HALF)
-        offs_n1 = offs_n0 + HALF
-        offs_bn0 = offs_n0 % N
-        offs_bn1 = offs_n1 % N
-        b0_ptrs = b_ptr + offs_bn0[:, None] * stride_bn + offs_k[None, :] * stride_bk
-        b1_ptrs = b_ptr + offs_bn1[:, None] * stride_bn + offs_k[None, :] * stride_bk
-        bs0_ptrs = _b_half_scale_ptrs(bs_ptr, pid_n * BLOCK_N, offs_bn0, N, stride_bsn, True)
-        bs1_ptrs = _b_half_scale_ptrs(bs_ptr, pid_n * BLOCK_N + HALF, offs_bn1, N, stride_bsn, True)
-        acc0 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
-        acc1 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
-        acc0, acc1 = _fp8_k_loop_split(acc0, acc1, a_ptrs, b0_ptrs, b1_ptrs, as_ptrs, bs0_ptrs, bs1_ptrs, 0, k_full,
-                                       stride_ak, stride_bk, stride_ask, stride_bsk, True, HALF, BLOCK_K,
-                                       UPCAST_DOT, PIPE)
-        if not EVEN_K:
-            acc0, acc1 = _fp8_k_tile_split(
-                acc0, acc1, a_ptrs + k_last * (BLOCK_K * stride_ak), b0_ptrs + k_last * (BLOCK_K * stride_bk),
-                b1_ptrs + k_last * (BLOCK_K * stride_bk), as_ptrs + k_last * stride_ask,
-                bs0_ptrs + k_last * stride_bsk, bs1_ptrs + k_last * stride_bsk, k_left, True, HALF, BLOCK_K, True,
-                UPCAST_DOT)
-        _store_c(c_rows + offs_n0[None, :] * stride_cn, acc0, row_ok & (offs_n0 < N)[None, :], EXACT_CAST, OUT_BF16)
-        _store_c(c_rows + offs_n1[None, :] * stride_cn, acc1, row_ok & (offs_n1 < N)[None, :], EXACT_CAST, OUT_BF16)
+        acc0, acc1, offs_n0, offs_n1 = _fp8_split_n_tile(
+            a_ptrs, as_ptrs, b_ptr, bs_ptr, pid_n, N, offs_k, stride_ak, stride_bn, stride_bk, stride_ask, stride_bsn,
+            stride_bsk, k_full, k_last, k_left, True, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST_DOT, PIPE)
+        _store_c_halves(c_rows, acc0, acc1, offs_n0, offs_n1, row_ok, N, stride_cn, EXACT_CAST, OUT_BF16)
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_bn = offs_n % N
@@ -684,8 +689,7 @@ def _fp8_wgrad_grouped_kernel(
                                        b_ptr + offs_bn1[:, None] * stride_bk + offs_t[None, :], as_ptrs,
                                        bs_ptr + offs_bn0 * stride_bsk, bs_ptr + offs_bn1 * stride_bsk, t0, t1,
                                        1, 1, 1, 1, False, HALF, 128, UPCAST_DOT, PIPE)
-        _store_c(c_rows + offs_n0[None, :] * stride_ck, acc0, row_ok & (offs_n0 < K)[None, :], EXACT_CAST, OUT_BF16)
-        _store_c(c_rows + offs_n1[None, :] * stride_ck, acc1, row_ok & (offs_n1 < K)[None, :], EXACT_CAST, OUT_BF16)
+        _store_c_halves(c_rows, acc0, acc1, offs_n0, offs_n1, row_ok, K, stride_ck, EXACT_CAST, OUT_BF16)
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # rows of B (input features K)
         offs_bn = offs_n % K

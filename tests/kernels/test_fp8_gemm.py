@@ -255,19 +255,28 @@ def test_grouped_gemm_fwd_dgrad_match_ref(counts, out_dtype):
         _close_to_ref(dx, fp8_gemm_grouped_ref(gq, gs, wtq, wts, tiles, out_dtype=torch.float32), out_dtype)
 
 
+def _grouped_n300_case(K, x_seed, w_seed):
+    """Grouped case at N = 300 (a 256-wide tile's second half partly past N): counts [0, 70, 3, 130, 0] (empty
+    groups first and last), x [173, K] (seed x_seed), w [5, 300, K] (seed w_seed, scale 0.05) with rows 128..255
+    (a 128x128 b-scale block) 50x larger, quantised. Returns (tiles, xq, xs, xtq, xts, wq, ws): x's grouped 1x128
+    quantisation and its tile-padded transpose, w's 128x128."""
+    counts = [0, 70, 3, 130, 0]
+    c = torch.tensor(counts, device=DEVICE)
+    E, M, N = len(counts), sum(counts), 300
+    tiles = grouped_tiles(c, M)
+    x, w = _rand(M, K, seed=x_seed), _rand(E, N, K, seed=w_seed, scale=0.05)
+    w[:, 128:256] *= 50.0
+    xq, xs, xtq, xts = quant_1x128_with_transpose_grouped(x, tiles)
+    wq, ws = quant_128x128(w)
+    return tiles, xq, xs, xtq, xts, wq, ws
+
+
 @pytest.mark.parametrize("K", [256, 257])  # EVEN_K and the masked tail (only for non-empty sub-tiles)
 @pytest.mark.parametrize("bm,bn", [(64, 256), (128, 256), (32, 64)])
 def test_grouped_gemm_block_sizes(K, bm, bn):
     """Grouped kernel with BLOCK_N = 256 (two b-scale blocks) and BLOCK_M < 128 (sub-tiles of a 128-row tile, some
     empty) at N = 300; empty tiles (group index E) must load nothing."""
-    counts = [0, 70, 3, 130, 0]
-    c = torch.tensor(counts, device=DEVICE)
-    E, M, N = len(counts), sum(counts), 300
-    tiles = grouped_tiles(c, M)
-    x, w = _rand(M, K, seed=31), _rand(E, N, K, seed=32, scale=0.05)
-    w[:, 128:256] *= 50.0
-    xq, xs, _, _ = quant_1x128_with_transpose_grouped(x, tiles)
-    wq, ws = quant_128x128(w)
+    tiles, xq, xs, _, _, wq, ws = _grouped_n300_case(K, 31, 32)
     y = fp8_gemm_grouped(xq, xs, wq, ws, tiles, out_dtype=torch.float32,
                          config={"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4})
     _close_to_ref(y, fp8_gemm_grouped_ref(xq, xs, wq, ws, tiles, out_dtype=torch.float32), torch.float32)
@@ -401,14 +410,8 @@ def test_variants_dense(variant, K, bm, bn, monkeypatch):
 @pytest.mark.parametrize("K", [256, 257])
 def test_variants_grouped(variant, K):
     """Grouped forward and wgrad variants (empty groups: the pipelined loop runs zero iterations)."""
-    counts = [0, 70, 3, 130, 0]
-    c = torch.tensor(counts, device=DEVICE)
-    E, M, N = len(counts), sum(counts), 300
-    tiles = grouped_tiles(c, M)
-    x, w = _rand(M, K, seed=43), _rand(E, N, K, seed=44, scale=0.05)
-    w[:, 128:256] *= 50.0
-    xq, xs, xtq, xts = quant_1x128_with_transpose_grouped(x, tiles)
-    wq, ws = quant_128x128(w)
+    tiles, xq, xs, xtq, xts, wq, ws = _grouped_n300_case(K, 43, 44)
+    M = xq.shape[0]
     y = fp8_gemm_grouped(xq, xs, wq, ws, tiles, out_dtype=torch.float32,
                          config={"BLOCK_M": 64, "BLOCK_N": 256, "num_warps": 4, **variant})
     _close_to_ref(y, fp8_gemm_grouped_ref(xq, xs, wq, ws, tiles, out_dtype=torch.float32), torch.float32)
