@@ -18,7 +18,9 @@ Sections, in order (rank 0 prints a table and writes <out>/bench_ep_<date>.json)
                   all_to_all_single of the same bytes there and back (equal splits): ms and algorithmic GB/s
                   (bytes sent by one rank / time).
   4. overlap      one MoE layer (with its shared experts) forward + backward with the token all-to-all
-                  overlapped with the shared experts (async, the default) vs waited at once.
+                  overlapped with the shared experts (async, the default; forward and backward) vs waited at
+                  once; then the forward segment dispatch -> shared experts -> wait alone, against its ceiling
+                  min(token all-to-all alone, shared experts alone).
 
 The environment of the lent GPU host needs NVLS / multicast off: this script sets NCCL_NVLS_ENABLE=0,
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 before anything initialises NCCL.
@@ -337,14 +339,40 @@ def overlap_gain(a, base) -> dict:
             y = moe(x)
         y.float().square().mean().backward()
 
+    reps = 3 * a.reps  # the gain is a few % of a layer: more repetitions than the other sections
     for overlap in (False, True):
         moe.dispatcher.overlap = overlap
-        res["sync_ms" if not overlap else "overlap_ms"] = _timeit(fwd_bwd, dev, a.reps)
+        res["sync_ms" if not overlap else "overlap_ms"] = _timeit(fwd_bwd, dev, reps)
     moe.shared_experts, shared = None, moe.shared_experts
-    res["no_shared_ms"] = _timeit(fwd_bwd, dev, a.reps)
+    res["no_shared_ms"] = _timeit(fwd_bwd, dev, reps)
     moe.shared_experts = shared
     res["gain_ms"] = res["sync_ms"] - res["overlap_ms"]
     res["gain_pct"] = 100 * res["gain_ms"] / res["sync_ms"]
+
+    # The forward segment the overlap acts on, alone: dispatch -> shared experts -> wait. Its ceiling is
+    # min(token all-to-all, shared experts), each timed alone.
+    x2d = x.detach().reshape(-1, args.dim).to(torch.bfloat16 if dev.type == "cuda" else x.dtype)
+    disp = moe.dispatcher
+    with torch.no_grad():
+        r = moe.gate.route(x2d)
+
+    def segment(with_shared=True):
+        with torch.no_grad():
+            st = disp.dispatch(x2d, r.ids, r.weights)
+            if with_shared:
+                shared(x2d)
+            disp.wait(st)
+
+    seg = {}
+    for overlap in (False, True):
+        disp.overlap = overlap
+        seg["sync_ms" if not overlap else "overlap_ms"] = _timeit(segment, dev, reps)
+    seg["a2a_only_ms"] = _timeit(lambda: segment(False), dev, reps)
+    seg["shared_only_ms"] = _timeit(lambda: shared(x2d), dev, reps)
+    seg["gain_ms"] = seg["sync_ms"] - seg["overlap_ms"]
+    seg["ceiling_ms"] = min(seg["a2a_only_ms"], seg["shared_only_ms"])
+    disp.overlap = True
+    res["forward_segment"] = seg
     return res
 
 
@@ -412,6 +440,11 @@ def main(argv=None) -> int:
                 print(f"\nMoE layer fwd+bwd: a2a waited at once {o['sync_ms']:.2f} ms, overlapped with shared "
                       f"experts {o['overlap_ms']:.2f} ms (gain {o['gain_ms']:.2f} ms, {o['gain_pct']:.1f}%); "
                       f"without shared experts {o['no_shared_ms']:.2f} ms", flush=True)
+                f = o["forward_segment"]
+                print(f"forward segment dispatch -> shared experts -> wait: waited at once {f['sync_ms']:.3f} ms, "
+                      f"overlapped {f['overlap_ms']:.3f} ms (gain {f['gain_ms']:.3f} ms of at most "
+                      f"{f['ceiling_ms']:.3f}: token a2a alone {f['a2a_only_ms']:.3f} ms, shared experts alone "
+                      f"{f['shared_only_ms']:.3f} ms)", flush=True)
     finally:
         if main_rank:
             os.makedirs(a.out, exist_ok=True)
