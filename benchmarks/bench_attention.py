@@ -18,6 +18,10 @@ first benchmark shape). Times are triton.testing.do_bench medians. FLOPs (causal
 and prints the best of each and the fwd+bwd time of their combination vs the default, to tune
 ``kernels.mla_attention.get_config``. It is bounded by ``--sweep-budget`` seconds (default 75: short do_bench
 runs, later candidates skipped once a kernel's share is spent); ``--sweep-only`` skips the implementation table.
+The sweep also covers the opt-in fused backward (``AttentionConfig.bwd_fused``: one kernel for dK, dV and dQ,
+dQ by fp32 atomics): its gradients (combined and split / shared k_pe) are first checked against the fp32
+reference at the check shape (B=2, H=3, T=300); if they pass, its block candidates (part ``bwd_fused``) are
+timed as the whole backward, and the summary compares whole backward and fwd+bwd with bwd_fused off vs on.
 
 Usage: python benchmarks/bench_attention.py [--batch 1 2 4] [--heads 16 32 64 128] [--seq 4096]
                                             [--out-dir benchmarks/results] [--no-compile] [--sweep]
@@ -193,6 +197,10 @@ def check_correctness(args, dtype, causal):
 #   fwd:    BLOCK_M query rows per program x BLOCK_N keys per step
 #   bwd_kv: BLOCK_M query rows per step x BLOCK_N keys per program (dK/dV kernel)
 #   bwd_q:  BLOCK_M query rows per program x BLOCK_N keys per step (dQ kernel)
+#   bwd_fused: BLOCK_M query rows per step x BLOCK_N keys per program (fused dK/dV/dQ kernel, bwd_fused=True;
+#           offline sm_90a compile: 64 x 64 x 8 warps ~180 B (3 stages) / ~290 B (2) spills, all dots on wgmma;
+#           32 x 64 x 8 (2-4 stages) no spills and 16 x 128 x 8 ~44 B, but BLOCK_M < 64 runs the dQ dot on
+#           mma.sync; 32 x 128 x 8 ~230 B; 64 x 128 x 3 stages needs ~249 KB of shared memory: does not fit)
 SWEEP_CANDIDATES = {
     "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3),
             (128, 32, 4, 3), (256, 64, 16, 2), (128, 64, 4, 3)],
@@ -201,12 +209,51 @@ SWEEP_CANDIDATES = {
                (32, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
     "bwd_q": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 3),
               (64, 32, 4, 3), (64, 64, 4, 4), (64, 128, 8, 2), (128, 128, 8, 2), (128, 32, 4, 3)],
+    "bwd_fused": [(64, 64, 8, 3), (32, 64, 8, 3), (16, 128, 8, 3), (64, 64, 8, 2), (32, 64, 8, 4), (16, 128, 8, 4),
+                  (32, 128, 8, 2), (32, 64, 8, 2), (64, 128, 8, 2), (16, 128, 8, 2)],
 }
 SWEEP_FIELDS = {
     "fwd": ("fwd_block_m", "fwd_block_n", "fwd_warps", "fwd_stages"),
     "bwd_kv": ("kv_block_m", "kv_block_n", "kv_warps", "kv_stages"),
     "bwd_q": ("q_block_m", "q_block_n", "q_warps", "q_stages"),
+    "bwd_fused": ("fused_block_m", "fused_block_n", "fused_warps", "fused_stages"),
 }
+
+
+def check_fused(args, dtype, causal, cfg):
+    """Gradients of the fused backward (``cfg`` with bwd_fused) vs the fp32 reference at the check shape, for
+    mla_attention and mla_attention_split (shared k_pe). Returns (ok, rel_max_err dict)."""
+    import kernels.mla_attention as mla
+
+    dn, dr, dv = args.nope_dim, args.rope_dim, args.v_dim
+    B, H, T = 2, 3, 300
+    x, do = make_inputs(B, H, T, dn, dr, dv, dtype, True)
+    xf = {k_: x[k_].detach().float().requires_grad_() for k_ in ("q", "k", "v")}
+    o_ref = mla.mla_attention_ref(xf["q"], xf["k"], xf["v"], causal=causal)
+    o_ref.backward(do.float())
+    dk_ref = xf["k"].grad
+    want = dict(o=o_ref.detach(), dq=xf["q"].grad, dk=dk_ref, dv=xf["v"].grad, split_dq=xf["q"].grad,
+                split_dk_nope=dk_ref[..., :dn], split_dk_pe=dk_ref[..., dn:].sum(1, keepdim=True),
+                split_dv=xf["v"].grad)
+    got = {}
+    mla.CONFIG_OVERRIDE = cfg
+    try:
+        o = mla.mla_attention(x["q"], x["k"], x["v"], causal=causal)
+        o.backward(do)
+        got.update(o=o.detach(), dq=x["q"].grad, dk=x["k"].grad, dv=x["v"].grad)
+        for t in x.values():
+            t.grad = None
+        q = x["q"]
+        mla.mla_attention_split(q[..., :dn], q[..., dn:], x["k_nope"], x["k_pe"], x["v"], causal=causal).backward(do)
+        got.update(split_dq=x["q"].grad, split_dk_nope=x["k_nope"].grad, split_dk_pe=x["k_pe"].grad,
+                   split_dv=x["v"].grad)
+    except Exception as e:
+        return False, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+    finally:
+        mla.CONFIG_OVERRIDE = None
+    errs = {n: (got[n].float() - w).abs().max().item() / max(w.abs().max().item(), 1e-6) for n, w in want.items()}
+    ok = all(e_ < 2e-2 for e_ in errs.values())  # NaN fails too
+    return ok, errs
 
 
 def sweep(args, dtype, causal):
@@ -262,20 +309,25 @@ def sweep(args, dtype, causal):
                 t.grad = None
 
     print(f"\nsweep at B={B} H={H} T={T}, budget {args.sweep_budget:.0f} s (default {base})")
+    fused_base = dataclasses.replace(base, bwd_fused=True)
+    fused_ok, fused_errs = check_fused(args, dtype, causal, fused_base)
+    print("check bwd_fused B=2 H=3 T=300 vs ref_fp32: " + ", ".join(
+        f"{n} {v_:.2e}" if isinstance(v_, float) else f"{n} {v_}" for n, v_ in fused_errs.items())
+        + ("  OK" if fused_ok else "  FAIL (bwd_fused not timed)"))
     best = {}
-    parts = list(SWEEP_CANDIDATES)
+    parts = [p for p in SWEEP_CANDIDATES if fused_ok or p != "bwd_fused"]
     for i, part in enumerate(parts):
         now = time.perf_counter()  # this part's share of what is left of the budget
         part_deadline = now + (args.sweep_budget - (now - t_start)) / (len(parts) - i)
         fields = SWEEP_FIELDS[part]
-        default = tuple(getattr(base, f) for f in fields)
+        default = base.fused_launch() if part == "bwd_fused" else tuple(getattr(base, f) for f in fields)
         for j, c in enumerate([default] + [c for c in SWEEP_CANDIDATES[part] if c != default]):
             label = f"{part} BM={c[0]} BN={c[1]} warps={c[2]} stages={c[3]}"
             if j and time.perf_counter() > part_deadline:  # the first (the default) always runs
                 print(f"  {label:<44} skipped (sweep budget)")
                 results.append(dict(part=part, config=c, ms=None, tflops=None, error="skipped: budget"))
                 continue
-            cfg = dataclasses.replace(base, **dict(zip(fields, c)))
+            cfg = dataclasses.replace(base, **dict(zip(fields, c)), bwd_fused=part == "bwd_fused")
             ms, tf = time_cfg(cfg, "fwd" if part == "fwd" else "bwd")
             if ms is None:
                 print(f"  {label:<44} failed: {tf}")
@@ -290,14 +342,28 @@ def sweep(args, dtype, causal):
     for part, (c, _) in best.items():
         combo = dataclasses.replace(combo, **dict(zip(SWEEP_FIELDS[part], c)))
     combined = {}
-    for name, cfg in (("default", base), ("best", combo)):
+    candidates = [("default", base), ("best", combo)]
+    if fused_ok:  # bwd_fused on: the default blocks, and the best fwd + best fused blocks
+        candidates += [("fused", fused_base), ("fused_best", dataclasses.replace(combo, bwd_fused=True))]
+    for name, cfg in candidates:
         ms, tf = time_cfg(cfg, "fwdbwd")
         combined[name] = dict(config=dataclasses.asdict(cfg), ms=ms, tflops=tf if ms else None)
-        print(f"  fwd+bwd {name:<8} " + (f"{ms:8.3f} ms {tf:7.1f} TFLOP/s" if ms else f"failed: {tf}")
+        print(f"  fwd+bwd {name:<10} " + (f"{ms:8.3f} ms {tf:7.1f} TFLOP/s" if ms else f"failed: {tf}")
               + f"  {cfg}")
+    # bwd_fused off vs on at the default blocks: whole backward (first row of each part) and fwd+bwd
+    bwd_ms = {p: next((r["ms"] for r in results if r["part"] == p), None) for p in ("bwd_kv", "bwd_fused")}
+    fused_cmp = dict(check_ok=fused_ok, check_rel_max_err=fused_errs, bwd_ms_off=bwd_ms["bwd_kv"],
+                     bwd_ms_on=bwd_ms["bwd_fused"], fwdbwd_ms_off=combined["default"]["ms"],
+                     fwdbwd_ms_on=combined.get("fused", {}).get("ms"))
+
+    def cmp(off, on):
+        f = lambda ms: f"{ms:.3f}" if ms else "n/a"  # noqa: E731
+        return f"{f(off)} vs {f(on)} ms" + (f" (fused {off / on:.2f}x)" if off and on else "")
+    print("bwd_fused off vs on (default blocks): whole bwd " + cmp(fused_cmp["bwd_ms_off"], fused_cmp["bwd_ms_on"])
+          + ", fwd+bwd " + cmp(fused_cmp["fwdbwd_ms_off"], fused_cmp["fwdbwd_ms_on"]))
     print(f"sweep took {time.perf_counter() - t_start:.1f} s")
     return dict(shape=dict(B=B, H=H, T=T), results=results, best={p: list(c) for p, (c, _) in best.items()},
-                combined=combined, seconds=time.perf_counter() - t_start)
+                combined=combined, bwd_fused=fused_cmp, seconds=time.perf_counter() - t_start)
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -11,7 +11,10 @@ Partitioning") for that case:
   recomputes ``P = exp2(q.k * scale * log2(e) - LSE)`` with one FMA per score) -- never a T x T matrix;
 * backward: a preprocess kernel ``delta = rowsum(dO * O)``, a dK/dV kernel (one program per key block,
   looping over query blocks) and a dQ kernel (one program per query block, looping over key blocks).
-  No atomics: the result is deterministic.
+  No atomics: the result is deterministic. Opt-in (``AttentionConfig.bwd_fused``, or the environment variable
+  ``MOETRAIN_MLA_BWD_FUSED=1``): FlashAttention-2's fused backward -- the dK/dV kernel also adds each key
+  block's dQ share into an fp32 buffer with atomic adds (5 matmuls per tile instead of 7); dQ's summation
+  order, hence its last bits, is then nondeterministic.
 
 The q.k product is split into a "nope" part and a "rope" part, ``q.k = q_nope.k_nope + q_pe.k_pe``, computed
 as two ``tl.dot`` calls on power-of-two-or-masked head-dim blocks (192 = 128 + 64 needs no padding at all).
@@ -40,6 +43,7 @@ loaded tile is upcast to fp32 first, because the interpreter computes bf16 arith
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -92,6 +96,18 @@ class AttentionConfig:
     q_warps: int = 8
     q_stages: int = 3
     pre_block_m: int = 64  # delta = rowsum(dO * O) preprocess
+    # Fused backward (opt-in): one kernel per key block computes dK, dV and dQ (dQ by fp32 atomic adds,
+    # so dQ's summation order -- and its last bits -- are nondeterministic); 5 instead of 7 matmuls per tile.
+    bwd_fused: bool = False
+    fused_block_m: int = 0   # fused kernel: query rows per inner step (0: kv_block_m)
+    fused_block_n: int = 0   # fused kernel: keys per program (0: kv_block_n)
+    fused_warps: int = 0     # 0: kv_warps
+    fused_stages: int = 0    # 0: kv_stages
+
+    def fused_launch(self) -> tuple[int, int, int, int]:
+        """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the fused backward kernel."""
+        return (self.fused_block_m or self.kv_block_m, self.fused_block_n or self.kv_block_n,
+                self.fused_warps or self.kv_warps, self.fused_stages or self.kv_stages)
 
 
 def _interpreting() -> bool:
@@ -115,10 +131,24 @@ def get_config(dqk: int, dv: int, device: torch.device | str | None = None,
       smaller, untuned config that fits 99 KB of shared memory. fp32 inputs and the absorbed-MLA dims
       (512 + 64, 512) get smaller blocks and fewer stages so they fit in shared memory.
 
+    Backward mode: the two-kernel backward (dK/dV, then dQ; deterministic) unless ``bwd_fused`` -- set by
+    the environment variable ``MOETRAIN_MLA_BWD_FUSED=1`` (read at each call) or by ``CONFIG_OVERRIDE`` --
+    selects the fused one-kernel backward (dQ by fp32 atomic adds: nondeterministic summation order). Its
+    blocks (``fused_*``: query rows per step x keys per program) default to the dK/dV kernel's; the Hopper
+    tier sets 64 x 64, 8 warps, 3 stages (chosen from an offline compile, not yet timed).
+
     ``CONFIG_OVERRIDE`` (module attribute), when set, wins.
     """
     if CONFIG_OVERRIDE is not None:
         return CONFIG_OVERRIDE
+    cfg = _default_config(dqk, dv, device, dtype, interpret, split)
+    if os.environ.get("MOETRAIN_MLA_BWD_FUSED", "0") not in ("", "0", "false", "False"):
+        cfg = dataclasses.replace(cfg, bwd_fused=True)
+    return cfg
+
+
+def _default_config(dqk: int, dv: int, device, dtype: torch.dtype, interpret: bool | None,
+                    split: tuple[int, int] | None) -> AttentionConfig:
     if interpret is None:
         interpret = _interpreting()
     if interpret:
@@ -129,7 +159,12 @@ def get_config(dqk: int, dv: int, device: torch.device | str | None = None,
     dn, dr = split if split is not None else split_head_dim(dqk)
     width = (_block(dn) + (_block(dr) if dr else 0) + _block(dv)) * dtype.itemsize // 2
     if width <= 384 and major >= 9:   # bf16 / fp16 (128 + 64, 128) on Hopper (227 KB shared memory)
-        return AttentionConfig(128, 64, 8, 3, 64, 128, 8, 3, 128, 64, 8, 3, 64)
+        # fused backward (untimed): 64 x 64, 8 warps, 3 stages. The dK/dV kernel's 64 x 128 x 3 stages would
+        # need ~249 KB of shared memory once fused. Offline sm_90a compile (ptxas, Triton 3.9): 64 x 64 x 3
+        # uses 201 KB, spills ~180 B/thread (the dK/dV default spills ~240) and runs every dot on wgmma;
+        # BLOCK_M 32 or 16 (no / little spilling) puts the dQ dot (M = BLOCK_M < 64) on mma.sync.
+        return AttentionConfig(128, 64, 8, 3, 64, 128, 8, 3, 128, 64, 8, 3, 64,
+                               fused_block_m=64, fused_block_n=64, fused_warps=8, fused_stages=3)
     if width <= 384:   # pre-Hopper (99-163 KB shared memory): conservative, not tuned
         return AttentionConfig(64, 32, 4, 2, 32, 64, 4, 2, 64, 32, 4, 2, 64)
     if width <= 768:   # fp32 (128 + 64, 128)
@@ -380,17 +415,39 @@ def _mla_attn_bwd_preprocess(O, DO, Delta, s_o_b, s_o_h, s_o_t, s_do_b, s_do_h, 
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta,
-                    s_qn_t, s_qr_t, s_do_t, offs_n, offs_dn, offs_dr, offs_dv, lo, hi, T, qk_scale,
+def _atomic_add2d(ptrs, x, rmask, cmask, USE_R: tl.constexpr, USE_C: tl.constexpr):
+    """fp32 ``*ptrs += x`` (relaxed atomics); masks only where needed (constexpr)."""
+    if USE_R:
+        if USE_C:
+            tl.atomic_add(ptrs, x, mask=rmask[:, None] & cmask[None, :], sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, x, mask=rmask[:, None], sem="relaxed")
+    else:
+        if USE_C:
+            tl.atomic_add(ptrs, x, mask=cmask[None, :], sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, x, sem="relaxed")
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta, DQ,
+                    s_qn_t, s_qr_t, s_do_t, s_dq_t, offs_n, offs_dn, offs_dr, offs_dv, lo, hi, T, qk_scale,
+                    sm_scale,
                     MASK: tl.constexpr, CHECK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_PE: tl.constexpr,
                     DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
                     BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                    BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, FUSE_DQ: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi). MASK: apply the causal / query-range
     mask; CHECK_M: queries may reach past T (bounds-masked loads). Keys >= T need no mask: their dK/dV rows
-    are never stored and nothing else reads them."""
+    are never stored and nothing else reads them (and, for FUSE_DQ, their K rows load as 0, so their dS K
+    adds exactly 0 to dQ).
+
+    FUSE_DQ (fused backward): also ``DQ[queries] += sm_scale * dS K`` (nope columns [0, DN), rope columns
+    [DN, DN + DR) of the fp32 buffer DQ, row stride ``s_dq_t``) with fp32 atomic adds."""
     offs_m0 = tl.arange(0, BLOCK_M)
     dv_ok = offs_dv < DV
+    dn_ok = offs_dn < DN
+    dr_ok = offs_dr < DR
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         m_ok = offs_m < T
@@ -408,26 +465,40 @@ def _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta,
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)          # dV += P^T dO
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)                 # (dO V^T)^T
         ds_t = p_t * (dp_t - delta[None, :])                                # dS^T
-        dk_n = tl.dot(ds_t.to(qn_t.dtype), tl.trans(qn_t), dk_n, input_precision=PREC)
+        ds_t = ds_t.to(qn_t.dtype)
+        dk_n = tl.dot(ds_t, tl.trans(qn_t), dk_n, input_precision=PREC)
         if HAS_PE:
-            dk_r = tl.dot(ds_t.to(qr_t.dtype), tl.trans(qr_t), dk_r, input_precision=PREC)
+            dk_r = tl.dot(ds_t, tl.trans(qr_t), dk_r, input_precision=PREC)
+        if FUSE_DQ:  # dQ += dS K, this key block's share [BLOCK_M, D]
+            ds = tl.trans(ds_t)
+            dq_n = tl.dot(ds, k_n, input_precision=PREC) * sm_scale
+            _atomic_add2d(DQ + offs_m[:, None] * s_dq_t + offs_dn[None, :], dq_n, m_ok, dn_ok,
+                          CHECK_M, BLOCK_DN != DN)
+            if HAS_PE:
+                dq_r = tl.dot(ds, k_r, input_precision=PREC) * sm_scale
+                _atomic_add2d(DQ + DN + offs_m[:, None] * s_dq_t + offs_dr[None, :], dq_r, m_ok, dr_ok,
+                              CHECK_M, BLOCK_DR != DR)
     return dk_n, dk_r, dv
 
 
 @triton.jit
 def _mla_attn_bwd_dkdv_kernel(
-    Qn, Qr, Kn, Kr, V, DO, LSE, Delta, DKn, DKr, DV_,
+    Qn, Qr, Kn, Kr, V, DO, LSE, Delta, DKn, DKr, DV_, DQ,
     s_qn_b, s_qn_h, s_qn_t, s_qr_b, s_qr_h, s_qr_t,
     s_kn_b, s_kn_h, s_kn_t, s_kr_b, s_kr_h, s_kr_t,
     s_v_b, s_v_h, s_v_t, s_do_b, s_do_h, s_do_t,
     s_dkn_b, s_dkn_h, s_dkn_t, s_dkr_b, s_dkr_h, s_dkr_t, s_dv_b, s_dv_h, s_dv_t,
+    s_dq_b, s_dq_h, s_dq_t,
     H, T, sm_scale,
     CAUSAL: tl.constexpr, HAS_PE: tl.constexpr,
     DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
     BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, FUSE_DQ: tl.constexpr,
 ):
+    """dK, dV of one key block (program axis 0) of one (batch, head) (axis 1). FUSE_DQ: the fused backward,
+    which also adds this key block's dQ share into the fp32 buffer DQ [B, H, T, DN + DR] (atomics; see
+    _mla_attn_backward); otherwise DQ is never read."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -441,6 +512,8 @@ def _mla_attn_bwd_dkdv_kernel(
     DKn += b * s_dkn_b + h * s_dkn_h
     DKr += b * s_dkr_b + h * s_dkr_h
     DV_ += b * s_dv_b + h * s_dv_h
+    if FUSE_DQ:
+        DQ += b * s_dq_b + h * s_dq_h
     LSE += pid_bh.to(tl.int64) * T
     Delta += pid_bh.to(tl.int64) * T
 
@@ -471,21 +544,21 @@ def _mla_attn_bwd_dkdv_kernel(
         lo = (start_n // BLOCK_M) * BLOCK_M
         full_start = ((start_n + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
         a = tl.minimum(full_start, t_full)
-        dk_n, dk_r, dv = _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta,
-                                         s_qn_t, s_qr_t, s_do_t, offs_n, offs_dn, offs_dr, offs_dv,
-                                         lo, a, T, qk_scale, True, False, True, HAS_PE, DN, DR, DV,
-                                         BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_M, UPCAST, PREC)
+        dk_n, dk_r, dv = _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta, DQ,
+                                         s_qn_t, s_qr_t, s_do_t, s_dq_t, offs_n, offs_dn, offs_dr, offs_dv,
+                                         lo, a, T, qk_scale, sm_scale, True, False, True, HAS_PE, DN, DR, DV,
+                                         BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_M, UPCAST, PREC, FUSE_DQ)
     else:
         a = 0
-    dk_n, dk_r, dv = _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta,
-                                     s_qn_t, s_qr_t, s_do_t, offs_n, offs_dn, offs_dr, offs_dv,
-                                     a, t_full, T, qk_scale, False, False, CAUSAL, HAS_PE, DN, DR, DV,
-                                     BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_M, UPCAST, PREC)
+    dk_n, dk_r, dv = _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta, DQ,
+                                     s_qn_t, s_qr_t, s_do_t, s_dq_t, offs_n, offs_dn, offs_dr, offs_dv,
+                                     a, t_full, T, qk_scale, sm_scale, False, False, CAUSAL, HAS_PE, DN, DR, DV,
+                                     BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_M, UPCAST, PREC, FUSE_DQ)
     if not EVEN_M:
-        dk_n, dk_r, dv = _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta,
-                                         s_qn_t, s_qr_t, s_do_t, offs_n, offs_dn, offs_dr, offs_dv,
-                                         t_full, T, T, qk_scale, True, True, CAUSAL, HAS_PE, DN, DR, DV,
-                                         BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_M, UPCAST, PREC)
+        dk_n, dk_r, dv = _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta, DQ,
+                                         s_qn_t, s_qr_t, s_do_t, s_dq_t, offs_n, offs_dn, offs_dr, offs_dv,
+                                         t_full, T, T, qk_scale, sm_scale, True, True, CAUSAL, HAS_PE, DN, DR, DV,
+                                         BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_M, UPCAST, PREC, FUSE_DQ)
 
     _store2d(DV_ + offs_n[:, None] * s_dv_t + offs_dv[None, :], dv, n_ok, offs_dv < DV,
              not EVEN_N, BLOCK_DV != DV)
@@ -664,7 +737,16 @@ def _mla_attn_forward(qn, qr, kn, kr, v, causal: bool, sm_scale: float, kr_share
 
 def _mla_attn_backward(do, qn, qr, kn, kr, v, o, lse, causal, sm_scale, kr_shared,
                        dqn, dqr, dkn, dkr, dv_out):
-    """Launch preprocess, dK/dV and dQ kernels, writing into the given gradient tensors (views allowed)."""
+    """Launch the backward, writing into the given gradient tensors (views allowed).
+
+    Default (``cfg.bwd_fused`` False): preprocess, dK/dV kernel, dQ kernel -- deterministic.
+    Fused (``cfg.bwd_fused``, FlashAttention-2's scheme): preprocess, then one kernel per key block that
+    computes dK, dV and adds its share of dQ (nope and rope parts, already scaled) into a zero-initialised fp32
+    buffer [B, H, T, Dn + Dr] with fp32 atomic adds; the buffer is then cast into dqn / dqr. S = QK^T and
+    dP = dO V^T are computed once instead of twice (5 matmuls per tile instead of 7), at the cost of the
+    atomics and the buffer (4 bytes x B*H*T*Dqk, zeroed, plus the cast pass). The order in which the key
+    blocks' shares reach dQ varies from run to run, so dQ is NOT bitwise deterministic (fp32 rounding-level
+    differences); dK, dV (and a shared k_pe's per-head partials) stay deterministic."""
     B, H, T, dn = qn.shape
     dr = qr.shape[-1] if qr is not None else 0
     dv = v.shape[-1]
@@ -677,16 +759,29 @@ def _mla_attn_backward(do, qn, qr, kn, kr, v, o, lse, causal, sm_scale, kr_share
         o, do, delta, *_bht_strides(o), *_bht_strides(do), H, T,
         DV=dv, BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=cfg.pre_block_m,
     )
-    _mla_attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg.kv_block_n), B * H)](
-        qn, qr, kn, kr, v, do, lse, delta, dkn, dkr, dv_out,
+    if cfg.bwd_fused:
+        bm, bn, warps, stages = cfg.fused_launch()
+        dq_acc = torch.zeros((B, H, T, dn + dr), dtype=torch.float32, device=qn.device)
+    else:
+        bm, bn, warps, stages = cfg.kv_block_m, cfg.kv_block_n, cfg.kv_warps, cfg.kv_stages
+        dq_acc = delta  # never read (FUSE_DQ False)
+    _mla_attn_bwd_dkdv_kernel[(triton.cdiv(T, bn), B * H)](
+        qn, qr, kn, kr, v, do, lse, delta, dkn, dkr, dv_out, dq_acc,
         *_bht_strides(qn), *_bht_strides(qr), *_bht_strides(kn), *_bht_strides(kr, kr_shared),
         *_bht_strides(v), *_bht_strides(do),
         *_bht_strides(dkn), *_bht_strides(dkr), *_bht_strides(dv_out),
+        *((dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if cfg.bwd_fused else (0, 0, 0)),
         H, T, float(sm_scale),
-        CAUSAL=bool(causal), BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n,
-        EVEN_M=_even(T, cfg.kv_block_m), EVEN_N=_even(T, cfg.kv_block_n),
-        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages, **meta,
+        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, EVEN_M=_even(T, bm), EVEN_N=_even(T, bn),
+        FUSE_DQ=bool(cfg.bwd_fused), num_warps=warps, num_stages=stages, **meta,
     )
+    if cfg.bwd_fused:
+        if dr:
+            dqn.copy_(dq_acc[..., :dn])
+            dqr.copy_(dq_acc[..., dn:])
+        else:
+            dqn.copy_(dq_acc)
+        return
     _mla_attn_bwd_dq_kernel[(triton.cdiv(T, cfg.q_block_m), B * H)](
         qn, qr, kn, kr, v, do, lse, delta, dqn, dqr,
         *_bht_strides(qn), *_bht_strides(qr), *_bht_strides(kn), *_bht_strides(kr, kr_shared),

@@ -4,6 +4,7 @@ CPU: kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py before the k
 shapes with 16 x 16 blocks. GPU (`gpu` marker): DeepSeek sizes, bf16.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -112,8 +113,14 @@ def test_power_of_two_head_dim_without_rope_part():
                          ids=["fp32-causal", "fp32-full", "bf16-causal"])
 def test_split_shared_k_pe_matches_reference(dtype, causal):
     """q_nope/q_pe/k_nope separate, k_pe [B, 1, T, Dr] shared by all heads; its gradient sums over heads."""
-    B, H, T, dn, dr, dv = 2, 3, 33, 16, 8, 20
-    g = torch.Generator().manual_seed(3)
+    _check_split_shared_k_pe(dtype, causal, T=33, seed=3)
+
+
+def _check_split_shared_k_pe(dtype, causal, T, seed):
+    """mla_attention_split with k_pe [B, 1, T, Dr] shared by the heads vs the fp32 reference on the concatenated
+    q/k: the output and the gradients of q_nope, q_pe, k_nope, k_pe (summed over heads) and v."""
+    B, H, dn, dr, dv = 2, 3, 16, 8, 20
+    g = torch.Generator().manual_seed(seed)
     qn, qr, kn = (torch.randn(B, H, T, d, generator=g) for d in (dn, dr, dn))
     kr = torch.randn(B, 1, T, dr, generator=g)
     v, do = torch.randn(B, H, T, dv, generator=g), torch.randn(B, H, T, dv, generator=g)
@@ -125,9 +132,8 @@ def test_split_shared_k_pe_matches_reference(dtype, causal):
 
     ref_leaves = [x.detach().float().requires_grad_() for x in (qn, qr, kn, kr, v)]
     rqn, rqr, rkn, rkr, rv = ref_leaves
-    q = torch.cat([rqn, rqr], -1)
-    k = torch.cat([rkn, rkr.expand(-1, H, -1, -1)], -1)
-    o_ref = mla_attention_ref(q, k, rv, causal=causal)
+    o_ref = mla_attention_ref(torch.cat([rqn, rqr], -1), torch.cat([rkn, rkr.expand(-1, H, -1, -1)], -1), rv,
+                              causal=causal)
     o_ref.backward(do.float())
 
     _close("o", o.detach(), o_ref.detach(), dtype, "out")
@@ -170,6 +176,65 @@ def test_softmax_scale_sign(T, scale, causal):
     want = _ref_grads(q, k, v, do, causal, scale)
     for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
         _close(f"{name} scale={scale}", g, w, torch.float32, "out" if name == "o" else "grad")
+
+
+# ------------------------------------------------------------------------------------------------ fused backward
+def _fused(cfg, monkeypatch=None):
+    """``cfg`` with bwd_fused; with ``monkeypatch``, also stubs out the dQ kernel, so a dQ not written by the
+    fused kernel stays NaN (poison_outputs) and fails the comparison."""
+    if monkeypatch is not None:
+        monkeypatch.setattr(mla, "_mla_attn_bwd_dq_kernel", _SkippedKernel())
+    return dataclasses.replace(cfg, bwd_fused=True)
+
+
+def test_fused_backward_is_opt_in(monkeypatch):
+    monkeypatch.delenv("MOETRAIN_MLA_BWD_FUSED", raising=False)
+    assert not mla.get_config(192, 128).bwd_fused
+    assert not mla.get_config(192, 128, interpret=False).bwd_fused
+    monkeypatch.setenv("MOETRAIN_MLA_BWD_FUSED", "1")
+    assert mla.get_config(192, 128).bwd_fused
+    cfg = AttentionConfig(32, 16, 4, 1, 16, 32, 4, 1, 32, 16, 4, 1, 32)
+    assert cfg.fused_launch() == (16, 32, 4, 1)  # 0 fields inherit the dK/dV kernel's
+    assert dataclasses.replace(cfg, fused_block_m=32, fused_warps=8).fused_launch() == (32, 32, 8, 1)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T,cfg", [(32, _CFG16), (31, _CFG16), (48, _CFG_UNEQUAL), (45, _CFG_UNEQUAL)],
+                         ids=["T32-even", "T31-odd", "T48-even16-odd32", "T45-odd"])
+def test_fused_backward_matches_reference(T, cfg, dtype, causal, monkeypatch):
+    """bwd_fused: dK, dV and dQ (fp32 atomics) from one kernel, with the dK/dV blocks (BLOCK_N keys per program
+    != BLOCK_M queries per step in _CFG_UNEQUAL); T a multiple of the blocks or not; the [B, T, H, D] layout."""
+    monkeypatch.setattr(mla, "CONFIG_OVERRIDE", _fused(cfg, monkeypatch))
+    B, H, dqk, dv = 2, 2, 24, 20
+    q, k, v, do = _inputs(B, H, T, dqk, dv, dtype, seed=10)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    got = _kernel_grads(q, k, v, do, causal, None)
+    want = _ref_grads(q, k, v, do, causal, 1.0 / math.sqrt(dqk))
+    for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+        _close(f"{name} T={T}", g, w, dtype, "out" if name == "o" else "grad")
+
+
+def test_fused_backward_own_blocks_and_no_rope_part(monkeypatch):
+    """fused_* block fields (BLOCK_M > BLOCK_N), and a power-of-two head dim (no rope part: dQ nope only)."""
+    monkeypatch.setattr(mla, "CONFIG_OVERRIDE", dataclasses.replace(_fused(_CFG16, monkeypatch), fused_block_m=32))
+    for dqk, T in ((24, 37), (16, 17)):
+        q, k, v, do = _inputs(1, 2, T, dqk, 16, torch.float32, seed=11)
+        for causal in (True, False):
+            got = _kernel_grads(q, k, v, do, causal, 0.3)
+            want = _ref_grads(q, k, v, do, causal, 0.3)
+            for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+                _close(f"{name} dqk={dqk} causal={causal}", g, w, torch.float32, "out" if name == "o" else "grad")
+
+
+@pytest.mark.parametrize("dtype,causal", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True),
+                                          (torch.bfloat16, False)],
+                         ids=["fp32-causal", "fp32-full", "bf16-causal", "bf16-full"])
+def test_fused_backward_split_shared_k_pe(dtype, causal, monkeypatch):
+    """bwd_fused with separate nope/rope tensors and k_pe [B, 1, T, Dr] shared by the heads: dq_nope, dq_pe
+    (atomics) and the head-summed dk_pe."""
+    monkeypatch.setattr(mla, "CONFIG_OVERRIDE", _fused(_CFG_UNEQUAL, monkeypatch))
+    _check_split_shared_k_pe(dtype, causal, T=41, seed=12)
 
 
 class _SkippedKernel:
