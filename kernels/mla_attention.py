@@ -235,6 +235,32 @@ def _load1d(ptrs, mask, USE: tl.constexpr):
 
 
 @triton.jit
+def _load_split(Xn, Xr, offs, s_n_t, s_r_t, ok, offs_dn, offs_dr, CHECK_ROWS: tl.constexpr, HAS_PE: tl.constexpr,
+                DN: tl.constexpr, DR: tl.constexpr, BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """Rows ``offs`` of a q or k head split in its nope part [., DN] and rope part [., DR] (the nope block stands
+    in for the rope one when there is none, and is never used as such)."""
+    x_n = _load2d(Xn + offs[:, None] * s_n_t + offs_dn[None, :], ok, offs_dn < DN, CHECK_ROWS, BLOCK_DN != DN, UPCAST)
+    if HAS_PE:
+        x_r = _load2d(Xr + offs[:, None] * s_r_t + offs_dr[None, :], ok, offs_dr < DR, CHECK_ROWS, BLOCK_DR != DR,
+                      UPCAST)
+    else:
+        x_r = x_n
+    return x_n, x_r
+
+
+@triton.jit
+def _store_split(Xn, Xr, offs, s_n_t, s_r_t, x_n, x_r, scale, ok, offs_dn, offs_dr, CHECK_ROWS: tl.constexpr,
+                 HAS_PE: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, BLOCK_DN: tl.constexpr,
+                 BLOCK_DR: tl.constexpr):
+    """Store ``scale`` times a (nope, rope) gradient pair at rows ``offs`` (the rope part only with HAS_PE)."""
+    _store2d(Xn + offs[:, None] * s_n_t + offs_dn[None, :], x_n * scale, ok, offs_dn < DN, CHECK_ROWS, BLOCK_DN != DN)
+    if HAS_PE:
+        _store2d(Xr + offs[:, None] * s_r_t + offs_dr[None, :], x_r * scale, ok, offs_dr < DR, CHECK_ROWS,
+                 BLOCK_DR != DR)
+
+
+@triton.jit
 def _scores_t(a_n, a_r, Bn, Br, s_bn, s_br, offs_c, offs_dn, offs_dr, c_ok,
               CHECK_C: tl.constexpr, HAS_PE: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr,
               BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
@@ -349,13 +375,8 @@ def _mla_attn_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < T
 
-    q_n = _load2d(Qn + offs_m[:, None] * s_qn_t + offs_dn[None, :], m_ok, offs_dn < DN,
-                  not EVEN_M, BLOCK_DN != DN, UPCAST)
-    if HAS_PE:
-        q_r = _load2d(Qr + offs_m[:, None] * s_qr_t + offs_dr[None, :], m_ok, offs_dr < DR,
-                      not EVEN_M, BLOCK_DR != DR, UPCAST)
-    else:
-        q_r = q_n
+    q_n, q_r = _load_split(Qn, Qr, offs_m, s_qn_t, s_qr_t, m_ok, offs_dn, offs_dr, not EVEN_M, HAS_PE, DN, DR,
+                           BLOCK_DN, BLOCK_DR, UPCAST)
 
     qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -523,13 +544,8 @@ def _mla_attn_bwd_dkdv_kernel(
     offs_dr = tl.arange(0, BLOCK_DR)
     offs_dv = tl.arange(0, BLOCK_DV)
     n_ok = offs_n < T
-    k_n = _load2d(Kn + offs_n[:, None] * s_kn_t + offs_dn[None, :], n_ok, offs_dn < DN,
-                  not EVEN_N, BLOCK_DN != DN, UPCAST)
-    if HAS_PE:
-        k_r = _load2d(Kr + offs_n[:, None] * s_kr_t + offs_dr[None, :], n_ok, offs_dr < DR,
-                      not EVEN_N, BLOCK_DR != DR, UPCAST)
-    else:
-        k_r = k_n
+    k_n, k_r = _load_split(Kn, Kr, offs_n, s_kn_t, s_kr_t, n_ok, offs_dn, offs_dr, not EVEN_N, HAS_PE, DN, DR,
+                           BLOCK_DN, BLOCK_DR, UPCAST)
     v = _load2d(V + offs_n[:, None] * s_v_t + offs_dv[None, :], n_ok, offs_dv < DV,
                 not EVEN_N, BLOCK_DV != DV, UPCAST)
     dk_n = tl.zeros([BLOCK_N, BLOCK_DN], dtype=tl.float32)
@@ -562,11 +578,8 @@ def _mla_attn_bwd_dkdv_kernel(
 
     _store2d(DV_ + offs_n[:, None] * s_dv_t + offs_dv[None, :], dv, n_ok, offs_dv < DV,
              not EVEN_N, BLOCK_DV != DV)
-    _store2d(DKn + offs_n[:, None] * s_dkn_t + offs_dn[None, :], dk_n * sm_scale, n_ok, offs_dn < DN,
-             not EVEN_N, BLOCK_DN != DN)
-    if HAS_PE:
-        _store2d(DKr + offs_n[:, None] * s_dkr_t + offs_dr[None, :], dk_r * sm_scale, n_ok, offs_dr < DR,
-                 not EVEN_N, BLOCK_DR != DR)
+    _store_split(DKn, DKr, offs_n, s_dkn_t, s_dkr_t, dk_n, dk_r, sm_scale, n_ok, offs_dn, offs_dr, not EVEN_N,
+                 HAS_PE, DN, DR, BLOCK_DN, BLOCK_DR)
 
 
 @triton.jit
@@ -634,13 +647,8 @@ def _mla_attn_bwd_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < T
     # padded rows (>= T) load q = dO = 0 and lse = delta = 0, so their dS is exactly 0 (and never stored)
-    q_n = _load2d(Qn + offs_m[:, None] * s_qn_t + offs_dn[None, :], m_ok, offs_dn < DN,
-                  not EVEN_M, BLOCK_DN != DN, UPCAST)
-    if HAS_PE:
-        q_r = _load2d(Qr + offs_m[:, None] * s_qr_t + offs_dr[None, :], m_ok, offs_dr < DR,
-                      not EVEN_M, BLOCK_DR != DR, UPCAST)
-    else:
-        q_r = q_n
+    q_n, q_r = _load_split(Qn, Qr, offs_m, s_qn_t, s_qr_t, m_ok, offs_dn, offs_dr, not EVEN_M, HAS_PE, DN, DR,
+                           BLOCK_DN, BLOCK_DR, UPCAST)
     do = _load2d(DO + offs_m[:, None] * s_do_t + offs_dv[None, :], m_ok, offs_dv < DV,
                  not EVEN_M, BLOCK_DV != DV, UPCAST)
     lse2 = _load1d(LSE + offs_m, m_ok, not EVEN_M)
@@ -671,11 +679,8 @@ def _mla_attn_bwd_dq_kernel(
                                        s_v_t, offs_m, offs_dn, offs_dr, offs_dv, full_end, T, T, qk_scale,
                                        True, True, False, HAS_PE, DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV,
                                        BLOCK_N, UPCAST, PREC)
-    _store2d(DQn + offs_m[:, None] * s_dqn_t + offs_dn[None, :], dq_n * sm_scale, m_ok, offs_dn < DN,
-             not EVEN_M, BLOCK_DN != DN)
-    if HAS_PE:
-        _store2d(DQr + offs_m[:, None] * s_dqr_t + offs_dr[None, :], dq_r * sm_scale, m_ok, offs_dr < DR,
-                 not EVEN_M, BLOCK_DR != DR)
+    _store_split(DQn, DQr, offs_m, s_dqn_t, s_dqr_t, dq_n, dq_r, sm_scale, m_ok, offs_dn, offs_dr, not EVEN_M,
+                 HAS_PE, DN, DR, BLOCK_DN, BLOCK_DR)
 
 
 # ----------------------------------------------------------------------------------------------------------
