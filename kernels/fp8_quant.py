@@ -126,16 +126,11 @@ def _quant_1x128_kernel(x_ptr, q_ptr, s_ptr, M, K,
 
 
 @triton.jit
-def _quant_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K,
-                          stride_xm, stride_xk, stride_qm, stride_sm, stride_qtk, stride_stk,
-                          EXACT_CAST: tl.constexpr):
-    # one 128x128 tile of x: row amax -> 1x128 scales of x, column amax -> 1x128 scales of x^T
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * 128 + tl.arange(0, 128)
-    offs_k = pid_k * 128 + tl.arange(0, 128)
-    mask_m = offs_m < M
-    mask_k = offs_k < K
+def _quant_tile_rows_and_cols(x_ptr, q_ptr, s_ptr, offs_m, offs_k, mask_m, mask_k, pid_k,
+                              stride_xm, stride_xk, stride_qm, stride_sm, EXACT_CAST: tl.constexpr):
+    """One 128x128 tile of x (masked elements load as 0): stores its 1x128 quantisation along rows (q, and the
+    per-row scales in column ``pid_k`` of s) and returns the quantisation along columns, (qt [128 (m), 128 (k)],
+    st [128] per column), for the caller to store in its transposed layout."""
     mask = mask_m[:, None] & mask_k[None, :]
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
     x = x.to(tl.float32)
@@ -146,7 +141,22 @@ def _quant_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K,
     q = _to_e4m3(x / s[:, None], EXACT_CAST)
     tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
     tl.store(s_ptr + offs_m * stride_sm + pid_k, s, mask=mask_m)
-    qt = _to_e4m3(x / st[None, :], EXACT_CAST)                        # [128 (m), 128 (k)]
+    return _to_e4m3(x / st[None, :], EXACT_CAST), st
+
+
+@triton.jit
+def _quant_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K,
+                          stride_xm, stride_xk, stride_qm, stride_sm, stride_qtk, stride_stk,
+                          EXACT_CAST: tl.constexpr):
+    # one 128x128 tile of x: row amax -> 1x128 scales of x, column amax -> 1x128 scales of x^T
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * 128 + tl.arange(0, 128)
+    offs_k = pid_k * 128 + tl.arange(0, 128)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    qt, st = _quant_tile_rows_and_cols(x_ptr, q_ptr, s_ptr, offs_m, offs_k, mask_m, mask_k, pid_k,
+                                       stride_xm, stride_xk, stride_qm, stride_sm, EXACT_CAST)
     tl.store(qt_ptr + offs_k[:, None] * stride_qtk + offs_m[None, :], tl.trans(qt),
              mask=mask_k[:, None] & mask_m[None, :])
     tl.store(st_ptr + offs_k * stride_stk + pid_m, st, mask=mask_k)
@@ -413,17 +423,9 @@ def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, t
     offs_k = pid_k * 128 + tl.arange(0, 128)
     mask_m = offs_m < re
     mask_k = offs_k < K
-    mask = mask_m[:, None] & mask_k[None, :]
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    ax = tl.abs(x)
-    zx = x * 0.0
-    s = _scale_from_amax(tl.max(ax, axis=1), tl.sum(zx, axis=1))
-    st = _scale_from_amax(tl.max(ax, axis=0), tl.sum(zx, axis=0))
-    q = _to_e4m3(x / s[:, None], EXACT_CAST)
-    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
-    tl.store(s_ptr + offs_m * stride_sm + pid_k, s, mask=mask_m)
-    qt = _to_e4m3(x / st[None, :], EXACT_CAST)  # masked rows are 0 -> padding columns hold zeros
+    # masked rows load as 0 -> the padding columns of the transposed tile hold zeros
+    qt, st = _quant_tile_rows_and_cols(x_ptr, q_ptr, s_ptr, offs_m, offs_k, mask_m, mask_k, pid_k,
+                                       stride_xm, stride_xk, stride_qm, stride_sm, EXACT_CAST)
     tl.store(qt_ptr + offs_k[:, None] * stride_qtk + (t * 128 + offs_r)[None, :], tl.trans(qt),
              mask=mask_k[:, None])
     tl.store(st_ptr + offs_k * stride_stk + t, st, mask=mask_k)
