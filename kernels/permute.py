@@ -62,32 +62,20 @@ def _permute_fwd_kernel(X, ROW_OF, XS, D, stride_x, stride_xs,
 
 
 @triton.jit
-def _permute_bwd_kernel(DXS, ROW_OF, DX, D, stride_dxs, stride_dx,
-                        K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (n, db): dx[n] = sum_k dx_sorted[row_of[n*K + k]] (fp32, k in order)."""
+def _gather_sum_kernel(SRC, ROW_OF, WGT, DST, D, stride_src, stride_dst,
+                       K: tl.constexpr, BLOCK_D: tl.constexpr, WEIGHTED: tl.constexpr):
+    """Program (n, db): dst[n] = sum_k [w[n, k] *] src[row_of[n*K + k]] (fp32, k in order). permute's backward
+    (unweighted: dx from dx_sorted) and unpermute's forward (weighted: y from y_sorted)."""
     n = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cm = cols < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for k in tl.static_range(K):
         r = tl.load(ROW_OF + n * K + k)
-        acc += tl.load(DXS + r * stride_dxs + cols, mask=cm, other=0.0).to(tl.float32)
-    tl.store(DX + n * stride_dx + cols, acc.to(DX.dtype.element_ty), mask=cm)
-
-
-@triton.jit
-def _unpermute_fwd_kernel(YS, ROW_OF, WGT, Y, D, stride_ys, stride_y,
-                          K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (n, db): y[n] = sum_k w[n, k] * y_sorted[row_of[n*K + k]] (fp32, k in order)."""
-    n = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cm = cols < D
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for k in tl.static_range(K):
-        r = tl.load(ROW_OF + n * K + k)
-        w = tl.load(WGT + n * K + k).to(tl.float32)
-        acc += w * tl.load(YS + r * stride_ys + cols, mask=cm, other=0.0).to(tl.float32)
-    tl.store(Y + n * stride_y + cols, acc.to(Y.dtype.element_ty), mask=cm)
+        w = tl.load(WGT + n * K + k).to(tl.float32) if WEIGHTED else 1.0
+        row = tl.load(SRC + r * stride_src + cols, mask=cm, other=0.0).to(tl.float32)
+        acc += w * row if WEIGHTED else row
+    tl.store(DST + n * stride_dst + cols, acc.to(DST.dtype.element_ty), mask=cm)
 
 
 @triton.jit
@@ -168,9 +156,9 @@ def permute_bwd(dxs: torch.Tensor, row_of: torch.Tensor, N: int, K: int) -> torc
         return dx
     dxs = dxs if dxs.stride(-1) == 1 else dxs.contiguous()
     BLOCK_D = _block_d(D)
-    _permute_bwd_kernel[(N, triton.cdiv(D, BLOCK_D))](
-        dxs, row_of, dx, D, dxs.stride(0), dx.stride(0),
-        K=K, BLOCK_D=BLOCK_D, num_warps=num_warps_for(BLOCK_D, hi=8))
+    _gather_sum_kernel[(N, triton.cdiv(D, BLOCK_D))](
+        dxs, row_of, dxs, dx, D, dxs.stride(0), dx.stride(0),  # WGT unused (never read) when not WEIGHTED
+        K=K, BLOCK_D=BLOCK_D, WEIGHTED=False, num_warps=num_warps_for(BLOCK_D, hi=8))
     return dx
 
 
@@ -181,9 +169,9 @@ def unpermute_fwd(ys: torch.Tensor, row_of: torch.Tensor, w: torch.Tensor, N: in
     if y.numel() == 0:
         return y
     BLOCK_D = _block_d(D)
-    _unpermute_fwd_kernel[(N, triton.cdiv(D, BLOCK_D))](
+    _gather_sum_kernel[(N, triton.cdiv(D, BLOCK_D))](
         ys, row_of, w, y, D, ys.stride(0), y.stride(0),
-        K=K, BLOCK_D=BLOCK_D, num_warps=num_warps_for(BLOCK_D, hi=8))
+        K=K, BLOCK_D=BLOCK_D, WEIGHTED=True, num_warps=num_warps_for(BLOCK_D, hi=8))
     return y
 
 
