@@ -212,11 +212,6 @@ _EXTRA_GROUPED = [(128, 256, 16, 3, ""), (128, 256, 8, 2, ""), (128, 256, 8, 2, 
                   (128, 128, 8, 4, "SP")]
 
 
-def _variant(v):
-    from kernels import fp8_gemm as fg
-    return fg._variant(v)
-
-
 def _cfg_dicts(config_list_fn):
     """The autotune list of ``config_list_fn`` with the SPLIT_N / PIPE variants included (the sweep checks each
     config against the reference, so the variants kept out of the default autotuning are measured here)."""
@@ -281,7 +276,7 @@ def _sweep_dense(args, bench, spec, device="cuda"):
     wq, ws = quant_128x128(w)
     ref = fg.fp8_gemm_blockwise_ref(xq, xs, wq, ws, out_dtype=torch.float32)
     cands = _cfg_dicts(fg._gpu_configs)
-    cands += [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=w, num_stages=s, **_variant(v))
+    cands += [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=w, num_stages=s, **fg._variant(v))
               for bm, bn, w, s, v in _EXTRA_DENSE]
     title = f"fp8_blockwise {spec}"
     res = [_time_config(bench, lambda c: fg.fp8_gemm_blockwise(xq, xs, wq, ws, config=c), ref, flops, c, title)
@@ -311,7 +306,7 @@ def _sweep_grouped(args, bench, spec, device="cuda"):
     wq, ws = quant_128x128(we)
     ref = fg.fp8_gemm_grouped_ref(xq, xs, wq, ws, tiles, out_dtype=torch.float32)
     cands = _cfg_dicts(fg._grouped_gpu_configs)
-    cands += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **_variant(v))
+    cands += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **fg._variant(v))
               for bm, bn, w, s, v in _EXTRA_GROUPED]
     title = f"grouped_fp8_block G{E}:{spec}"
     res = [_time_config(bench, lambda c: fg.fp8_gemm_grouped(xq, xs, wq, ws, tiles, config=c), ref, flops, c, title)
