@@ -300,8 +300,8 @@ def dispatch_vs_raw(a, base) -> dict:
         "unpermute": _timeit(lambda: disp.unpermute_fn(send, st.sorted_idx, w), dev, a.reps),
     }
     if dev.type == "cuda":  # the same with the Triton permute / unpermute kernels (kernels.permute=true)
-        from kernels.permute import permute as k_permute, unpermute as k_unpermute
-        disp.permute_fn, disp.unpermute_fn = k_permute, k_unpermute
+        from kernels.permute import permute as k_permute, stable_order as k_order, unpermute as k_unpermute
+        disp.permute_fn, disp.unpermute_fn, disp.order_fn = k_permute, k_unpermute, k_order
         ms_k = _timeit(dispatch_combine, dev, a.reps)
         out["dispatch_combine_triton_ms"] = ms_k
         out["parts_triton_ms"] = {
@@ -357,18 +357,22 @@ def overlap_gain(a, base) -> dict:
         r = moe.gate.route(x2d)
 
     def segment(with_shared=True):
-        with torch.no_grad():
+        with torch.no_grad(), amp:  # autocast as in training: the shared experts' weights are fp32
             st = disp.dispatch(x2d, r.ids, r.weights)
             if with_shared:
                 shared(x2d)
             disp.wait(st)
+
+    def shared_only():
+        with torch.no_grad(), amp:
+            shared(x2d)
 
     seg = {}
     for overlap in (False, True):
         disp.overlap = overlap
         seg["sync_ms" if not overlap else "overlap_ms"] = _timeit(segment, dev, reps)
     seg["a2a_only_ms"] = _timeit(lambda: segment(False), dev, reps)
-    seg["shared_only_ms"] = _timeit(lambda: shared(x2d), dev, reps)
+    seg["shared_only_ms"] = _timeit(shared_only, dev, reps)
     seg["gain_ms"] = seg["sync_ms"] - seg["overlap_ms"]
     seg["ceiling_ms"] = min(seg["a2a_only_ms"], seg["shared_only_ms"])
     disp.overlap = True
@@ -431,8 +435,8 @@ def main(argv=None) -> int:
                 print("  local passes alone (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in d["parts_ms"].items()))
                 if "dispatch_combine_triton_ms" in d:
                     r = d["dispatch_combine_triton_ms"] / d["raw_a2a_ms"]
-                    print(f"  with the Triton permute/unpermute kernels: {d['dispatch_combine_triton_ms']:.2f} ms "
-                          f"({r:.2f}x raw); alone (ms): "
+                    print("  with the Triton permute/unpermute kernels and counting-sort regroup order: "
+                          f"{d['dispatch_combine_triton_ms']:.2f} ms ({r:.2f}x raw); alone (ms): "
                           + ", ".join(f"{k} {v:.3f}" for k, v in d["parts_triton_ms"].items()), flush=True)
         if "overlap" in a.sections and base.world_size > 1:
             o = info["overlap"] = overlap_gain(a, base)

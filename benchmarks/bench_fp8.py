@@ -21,6 +21,10 @@ Prints a table and writes <out>/bench_fp8_<date>.json (date, device, versions, r
     python benchmarks/bench_fp8.py --sweep                     # + per-config table of the blockwise GEMM
     python benchmarks/bench_fp8.py --sweep-grouped             # + per-config table of the grouped GEMM
 
+--sweep-quant: the FP8 quantisation kernels (1x128, 1x128 with the transposed copy, 128x128) on the first shape's
+x [M, K] and W [N, K] (bf16 in), for each candidate of kernels.fp8_quant.CFG, each checked bit-exact against the
+default config's output first; GB/s = bytes read + written / time, next to a bf16 copy of x in the same run.
+
 --sweep: after the normal table, the forward blockwise GEMM of the FIRST shape (a "G" shape's M x N x K as one
 dense GEMM) is run with every candidate tile config explicitly (``config=``: the autotune list
 kernels.fp8_gemm._gpu_configs() plus a few extra candidates, including the SPLIT_N / PIPE kernel variants:
@@ -52,6 +56,9 @@ def _parse_args(argv=None):
                    help="also time the blockwise GEMM of the first shape for every candidate config")
     p.add_argument("--sweep-grouped", action="store_true",
                    help="also time the grouped GEMM of the first G shape for every candidate config")
+    p.add_argument("--sweep-quant", action="store_true",
+                   help="also time the quantisation kernels (GB/s vs a copy) for every launch config in "
+                        "kernels.fp8_quant.CFG's candidates, on the first shape's x [M, K] and W [N, K]")
     return p.parse_args(argv)
 
 
@@ -170,6 +177,17 @@ def main(argv=None):
                 wref = torch.stack([ge.float().t() @ xe.float() for ge, xe in zip(torch.split(gg, counts),
                                                                                  torch.split(x, counts))])
                 record(name, "grouped_fp8_wgrad", bench(f), flops, _rel(f(), wref), "grouped kernel")
+            if want("grouped_fp8_rowwise") and hasattr(torch, "_scaled_grouped_mm"):
+                # the tensorwise/rowwise recipes' grouped path (moetrain.precision.fp8_grouped): rowwise quantisation
+                # of x and W, 16-row padding per expert and one torch._scaled_grouped_mm, no host sync
+                from moetrain.precision.fp8_grouped import group_plan, scaled_grouped_linear
+                plan = group_plan(torch.tensor(counts, device=dev), M)
+                f = lambda: scaled_grouped_linear(x, we, plan, "rowwise")  # noqa
+                try:
+                    record(name, "grouped_fp8_rowwise", bench(f), flops, _rel(f(), ref),
+                           "torch._scaled_grouped_mm incl. quantisation + padding")
+                except Exception as e:  # noqa: BLE001
+                    print(f"{name:>22s} grouped_fp8_rowwise failed: {type(e).__name__}: {str(e)[:200]}")
             if want("grouped_fp8_loop"):
                 wq_ws = [quant_128x128(we[e]) for e in range(groups)]
                 xs_ = [quant_1x128(xe) for xe in torch.split(x, counts)]
@@ -188,6 +206,8 @@ def main(argv=None):
             sweep_rows += _sweep_grouped(args, bench, gspecs[0])
         else:
             print("--sweep-grouped: no G shape given, skipped")
+    if args.sweep_quant:
+        sweep_rows += _sweep_quant(bench, args.shapes[0])
 
     os.makedirs(args.out, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -260,6 +280,60 @@ def _time_config(bench, fn, ref, flops, cfg, title):
     except Exception as e:  # noqa: BLE001 (a config that does not compile/run is reported, not fatal)
         row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
     return row
+
+
+
+def _sweep_quant(bench, spec):
+    """Time each fp8_quant kernel per launch config; the outputs must equal the default config's bit for bit."""
+    import itertools
+
+    import torch
+    import kernels.fp8_quant as FQ
+
+    M, N, K = (int(v) for v in spec.split(":")[-1].lower().split("x"))
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    copy_ms = bench(lambda: x.clone())
+    copy_gbs = 2 * x.numel() * 2 / copy_ms / 1e6
+    print(f"\nsweep: fp8 quantisation, x [{M}, {K}], W [{N}, {K}] bf16; bf16 copy of x {copy_gbs:.0f} GB/s")
+    print(f"{'kernel':>22s} {'config':>32s} {'us':>9s} {'GB/s':>7s} {'vs copy':>8s}")
+    sc = lambda n: 4 * n  # noqa: E731  fp32 scales
+    jobs = {
+        "quant_1x128": (lambda: FQ.quant_1x128(x), M * K * 3 + sc(M * K // 128),
+                        [dict(block_m=bm, warps_1x128=wp) for bm, wp in itertools.product((8, 16, 32, 64), (2, 4, 8))]),
+        "quant_1x128_t": (lambda: FQ.quant_1x128_with_transpose(x), M * K * 4 + 2 * sc(M * K // 128),
+                          [dict(warps_t=wp) for wp in (4, 8, 16)]),
+        "quant_128x128": (lambda: FQ.quant_128x128(w), N * K * 3, [dict(warps_128=wp) for wp in (4, 8, 16)]),
+    }
+    rows = []
+    saved = dict(FQ.CFG)
+    for name, (fn, nbytes, cands) in jobs.items():
+        ref = [t.clone() for t in fn()]
+        res = []
+        for cfg in cands:
+            FQ.CFG.update(saved)
+            FQ.CFG.update(cfg)
+            try:
+                out = fn()
+                ok = all(torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                                     b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+                         for a, b in zip(out, ref))
+                if not ok:
+                    res.append((cfg, None, "MISMATCH vs the default config"))
+                    continue
+                ms = bench(fn)
+                res.append((cfg, ms, ""))
+            except Exception as e:  # noqa: BLE001
+                res.append((cfg, None, f"failed: {type(e).__name__}: {str(e)[:80]}"))
+        FQ.CFG.clear()
+        FQ.CFG.update(saved)
+        for cfg, ms, note in sorted(res, key=lambda r: (r[1] is None, r[1] or 0)):
+            gbs = nbytes / ms / 1e6 if ms else None
+            tag = " ".join(f"{k}={v}" for k, v in cfg.items())
+            print(f"{name:>22s} {tag:>32s} " + (f"{ms * 1e3:9.1f} {gbs:7.0f} {gbs / copy_gbs:7.0%}" if ms else note),
+                  flush=True)
+            rows.append(dict(sweep=name, config=cfg, ms=ms, gbps=gbs, copy_gbps=copy_gbs, note=note))
+    return rows
 
 
 def _sweep_dense(args, bench, spec, device="cuda"):

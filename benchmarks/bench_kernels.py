@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import os
 import sys
@@ -55,14 +56,15 @@ def parse_args(argv=None):
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms (default: %(default)s)")
     p.add_argument("--sweep", action="store_true",
                    help="instead of the comparison, time the launch tunables (each module's CFG dict) "
-                        "of the kernels alone and write bench_kernels_sweep.json")
+                        "of the kernels alone (those of --ops) and write bench_kernels_sweep.json")
+    p.add_argument("--also-table", action="store_true", help="with --sweep: run the comparison table afterwards")
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------
 # --sweep: launch tunables of each kernel, timed on the launchers alone
 # ----------------------------------------------------------------------------------------------
-def _sweep(torch, do_bench, out_dir, quick):
+def _sweep(torch, do_bench, out_dir, quick, ops=OPS):
     import kernels.permute as PM
     import kernels.rmsnorm as RN
     import kernels.rope as RP
@@ -72,7 +74,14 @@ def _sweep(torch, do_bench, out_dir, quick):
     dev, bf, q = "cuda", torch.bfloat16, 4 if quick else 1
     res = []
 
+    def wanted(name):
+        op = {"add": "add_rmsnorm", "rmap": "permute", "routing": "permute"}.get(name.split("_")[0].split("/")[0],
+                                                                                name.split("_")[0])
+        return op in ops or (op == "permute" and "unpermute" in ops)
+
     def bench(name, mod, cfg, fn, nbytes):
+        if not wanted(name):
+            return
         saved = dict(mod.CFG)
         mod.CFG.update(cfg)
         try:
@@ -94,12 +103,11 @@ def _sweep(torch, do_bench, out_dir, quick):
     _, _, rstd = RN.rmsnorm_fwd(x, w, 1e-6)
     for mw in (8, 16, 32):
         bench("rmsnorm_fwd", RN, {"fwd_max_warps": mw}, lambda: RN.rmsnorm_fwd(x, w, 1e-6), 2 * N * D * 2)
-    for pps in (2, 4, 8, 16, 32):
-        for mw in (8, 16):
-            cfg = {"bwd_programs_per_sm": pps, "bwd_max_warps": mw}
-            bench("rmsnorm_bwd", RN, cfg, lambda: RN.rmsnorm_bwd(dy, x, w, rstd, bf), 3 * N * D * 2)
-            bench("add_rmsnorm_bwd", RN, cfg,
-                  lambda: RN.rmsnorm_bwd(dy, x, w, rstd, bf, dh_out2=r), 4 * N * D * 2)
+    for pps, mw, rows in itertools.product((1, 2, 4), (8, 16), (1, 2)):
+        cfg = {"bwd_programs_per_sm": pps, "bwd_max_warps": mw, "bwd_rows": rows}
+        bench("rmsnorm_bwd", RN, cfg, lambda: RN.rmsnorm_bwd(dy, x, w, rstd, bf), 3 * N * D * 2)
+        bench("add_rmsnorm_bwd", RN, cfg,
+              lambda: RN.rmsnorm_bwd(dy, x, w, rstd, bf, dh_out2=r), 4 * N * D * 2)
     del x, r, dy
 
     B, T, H, Dr = max(1, 4 // q), 4096, 128, 64
@@ -145,7 +153,27 @@ def _sweep(torch, do_bench, out_dir, quick):
     ys = torch.randn(N4 * K4, D4, device=dev, dtype=bf)
     wk = torch.rand(N4, K4, device=dev)
     dyt = torch.randn_like(xt)
-    bench("routing_map", PM, {}, lambda: PM.routing_map(ids4, E4), 3 * N4 * K4 * 8)
+    # routing map: the Triton counting sort (its tunables) vs the torch.sort path it replaced
+    # (routing_map_ref), bytes = ids read + sorted_index and row_of written (int64)
+    for Nr, Kr, Er in ((N4, 6, 64), (N4, 8, 256)):
+        idr = torch.rand(Nr, Er, device=dev).topk(Kr, dim=-1)[1]
+        tag, nb = f"{Kr}x{Er}", 3 * Nr * Kr * 8
+        t = []  # [torch.sort, counting sort with the default CFG] (None on error)
+        for name, fn in ((f"rmap_torch/{tag}", lambda: PM.routing_map_ref(idr, Er)),
+                         (f"routing_map/{tag}", lambda: PM.routing_map(idr, Er))):
+            n0 = len(res)
+            bench(name, PM, {}, fn, nb)
+            t.append(res[-1]["ms"] if len(res) > n0 else None)
+        for ch in (256, 512, 1024, 2048):
+            for rb, wp in ((32, 2), (32, 4), (64, 2), (64, 4), (64, 8), (128, 4), (128, 8)):
+                bench(f"routing_map/{tag}", PM, {"rm_chunk": ch, "rm_block": rb, "rm_warps": wp},
+                      lambda: PM.routing_map(idr, Er), nb)
+        t_ref, t_def = t
+        t_best = min((r["ms"] for r in res if r["kernel"] == f"routing_map/{tag}"), default=None)
+        if t_ref and t_def and t_best:
+            print(f"routing_map N={Nr} K={Kr} E={Er}: torch.sort {t_ref * 1e3:.1f} us, counting sort "
+                  f"{t_def * 1e3:.1f} us (default CFG; best {t_best * 1e3:.1f} us): "
+                  f"{t_ref / t_def:.2f}x ({t_ref / t_best:.2f}x best)", flush=True)
     for bd in (256, 512, 1024, 2048, 4096):
         cfg = {"block_d": bd}
         bench("permute_fwd", PM, cfg, lambda: PM.permute_fwd(xt, row_of, K4), N4 * D4 * 2 * (1 + K4))
@@ -381,7 +409,9 @@ def main(argv=None):
 
     torch.manual_seed(0)
     if args.sweep:
-        return _sweep(torch, triton_testing.do_bench, args.out, args.quick)
+        rc = _sweep(torch, triton_testing.do_bench, args.out, args.quick, ops)
+        if not args.also_table:
+            return rc
     warmup, rep = (10, 30) if args.quick else (args.warmup, args.rep)
     hbm = _hbm_copy_gbps(torch, triton_testing)
     props = torch.cuda.get_device_properties(0)

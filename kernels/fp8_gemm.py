@@ -23,11 +23,13 @@ Kernel variants (constexpr, default off; config kwargs, so the autotuner / ``con
   SPLIT_N  the N tile as two BLOCK_N/2 halves with two accumulators sharing one A tile load; half 0 is promoted
            (and pinned there by ``_order_fence``) before half 1's dot, so only a half-width product is live next
            to the accumulators: 128x256 / 256x128 tiles with 8 warps no longer spill heavily (sm90 offline compile,
-           triton 3.9: 260 / 236 B -> 24 / 48 B of spill stores).
+           triton 3.9: 260 / 236 B -> 24 / 48 B of spill stores). On the H200 (triton 3.6) 128x256 w8 s3 SPLIT_N
+           is the fastest dense config swept: 822 TFLOP/s at 4096 x 7168 x 2048 vs 742 for the best plain one, so
+           the dense autotune list has it; in the grouped kernel it lost (482 vs 759) and stays out.
   PIPE     software-pipelined promotion: the dot of K tile k+1 is issued before tile k's product is promoted,
-           meant to let sm90's async wgmma overlap the promotion FMAs. Triton 3.9 still waits for each wgmma
-           (``wgmma.wait_group 0``) right after issuing it, so offline this gives no overlap yet; kept for
-           measurement (other triton versions may differ). With SPLIT_N: a half-tile-shifted pipeline.
+           meant to let sm90's async wgmma overlap the promotion FMAs. Triton still waits for each wgmma
+           (``wgmma.wait_group 0``) right after issuing it, so it gives no overlap: 3-10% slower than the plain
+           path on the H200 at every config swept. Autotuned only with MOETRAIN_FP8_VARIANTS=1.
 
 Variants
   fp8_gemm_blockwise(a, a_s, b, b_s)   a: 1x128 scales [M, ceil(K/128)]; b: 128x128 scales
@@ -420,22 +422,23 @@ def _variant(v):
 
 
 def _variants_autotuned() -> bool:
-    """SPLIT_N / PIPE join the autotune lists only with MOETRAIN_FP8_VARIANTS=1: they have passed the CPU
-    interpreter tests and an offline sm90 compile but have not run on a GPU yet (the autotuner picks the fastest
-    config without checking its result; ``bench_fp8.py --sweep`` checks each against the reference first)."""
+    """PIPE (and SPLIT_N in the grouped kernel) join the autotune lists only with MOETRAIN_FP8_VARIANTS=1: on the
+    H200 (2026-11-30, triton 3.6) they were slower than the plain path at every config swept (bench_fp8 --sweep
+    --sweep-grouped); the dense kernel's SPLIT_N configs won there and are always in its list."""
     return os.environ.get("MOETRAIN_FP8_VARIANTS", "0") == "1"
 
 
 def _gpu_configs():
-    """Autotune candidates of the dense kernel (GROUP_M 8): (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    """Autotune candidates of the dense kernel (GROUP_M 8): (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant])."""
     return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8) for bm, bn, w, s in [
-        (128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (256, 128, 8, 4),
-        (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 8, 5), (128, 128, 4, 3),
-        (64, 256, 4, 4), (64, 256, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)]] + [
-        # variants (offline sm90 compile, triton 3.9: SPLIT_N cuts the 128x256 / 256x128 w8 spills from ~250 B to
-        # 24 / 48 B; PIPE fits 128x128 w8 without spills, 242 regs)
+        (128, 128, 8, 4), (128, 128, 8, 5), (128, 128, 4, 3),
+        (64, 256, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)]] + [
+        # SPLIT_N: a 256-wide tile as two 128-column accumulators. H200, 4096 x 7168 x 2048: 128x256 w8 s3 split
+        # 822 TFLOP/s vs 742 for the best plain config; plain 128x256 / 256x128 spill registers (448 / 391)
+        _cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, **_variant("S")) for bm, bn, w, s in [
+            (128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3)]] + [
         _cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, **_variant(v)) for bm, bn, w, s, v in [
-            (128, 256, 8, 3, "S"), (128, 256, 8, 4, "S"), (256, 128, 8, 3, "S"), (128, 128, 8, 4, "P")]
+            (128, 128, 8, 4, "P")]
         if _variants_autotuned()]
 
 
@@ -704,8 +707,8 @@ def _fp8_wgrad_grouped_kernel(
 def _grouped_gpu_configs():
     """Autotune candidates of the grouped kernel: (BLOCK_M (divides the 128-row tile), BLOCK_N, warps, stages)."""
     return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn) for bm, bn, w, s in [
-        (128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 8, 5),
-        (64, 256, 4, 4), (64, 256, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4)]] + [
+        # H200 sweep at 8 experts x 2048 x 7168: 128x128 w8 s5 759 TFLOP/s, 128x256 (plain or SPLIT_N) <= 482
+        (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 8, 5), (64, 256, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4)]] + [
         _cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, **_variant(v)) for bm, bn, w, s, v in [
             (128, 256, 8, 3, "S"), (128, 256, 8, 4, "S"), (128, 128, 8, 4, "P")]
         if _variants_autotuned()]

@@ -186,6 +186,12 @@ def _quant_128x128_kernel(w_ptr, q_ptr, s_ptr, N, K,
 INTERPRETED: bool = type(_quant_1x128_kernel).__name__ == "InterpretedFunction"
 """True when this module's kernels were built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
 
+#: GPU launch tunables (``benchmarks/bench_fp8.py --sweep-quant`` times the candidates): rows per program and warps
+#: of the 1x128 kernel, warps of the with-transpose (128x128 tile) and 128x128 weight kernels.
+#: H200 (2026-11-30, x [4096, 2048], W [7168, 2048]): 1x128 32 rows / 2 warps 12.4 us (16 / 4: 13.0), with-transpose
+#: 4 warps 25.6 us (8: 32.5), 128x128 8 warps 19.2 us (4: 20.8).
+CFG = {"block_m": 32, "warps_1x128": 2, "warps_t": 4, "warps_128": 8}
+
 
 # ----------------------------------------------------------------------------------------------------------
 # launchers
@@ -220,10 +226,10 @@ def quant_1x128(x: torch.Tensor, check_finite: bool = False) -> tuple[torch.Tens
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
     s = torch.empty((M, kt), dtype=torch.float32, device=x.device)
     if M and K:
-        block_m = 128 if INTERPRETED else 16
+        block_m = 128 if INTERPRETED else CFG["block_m"]
         grid = (triton.cdiv(M, block_m), kt)
         _quant_1x128_kernel[grid](x, q, s, M, K, x.stride(0), x.stride(1), q.stride(0), s.stride(0),
-                                  BLOCK_M=block_m, EXACT_CAST=INTERPRETED, num_warps=4)
+                                  BLOCK_M=block_m, EXACT_CAST=INTERPRETED, num_warps=CFG["warps_1x128"])
     if check_finite:
         _check_scales_finite("quant_1x128", s)
     return q, s
@@ -247,7 +253,7 @@ def quant_1x128_with_transpose(x: torch.Tensor, check_finite: bool = False):
     if M and K:
         _quant_1x128_t_kernel[(mt, kt)](x, q, s, qt, st, M, K, x.stride(0), x.stride(1), q.stride(0),
                                         s.stride(0), qt.stride(0), st.stride(0),
-                                        EXACT_CAST=INTERPRETED, num_warps=8)
+                                        EXACT_CAST=INTERPRETED, num_warps=CFG["warps_t"])
     if check_finite:
         _check_scales_finite("quant_1x128_with_transpose", s, st)
     return q, s, qt, st
@@ -269,7 +275,7 @@ def quant_128x128(w: torch.Tensor, check_finite: bool = False) -> tuple[torch.Te
     if E and N and K:
         _quant_128x128_kernel[(nt, kt, E)](wb, q, s, N, K, wb.stride(0), wb.stride(1), wb.stride(2),
                                            q.stride(0), q.stride(1), s.stride(0), s.stride(1),
-                                           EXACT_CAST=INTERPRETED, num_warps=8)
+                                           EXACT_CAST=INTERPRETED, num_warps=CFG["warps_128"])
     if w.dim() != 3:
         q, s = q[0], s[0]
     if check_finite:
@@ -452,7 +458,7 @@ def quant_1x128_with_transpose_grouped(x: torch.Tensor, tiles: GroupedTiles):
     elif T and K:
         _quant_1x128_t_grouped_kernel[(T, kt)](x, q, s, qt, st, tiles.tile_start, tiles.tile_end, K,
                                                x.stride(0), x.stride(1), q.stride(0), s.stride(0), qt.stride(0),
-                                               st.stride(0), EXACT_CAST=INTERPRETED, num_warps=8)
+                                               st.stride(0), EXACT_CAST=INTERPRETED, num_warps=CFG["warps_t"])
     return q, s, qt, st
 
 

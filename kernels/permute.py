@@ -21,10 +21,12 @@ scatter of N*K int64)::
               bwd: dy_sorted[row_of[n*K+k]] = topk_weights[n,k] * dy[n]
                    dtopk_weights[n,k] = <dy[n], y_sorted[row_of[n*K+k]]>
 
-All sums run over k in a fixed order in fp32: results are deterministic. Counts and the maps are
-computed on the device with no host synchronisation: a stable ``torch.sort`` of the ids, a
-``scatter`` for the inverse and an integer ``scatter_add_`` histogram for ``tokens_per_expert``
-(``torch.bincount`` would read ``max()`` back on CUDA; integer adds are exact, so deterministic).
+All sums run over k in a fixed order in fp32: results are deterministic. Counts and the maps
+(:func:`routing_map`) are computed on the device with no host synchronisation by a counting sort in
+three Triton launches (per-chunk expert histograms, a prefix over chunks, then each chunk places its
+positions: the comment above ``_rm_count_kernel``); integer counts only, so deterministic, and equal
+to :func:`routing_map_ref`'s stable ``torch.sort`` + ``scatter`` inverse + ``scatter_add_`` histogram
+(``torch.bincount`` would read ``max()`` back on CUDA).
 
 Shapes and dtypes:
     x              [N, D] float32 | bfloat16 | float16 (any D; masked)
@@ -42,10 +44,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import new_empty, new_empty_like, check_device, check_dtype, next_pow2, num_warps_for
+from ._utils import (new_empty, new_empty_like, check_device, check_dtype, interpreting, next_pow2,
+                     num_warps_for)
 
-__all__ = ["permute", "unpermute", "permute_ref", "unpermute_ref", "routing_map", "inverse_index",
-           "PermuteFunction", "UnpermuteFunction"]
+__all__ = ["permute", "unpermute", "permute_ref", "unpermute_ref", "routing_map", "stable_order", "routing_map_ref",
+           "inverse_index", "PermuteFunction", "UnpermuteFunction"]
 
 
 @triton.jit
@@ -104,9 +107,82 @@ def _unpermute_bwd_kernel(DY, YS, ROW_OF, WGT, DYS, DW, D, stride_dy, stride_ys,
         tl.store(DW + n * K + ks, dw.to(DW.dtype.element_ty), mask=km)
 
 
+# ------------------------------------------------------------------------------ routing map
+# A deterministic counting sort of the flat ids (no atomics whose order matters, no host sync), in
+# three launches over chunks of C consecutive flat positions p (C = CFG["rm_chunk"]):
+#   A  _rm_count_kernel  (one program per chunk): counts[c, e] = #{p in chunk c : id[p] == e}
+#   S  _rm_scan_kernel   (one program per tile of experts): in place, counts[c, e] <- sum_{c' < c}
+#      counts[c', e]; tokens_per_expert[e] = the column total
+#   B  _rm_place_kernel  (one program per chunk): start[e] = sum_{e' < e} total[e'] + counts[c, e]
+#      (the first row of expert e that chunk c fills), then over the chunk in blocks of R positions:
+#      row_of[p] = start[id[p]] + #{q < p in the block : id[q] == id[p]};  sorted_index[row_of[p]] = p;
+#      start += histogram of the block.
+# Rows of expert e are handed out in (chunk, position) order, i.e. in increasing p: exactly the
+# stable argsort. tl.histogram sums integers (in shared memory on the GPU), exact in any order.
+@triton.jit
+def _rm_count_kernel(IDS, COUNTS, M, C: tl.constexpr, E_PAD: tl.constexpr, H: tl.constexpr):
+    """Program c: counts[c, :E_PAD] = histogram of ids[c*C : c*C + C] (int32), H positions at a time."""
+    c = tl.program_id(0)
+    acc = tl.zeros([E_PAD], dtype=tl.int32)
+    for h0 in tl.static_range(0, C, H):
+        offs = c * C + h0 + tl.arange(0, H)
+        m = offs < M
+        e = tl.load(IDS + offs, mask=m, other=0).to(tl.int32)
+        acc += tl.histogram(e, E_PAD, mask=m)
+    tl.store(COUNTS + c * E_PAD + tl.arange(0, E_PAD), acc)
+
+
+@triton.jit
+def _rm_scan_kernel(COUNTS, TPE, n_chunks, E, E_PAD: tl.constexpr, BC: tl.constexpr,
+                    BE: tl.constexpr):
+    """Program t (experts t*BE ..): exclusive prefix of counts[:, e] over chunks, in place, and
+    tokens_per_expert[e] (int64) = the column total."""
+    es = tl.program_id(0) * BE + tl.arange(0, BE)
+    carry = tl.zeros([BE], dtype=tl.int32)
+    for c0 in range(0, n_chunks, BC):
+        cs = c0 + tl.arange(0, BC)
+        ptrs = COUNTS + cs[:, None] * E_PAD + es[None, :]
+        m2 = (cs < n_chunks)[:, None]
+        t = tl.load(ptrs, mask=m2, other=0)
+        tl.store(ptrs, carry[None, :] + tl.cumsum(t, axis=0) - t, mask=m2)
+        carry += tl.sum(t, axis=0)
+    tl.store(TPE + es, carry.to(tl.int64), mask=es < E)
+
+
+@triton.jit
+def _rm_place_kernel(IDS, COUNTS, TPE, ROW_OF, SIDX, M, E, C: tl.constexpr, E_PAD: tl.constexpr,
+                     R: tl.constexpr):
+    """Program c: row_of and sorted_index for the positions of chunk c (module comment above)."""
+    c = tl.program_id(0)
+    es = tl.arange(0, E_PAD)
+    tot = tl.load(TPE + es, mask=es < E, other=0).to(tl.int32)
+    start = tl.cumsum(tot, axis=0) - tot + tl.load(COUNTS + c * E_PAD + es)
+    rr = tl.arange(0, R)
+    earlier = rr[None, :] < rr[:, None]  # [i, j]: j before i inside the block
+    p0 = c * C
+    n_here = tl.minimum(M - p0, C)
+    offs = p0 + rr
+    e_next = tl.load(IDS + offs, mask=offs < M, other=0)
+    for r0 in range(0, n_here, R):
+        offs = p0 + r0 + rr
+        m = rr < n_here - r0
+        e = e_next.to(tl.int32)
+        # prefetch the next block's ids while this one is placed
+        e_next = tl.load(IDS + offs + R, mask=rr < n_here - r0 - R, other=0)
+        rank = tl.sum(((e[None, :] == e[:, None]) & earlier).to(tl.int32), axis=1)
+        row = tl.gather(start, e, 0) + rank
+        tl.store(ROW_OF + offs, row.to(tl.int64), mask=m)
+        tl.store(SIDX + row, offs.to(tl.int64), mask=m)
+        start += tl.histogram(e, E_PAD, mask=m)
+
+
 #: Tunables (H200 measurements in benchmarks/bench_kernels.py): column block of the row-copy
-#: kernels (grid N x cdiv(D, BLOCK_D)) and of the per-token tile kernel of unpermute's backward.
-CFG = {"block_d": 1024, "tile_elems": 4096}
+#: kernels (grid N x cdiv(D, BLOCK_D)) and of the per-token tile kernel of unpermute's backward;
+#: routing map: positions per chunk (one program of the count and place kernels; powers of two),
+#: positions per rank block of the place kernel (an R x R compare) and its warps.
+#: H200 sweep (2026-11-30): block_d flat (3.6-4.3 TB/s at any size), tile_elems 2048 3.54 TB/s (4096: 3.32),
+#: routing map 512/32/4 55-59 us at 16384 x top-6 of 64 and x top-8 of 256 (torch.sort path 129 / 213 us).
+CFG = {"block_d": 1024, "tile_elems": 2048, "rm_chunk": 512, "rm_block": 32, "rm_warps": 4}
 
 
 def _block_d(D: int) -> int:
@@ -117,13 +193,76 @@ def _tile_block_d(D: int, K: int) -> int:
     return max(16, min(next_pow2(D), CFG["tile_elems"] // next_pow2(K), 1024))
 
 
+def _check_ids(topk_ids: torch.Tensor, n_experts: int) -> None:
+    """Integer ids in [0, n_experts): the range is checked on CPU only (on CUDA the check would
+    synchronise; out-of-range ids there are undefined behaviour)."""
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise TypeError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if n_experts < 1:
+        raise ValueError(f"n_experts={n_experts} must be >= 1")
+    if topk_ids.device.type == "cpu" and topk_ids.numel() and (
+            int(topk_ids.min()) < 0 or int(topk_ids.max()) >= n_experts):
+        raise ValueError(f"topk_ids must lie in [0, {n_experts}), got "
+                         f"[{int(topk_ids.min())}, {int(topk_ids.max())}]")
+
+
 def routing_map(topk_ids: torch.Tensor, n_experts: int):
     """On the ids' device, no host sync: (tokens_per_expert [E] int64, sorted_index [N*K] int64,
     row_of [N*K] int64) with ``sorted_index`` the stable argsort of the flattened ids and ``row_of``
-    its inverse."""
+    its inverse; the same tensors as :func:`routing_map_ref` (a counting sort in three Triton
+    launches, see the comment above ``_rm_count_kernel``). Ids of any integer dtype. Falls back to
+    :func:`routing_map_ref` for more than 1024 experts, N*K near 2**31, or CPU tensors without
+    Triton's interpreter."""
+    n_experts = int(n_experts)
+    _check_ids(topk_ids, n_experts)
+    return _routing_map(topk_ids, n_experts)
+
+
+def _routing_map(topk_ids: torch.Tensor, E: int):
+    flat = topk_ids.reshape(-1)
+    flat = flat if flat.is_contiguous() else flat.contiguous()
+    M, dev = flat.numel(), flat.device
+    C = next_pow2(CFG["rm_chunk"])
+    if M == 0:
+        return (torch.zeros(E, dtype=torch.int64, device=dev),
+                torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=torch.int64, device=dev))
+    if M + 2 * C >= 2**31 or E > 1024 or (dev.type != "cuda" and not interpreting()):
+        # positions and rows are int32 in the kernels; E_PAD bins live in registers; no Triton here
+        return routing_map_ref(topk_ids, E)
+    R = min(next_pow2(CFG["rm_block"]), C)
+    H = min(C, 1024)
+    E_PAD = max(32, next_pow2(E))  # tl.histogram: a power of two, at least a warp of bins
+    n_chunks = triton.cdiv(M, C)
+    counts = torch.empty((n_chunks, E_PAD), dtype=torch.int32, device=dev)  # scratch, fully written
+    tpe = new_empty((E,), torch.int64, dev)
+    sorted_index = new_empty((M,), torch.int64, dev)
+    row_of = new_empty((M,), torch.int64, dev)
+    _rm_count_kernel[(n_chunks,)](flat, counts, M, C=C, E_PAD=E_PAD, H=H,
+                                  num_warps=num_warps_for(H, hi=8))
+    BE = min(E_PAD, 32)
+    BC = max(16, min(next_pow2(n_chunks), 8192 // BE))
+    _rm_scan_kernel[(E_PAD // BE,)](counts, tpe, n_chunks, E, E_PAD=E_PAD, BC=BC, BE=BE,
+                                    num_warps=num_warps_for(BC * BE, hi=8))
+    _rm_place_kernel[(n_chunks,)](flat, counts, tpe, row_of, sorted_index, M, E, C=C, E_PAD=E_PAD,
+                                  R=R, num_warps=CFG["rm_warps"])
+    return tpe, sorted_index, row_of
+
+
+def stable_order(keys: torch.Tensor, n_bins: int):
+    """``(order, inverse)`` of ``keys [M]`` (ints in ``[0, n_bins)``): the stable argsort and its inverse, as
+    ``moetrain.parallel.expert_parallel.stable_order`` computes with ``torch.sort``, here by
+    :func:`routing_map`'s counting sort (the expert-parallel dispatcher's regroup of received rows)."""
+    _, sorted_index, row_of = routing_map(keys.reshape(-1, 1), n_bins)
+    return sorted_index, row_of
+
+
+def routing_map_ref(topk_ids: torch.Tensor, n_experts: int):
+    """Pure-torch :func:`routing_map` (what it replaced): a stable ``torch.sort`` of the flat ids, a
+    ``scatter`` for the inverse and an integer ``scatter_add_`` histogram (``torch.bincount`` would
+    read ``max()`` back on CUDA). The same three tensors."""
     flat = topk_ids.reshape(-1).to(torch.int64)
     sorted_index = torch.sort(flat, stable=True)[1]
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device)
+    counts = torch.zeros(int(n_experts), dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     return counts, sorted_index, inverse_index(sorted_index)
 
@@ -199,7 +338,7 @@ class PermuteFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_ids, n_experts):
         N, K = topk_ids.shape
-        counts, sorted_index, row_of = routing_map(topk_ids, n_experts)
+        counts, sorted_index, row_of = _routing_map(topk_ids, n_experts)
         xs = permute_fwd(x, row_of, K)
         ctx.save_for_backward(row_of)
         ctx.NK = (N, K)
@@ -247,18 +386,11 @@ def permute(x: torch.Tensor, topk_ids: torch.Tensor, n_experts: int):
     if x.dim() != 2 or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"expected x [N, D] and topk_ids [N, K], got {list(x.shape)} and "
                          f"{list(topk_ids.shape)}")
-    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
-        raise TypeError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
     n_experts = int(n_experts)
-    if n_experts < 1:
-        raise ValueError(f"n_experts={n_experts} must be >= 1")
+    _check_ids(topk_ids, n_experts)
     if topk_ids.shape[1] < 1:
         raise ValueError("topk_ids must have K >= 1 columns")
     check_device(("x", x), ("topk_ids", topk_ids))
-    if topk_ids.device.type == "cpu" and topk_ids.numel() and (
-            int(topk_ids.min()) < 0 or int(topk_ids.max()) >= n_experts):
-        raise ValueError(f"topk_ids must lie in [0, {n_experts}), got "
-                         f"[{int(topk_ids.min())}, {int(topk_ids.max())}]")
     return PermuteFunction.apply(_rowmajor(x), topk_ids.contiguous(), n_experts)
 
 

@@ -80,7 +80,7 @@ def _rope_kernel(
 _rope_fwd_kernel = _rope_bwd_kernel = _rope_kernel
 
 #: Tunables: de-interleave in registers (True) or with stride-2 accesses; elements per program.
-CFG = {"split": True, "block_elems": 4096}
+CFG = {"split": True, "block_elems": 8192}  # H200 sweep 2026-11-30: 3.93 TB/s (4096: 3.79)
 
 
 def rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conj: bool = False) -> torch.Tensor:

@@ -200,7 +200,9 @@ def _router_bwd_kernel(
 
 
 #: Tunables: fp32 score values per program (BLOCK_N * BLOCK_E) and warps.
-CFG = {"block_elems": 4096, "warps": 4}
+#: H200 sweep (2026-11-30, 16384 tokens x 256 experts top-8, 8 groups): 1024 / 1 warp fwd 60 us, bwd 34 us
+#: (4096 / 4: 139 / 45 us).
+CFG = {"block_elems": 1024, "warps": 1}
 
 
 def _block_n(E: int) -> int:

@@ -72,6 +72,7 @@ class TrainConfig:
     eval_batches: int = 8            # global batches of the val split per evaluation
     log_every: int = 10
     compile: bool = False            # torch.compile the blocks
+    optimizer_impl: str = "auto"     # AdamW kernels: auto (fused on CUDA, foreach elsewhere) | fused | foreach
 
 
 @dataclass
@@ -148,6 +149,7 @@ Config.__annotations__["model"] = ModelConfig
 
 CHOICES = {
     "train.decay": ("cosine", "linear", "constant"),
+    "train.optimizer_impl": ("auto", "fused", "foreach"),
     "parallel.engine": ("native", "deepspeed"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.capacity_policy": ("probs", "position"),

@@ -86,7 +86,7 @@ def apply_kernels(model: nn.Module, kcfg, device: Optional[torch.device] = None)
     if triton_unavailable(device):
         return {}
     from kernels.mla_attention import mla_attention
-    from kernels.permute import permute, unpermute
+    from kernels.permute import permute, stable_order, unpermute
     from kernels.rope import rope
     from kernels.swiglu import swiglu
 
@@ -106,6 +106,8 @@ def apply_kernels(model: nn.Module, kcfg, device: Optional[torch.device] = None)
         dispatcher = getattr(module, "dispatcher", None)
         if kcfg.permute and dispatcher is not None and hasattr(dispatcher, "permute_fn"):
             dispatcher.permute_fn, dispatcher.unpermute_fn = permute, unpermute
+            if hasattr(dispatcher, "order_fn"):  # the expert-parallel dispatcher's regroup sort
+                dispatcher.order_fn = stable_order
             changed["permute"] += 1
     if kcfg.rmsnorm:
         for name, module in list(model.named_modules()):

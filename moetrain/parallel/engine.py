@@ -108,11 +108,11 @@ class NativeEngine:
 
     def load(self, path: Path) -> dict:
         check_checkpoint_engine(path, ckpt.read_trainer_state(path), self.name)
-        # foreach is this layout's choice (off for FSDP + local expert shards), not the checkpoint's
-        foreach = [g.get("foreach") for g in self.optimizer.param_groups]
+        # foreach / fused are this run's choice (device, layout, train.optimizer_impl), not the checkpoint's
+        impl = [(g.get("foreach"), g.get("fused")) for g in self.optimizer.param_groups]
         state = ckpt.load_checkpoint(path, self.raw_model, self.optimizer)
-        for g, f in zip(self.optimizer.param_groups, foreach):
-            g["foreach"] = f
+        for g, (foreach, fused) in zip(self.optimizer.param_groups, impl):
+            g["foreach"], g["fused"] = foreach, fused
         return state
 
 

@@ -331,6 +331,15 @@ def capacity_keep_mask(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_exp
 # Dispatcher
 # --------------------------------------------------------------------------------------------
 
+def stable_order(keys: torch.Tensor, n_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, inverse)`` for ``keys [M]`` int64 in ``[0, n_bins)``: ``order`` the stable argsort
+    (``keys[order]`` ascending, ties in index order), ``inverse[order[i]] = i``. On device, no host sync."""
+    order = torch.sort(keys, stable=True)[1]
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(keys.numel(), device=keys.device)
+    return order, inv
+
+
 @dataclass
 class A2AState:
     """What :meth:`AllToAllDispatcher.dispatch` hands to ``wait`` / ``combine``.
@@ -375,7 +384,9 @@ class AllToAllDispatcher:
             :meth:`combine` is still in the dtype of ``x``.
 
     Attributes: ``permute_fn`` / ``unpermute_fn`` (swappable like :class:`LocalDispatcher`'s; called
-    with ``n_experts + 1`` bins when capacity is on: bin ``E`` holds the dropped copies),
+    with ``n_experts + 1`` bins when capacity is on: bin ``E`` holds the dropped copies), ``order_fn``
+    (``(keys [M] int64, n_bins) -> (order, inverse)``, the stable sort of the received rows by local
+    expert; default :func:`stable_order`, swapped for the Triton counting sort with ``kernels.permute``),
     ``n_local`` (``E_local``), ``ep_rank``, ``dropped`` / ``assigned`` (host ints, token copies dropped /
     routed by training forwards since :func:`moe_telemetry` last read them).
 
@@ -408,6 +419,7 @@ class AllToAllDispatcher:
         self.meter = meter if meter is not None else A2A_METER
         self.permute_fn = permute
         self.unpermute_fn = unpermute
+        self.order_fn = stable_order
         self.dropped = 0
         self.assigned = 0
 
@@ -457,9 +469,7 @@ class AllToAllDispatcher:
         if El > 1:  # rows arrive grouped by (source rank, local expert): sort them by local expert
             local_ids = torch.arange(El, device=x.device).repeat(ep)
             expert_of_row = torch.repeat_interleave(local_ids, recv_counts.reshape(-1), output_size=M)
-            order = torch.sort(expert_of_row, stable=True)[1]
-            inv = torch.empty_like(order)
-            inv[order] = torch.arange(M, device=x.device)
+            order, inv = self.order_fn(expert_of_row, El)
         state = A2AState(recv, recv_counts.sum(0), sorted_idx, topk_weights, dtype, N * K, n_kept,
                          in_splits, out_splits, order, inv, pending)
         if not self.overlap:

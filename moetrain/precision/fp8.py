@@ -18,9 +18,15 @@ amax == 0 -> scale 1, tiny amax clamped to 1e-12, non-finite input -> NaN scale,
 Numerics of the backends (chosen per call from the device, ``Fp8Config.backend="auto"``):
   * ``scaled_mm``  (tensorwise/rowwise, CUDA with compute capability >= 8.9): ``torch._scaled_mm``.
     Rows / the reduction dim are zero-padded to multiples of 16 where _scaled_mm needs it (token counts).
+    Routed experts on sm90: ``torch._scaled_grouped_mm`` (``moetrain.precision.fp8_grouped``; grad_out E4M3).
   * ``triton``     (blockwise, CUDA, or CPU when kernels/ was imported with TRITON_INTERPRET=1).
   * ``emulate``    (anything else, e.g. CPU tests): quantise to the same fp8 values with the same scales,
     dequantise, matmul in fp32 -- identical to the scaled GEMMs up to accumulation order.
+
+Tensorwise / rowwise quantisation on CUDA runs the fused Triton kernels of ``kernels.fp8_rowwise`` (one launch per
+row-scaled operand, two for column / tensor scales, transposed operands written straight into the layout their
+GEMM reads), bit-identical to the eager torch code (``_quant_tensorwise`` / ``_quant_rowwise``), which stays the
+CPU / emulate path and the reference (``FUSED_QUANT``).
 
 Gradient formats: blockwise always E4M3 (DeepSeek-V3); tensorwise/rowwise ``grad_dtype`` "e4m3" | "e5m2"
 (default e5m2, the classic hybrid format). Weights stay in their master dtype and are quantised on the fly
@@ -33,7 +39,9 @@ swap: the same module objects, Parameters, hooks and state_dict keys, so optimiz
 unchanged; ``isinstance(m, nn.Linear)`` / ``isinstance(m, GroupedExperts)`` stay True). Apply it before
 FSDP / torch.compile wrapping. The MoE ``Gate`` (not an nn.Linear), norms, the embedding and the head
 ``output`` are never touched. Routed experts: blockwise on the Triton backend runs grouped kernels with no host
-sync; the other recipes loop over experts (one host sync per MoE layer).
+sync; tensorwise / rowwise on the scaled_mm backend run ``torch._scaled_grouped_mm`` (``fp8_grouped``) with no
+host sync where it is supported (CUDA sm90, dims multiples of 16); everything else loops over experts (one host
+sync per MoE layer).
 
 Safety: with ``debug=True`` each swapped module checks its output for inf/nan after every forward (a host sync)
 and raises ``FloatingPointError`` naming the module (the qualified name stored at swap time).
@@ -154,14 +162,49 @@ def _cast(t: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (t.float() / s).clamp(-m, m).to(dtype)
 
 
+#: Fused Triton quantisation (``kernels.fp8_rowwise``) for the tensorwise / rowwise recipes, bit-identical to the
+#: eager code below: "auto" uses it for CUDA tensors when triton imports, "always" also for CPU tensors (only
+#: when kernels/ runs in Triton's interpreter, TRITON_INTERPRET=1: tests), "never" keeps the eager path.
+FUSED_QUANT = "auto"
+_ROWWISE = None
+
+
+def _rowwise_kernels(t: torch.Tensor):
+    """``kernels.fp8_rowwise`` when the fused quantisation applies to ``t`` (per ``FUSED_QUANT``), else None."""
+    global _ROWWISE
+    if FUSED_QUANT == "never" or t.numel() == 0 or (t.device.type != "cuda" and FUSED_QUANT != "always"):
+        return None
+    if _ROWWISE is None:
+        try:
+            from kernels import fp8_rowwise
+            _ROWWISE = fp8_rowwise
+        except Exception:  # pragma: no cover - triton missing
+            _ROWWISE = False
+    if not _ROWWISE or (t.device.type != "cuda" and not _ROWWISE.INTERPRETED):
+        return None
+    if t.dim() not in (2, 3) or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    return _ROWWISE
+
+
 def _quant_tensorwise(t: torch.Tensor, dtype: torch.dtype = E4M3):
     """t -> (t_fp8 same shape, scale: 0-dim fp32)."""
+    k = _rowwise_kernels(t)
+    if k is not None and t.dim() == 2:
+        return k.quant_tensor(t, dtype)
     s = _scale(t.detach().abs().amax(), torch.finfo(dtype).max)
     return _cast(t, s, dtype), s
 
 
 def _quant_rowwise(t: torch.Tensor, dtype: torch.dtype = E4M3):
     """t [R, C] -> (t_fp8 [R, C] contiguous, scales [R, 1] fp32): one scale per row (amax over C)."""
+    k = _rowwise_kernels(t)
+    if k is not None and t.dim() == 2:
+        if t.stride(0) == 1 and t.stride(1) != 1 and t.shape[1] > 1:
+            q, s = k.quant_cols(t.t(), dtype)   # t is a transposed view (W^T, g^T, x^T): read it row-major
+        else:
+            q, s = k.quant_rows(t, dtype)
+        return q, s[:, None]
     s = _scale(t.detach().abs().amax(dim=1, keepdim=True), torch.finfo(dtype).max)
     return _cast(t, s, dtype).contiguous(), s
 
@@ -422,15 +465,25 @@ class Fp8GroupedExperts(GroupedExperts):
     rows and the token reduction dim to multiples of 16. W1 and W3 run as one GEMM ([2I, D]). The hidden
     activation between the GEMMs is requantised (1x128), as in DeepSeek-V3.
 
-    Paths: blockwise with the Triton backend uses grouped kernels (kernels.fp8_gemm.fp8_gemm_grouped /
-    fp8_gemm_grouped_wgrad over 128-row tiles that never straddle experts, tiled on the device): no host sync,
-    a constant number of launches. Every other recipe/backend (and ``grouped_kernels = False``) loops over
-    experts on the host (``tokens_per_expert.tolist()``: one device sync, one fp8_linear per expert and weight).
+    Paths (chosen per call, no ``if fp8`` in the model):
+      * blockwise, Triton backend: grouped kernels (kernels.fp8_gemm.fp8_gemm_grouped / fp8_gemm_grouped_wgrad
+        over 128-row tiles that never straddle experts, tiled on the device): no host sync, a constant number
+        of launches.
+      * tensorwise / rowwise, scaled_mm backend, where ``fp8_grouped.scaled_grouped_mm_supported`` (CUDA sm90,
+        D and I multiples of 16, M > 0, E <= 1023): ``torch._scaled_grouped_mm`` for the forward and dgrad GEMMs
+        (grad_out in E4M3 whatever ``grad_dtype`` says: the operator rejects E5M2), wgrad per
+        ``scaled_grouped_wgrad`` ("bf16": ``torch._grouped_mm``; "fp8": ``_scaled_grouped_mm`` 2D x 2D); each
+        expert's rows are padded on the device to multiples of 16 (see ``moetrain.precision.fp8_grouped``). No
+        host sync; ``tokens_per_expert`` must sum to M (not checked on this path).
+      * everything else (CPU / emulate, other GPUs, odd dims, empty input, ``grouped_kernels = False``): a loop
+        over experts on the host (``tokens_per_expert.tolist()``: one device sync, one fp8_linear per expert and
+        weight; checks that the counts sum to M).
     """
 
     fp8_config: Fp8Config
     fp8_name: str
-    grouped_kernels: bool = True  # blockwise + triton backend: grouped kernels (False: per-expert loop)
+    grouped_kernels: bool = True  # grouped paths where supported (False: always the per-expert loop)
+    scaled_grouped_wgrad: str = "bf16"  # tensorwise/rowwise grouped path: wgrad GEMM "bf16" | "fp8"
 
     @classmethod
     def convert(cls, experts: GroupedExperts, config: Fp8Config | str, name: str = "") -> "Fp8GroupedExperts":
@@ -450,8 +503,11 @@ class Fp8GroupedExperts(GroupedExperts):
             raise ValueError(f"{self.fp8_name}: tokens_per_expert has {tokens_per_expert.numel()} entries, "
                              f"expected {E} experts")
         cfg = self.fp8_config
-        if cfg.recipe == "blockwise" and self.grouped_kernels and resolve_backend(cfg, x.device) == "triton":
+        backend = resolve_backend(cfg, x.device)
+        if cfg.recipe == "blockwise" and self.grouped_kernels and backend == "triton":
             y = self._forward_grouped(x, tokens_per_expert)
+        elif self._scaled_grouped_ok(x, backend):
+            y = self._forward_scaled_grouped(x, tokens_per_expert)
         else:
             y = self._forward_looped(x, tokens_per_expert)
         if cfg.debug:
@@ -469,6 +525,28 @@ class Fp8GroupedExperts(GroupedExperts):
         h = _GroupedBlockwiseFn.apply(x.contiguous(), w13, tiles, out_dtype)
         h = self.act_fn(h[:, :inter], h[:, inter:])
         return _GroupedBlockwiseFn.apply(h.contiguous(), self.w2, tiles, out_dtype)
+
+    def _scaled_grouped_ok(self, x: torch.Tensor, backend: str) -> bool:
+        """tensorwise/rowwise on the scaled_mm backend and ``fp8_grouped.scaled_grouped_mm_supported``."""
+        if self.fp8_config.recipe == "blockwise" or not self.grouped_kernels or backend != "scaled_mm":
+            return False
+        from moetrain.precision import fp8_grouped  # lazy: fp8_grouped imports this module
+        E, inter, dim = self.w1.shape
+        return fp8_grouped.scaled_grouped_mm_supported(x, E, dim, inter)
+
+    def _forward_scaled_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """tensorwise / rowwise on ``torch._scaled_grouped_mm`` (``fp8_grouped.scaled_grouped_linear``): no host
+        sync; the padding plan is built once and shared by both GEMMs."""
+        from moetrain.precision import fp8_grouped
+        cfg = self.fp8_config
+        out_dtype = _out_dtype(x)
+        inter = self.w1.shape[1]
+        plan = fp8_grouped.group_plan(tokens_per_expert, x.shape[0])
+        w13 = torch.cat([self.w1, self.w3], dim=1)  # [E, 2I, D]: one GEMM (one quantisation of x) for W1, W3
+        kw = dict(recipe=cfg.recipe, out_dtype=out_dtype, wgrad=self.scaled_grouped_wgrad)
+        h = fp8_grouped.scaled_grouped_linear(x.contiguous(), w13, plan, fast_accum=cfg.use_fast_accum, **kw)
+        h = self.act_fn(h[:, :inter], h[:, inter:])
+        return fp8_grouped.scaled_grouped_linear(h.contiguous(), self.w2, plan, fast_accum=cfg.use_fast_accum, **kw)
 
     def _forward_looped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """One fp8_linear per expert and weight (any recipe / backend); reads the counts on the host."""

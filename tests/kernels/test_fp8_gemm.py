@@ -424,9 +424,10 @@ def test_variants_grouped(variant, K):
 
 
 def test_variant_configs_and_prune(monkeypatch):
-    monkeypatch.delenv("MOETRAIN_FP8_VARIANTS", raising=False)  # default: variants not autotuned (not GPU-run yet)
-    for cfgs in (fg._gpu_configs(), fg._grouped_gpu_configs()):
-        assert not any(c.kwargs.get("SPLIT_N") or c.kwargs.get("PIPE") for c in cfgs)
+    monkeypatch.delenv("MOETRAIN_FP8_VARIANTS", raising=False)  # default: dense SPLIT_N only (won on the H200)
+    assert any(c.kwargs.get("SPLIT_N") for c in fg._gpu_configs())
+    assert not any(c.kwargs.get("PIPE") for c in fg._gpu_configs())
+    assert not any(c.kwargs.get("SPLIT_N") or c.kwargs.get("PIPE") for c in fg._grouped_gpu_configs())
     monkeypatch.setenv("MOETRAIN_FP8_VARIANTS", "1")
     for cfgs in (fg._gpu_configs(), fg._grouped_gpu_configs()):
         assert any(c.kwargs.get("SPLIT_N") for c in cfgs) and any(c.kwargs.get("PIPE") for c in cfgs)

@@ -13,8 +13,9 @@ import torch
 
 
 from tests.kernels.common import DEVICE, assert_close_finite, gpu, poison_outputs  # noqa: E402,F401
+import kernels.permute as PM  # noqa: E402
 from kernels.permute import (  # noqa: E402
-    permute, permute_ref, routing_map, unpermute, unpermute_ref,
+    permute, permute_ref, routing_map, routing_map_ref, unpermute, unpermute_ref,
 )
 
 
@@ -134,6 +135,90 @@ def test_routing_map():
     assert row_of.tolist() == [4, 0, 1, 2, 5, 3]
 
 
+# ------------------------------------------------------------- routing map: the counting sort
+def _assert_same_map(ids, E, what=""):
+    """routing_map (Triton counting sort) == routing_map_ref (torch.sort) exactly, all three outputs."""
+    got = routing_map(ids, E)
+    want = routing_map_ref(ids, E)
+    for name, g, w in zip(("tokens_per_expert", "sorted_index", "row_of"), got, want):
+        assert g.dtype == torch.int64 and g.shape == w.shape, f"{what} {name}: {g.dtype} {list(g.shape)}"
+        assert torch.equal(g, w), f"{what} {name}"
+    return got
+
+
+@pytest.fixture
+def rm_cfg(monkeypatch):
+    """Set routing-map tunables (chunk, rank block) for one test; restored afterwards."""
+    def set_(chunk, block):
+        monkeypatch.setitem(PM.CFG, "rm_chunk", chunk)
+        monkeypatch.setitem(PM.CFG, "rm_block", block)
+    return set_
+
+
+@pytest.mark.parametrize("E", [1, 2, 7, 64, 65, 257])
+@pytest.mark.parametrize("K", [1, 2, 6, 8])
+@pytest.mark.parametrize("N", [1, 3, 37, 1000, 4099])
+def test_routing_map_equals_torch_sort(N, K, E, rm_cfg):
+    """Random ids (repeats inside a row allowed): N*K is rarely a multiple of the chunk, with E=257 and
+    small N most experts get no token, with E=1 all go to one. Default tunables (N=1000: up to 16 chunks
+    of 512); N=4099 with 2048-position chunks and 128-position rank blocks, to keep the interpreter fast."""
+    if N > 1000 and DEVICE == "cpu":
+        rm_cfg(2048, 128)
+    g = torch.Generator().manual_seed(N * 1000 + K * 300 + E)
+    ids = torch.randint(0, E, (N, K), generator=g).to(DEVICE)
+    counts, _, _ = _assert_same_map(ids, E)
+    assert counts.sum().item() == N * K
+
+
+@pytest.mark.parametrize("chunk,block", [(16, 16), (32, 8), (64, 64), (128, 32), (8192, 256)])
+def test_routing_map_chunk_and_block_sizes(chunk, block, rm_cfg):
+    """Many chunks and blocks (a chunk smaller than, equal to and larger than N*K) incl. partial last ones."""
+    rm_cfg(chunk, block)
+    g = torch.Generator().manual_seed(chunk + block)
+    for N, K, E in [(1, 1, 1), (37, 6, 7), (250, 3, 65), (129, 8, 257), (100, 2, 2)]:
+        ids = torch.randint(0, E, (N, K), generator=g).to(DEVICE)
+        _assert_same_map(ids, E, f"N={N} K={K} E={E}")
+
+
+@pytest.mark.parametrize("E", [1, 7, 64, 257])
+def test_routing_map_skewed_ids(E, rm_cfg):
+    """All tokens to one expert (the first, the last), a few experts only, ids sorted ascending and
+    descending, and an int32 / int16 / non-contiguous ids tensor."""
+    rm_cfg(128, 32)
+    N, K = 301, 3
+    g = torch.Generator().manual_seed(E)
+    cases = {
+        "all to 0": torch.zeros(N, K, dtype=torch.int64),
+        "all to E-1": torch.full((N, K), E - 1, dtype=torch.int64),
+        "subset": torch.tensor([0, E - 1, E // 2, E // 3])[torch.randint(0, 4, (N, K), generator=g)],
+        "ascending": torch.randint(0, E, (N * K,), generator=g).sort()[0].view(N, K),
+        "descending": torch.randint(0, E, (N * K,), generator=g).sort(descending=True)[0].view(N, K),
+        "int32": torch.randint(0, E, (N, K), generator=g, dtype=torch.int32),
+        "int16": torch.randint(0, E, (N, K), generator=g, dtype=torch.int16),
+        "non-contiguous": torch.randint(0, E, (K, N), generator=g).t(),
+    }
+    for what, ids in cases.items():
+        counts, sidx, _ = _assert_same_map(ids.to(DEVICE), E, what)
+        if what == "all to E-1":
+            assert counts[-1].item() == N * K and torch.equal(sidx, torch.arange(N * K, device=DEVICE))
+
+
+def test_routing_map_empty_fallback_and_errors():
+    counts, sidx, row_of = routing_map(torch.zeros(0, 3, dtype=torch.int64, device=DEVICE), 5)
+    assert counts.tolist() == [0] * 5 and sidx.shape == (0,) and row_of.shape == (0,)
+    assert sidx.dtype == row_of.dtype == torch.int64
+    _assert_same_map(torch.randint(0, 1500, (40, 3)).to(DEVICE), 1500, "E > 1024 (torch.sort fallback)")
+    with pytest.raises(TypeError, match="integer"):
+        routing_map(torch.zeros(2, 2, device=DEVICE), 4)
+    with pytest.raises(ValueError, match="n_experts"):
+        routing_map(torch.zeros(2, 2, dtype=torch.int64, device=DEVICE), 0)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match=r"\[0, 4\)"):
+            routing_map(torch.tensor([[0, 4]]), 4)
+        with pytest.raises(ValueError, match=r"\[0, 4\)"):
+            routing_map(torch.tensor([[-1, 0]]), 4)
+
+
 def test_unpermute_without_weight_grad_and_deterministic():
     torch.manual_seed(5)
     N, D, E, K = 7, 67, 5, 3
@@ -211,3 +296,28 @@ def test_gpu_real_size():
     _close(y, yr, dtype, "y")
     _close(gx, gxr, dtype, "dx")
     torch.testing.assert_close(gw, gwr, atol=1e-3 * gwr.abs().max().item(), rtol=1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("N,K,E", [(16384, 6, 64), (16384, 8, 256), (16384, 8, 257), (4097, 8, 65)])
+def test_gpu_routing_map_real_sizes(N, K, E):
+    """Compiled counting sort (tl.histogram, tl.gather) at the benchmark sizes, router-like ids and a
+    skewed draw (most tokens to a few experts), bit-equal to the torch.sort path; and run-to-run equal."""
+    torch.manual_seed(N + K + E)
+    routed = torch.rand(N, E, device="cuda").topk(K, dim=-1)[1]
+    skewed = (torch.randn(N, K, device="cuda").abs() * 3).long().clamp_(max=E - 1)
+    for ids in (routed, skewed, routed.int()):
+        got = _assert_same_map(ids, E)
+        assert all(torch.equal(a, b) for a, b in zip(got, routing_map(ids, E)))
+
+
+@pytest.mark.parametrize("M,n_bins", [(0, 3), (1, 1), (37, 2), (1000, 32), (4099, 7)])
+def test_stable_order_matches_torch_sort(M, n_bins):
+    """The EP dispatcher's regroup order: the counting sort equals the torch.sort version."""
+    from moetrain.parallel.expert_parallel import stable_order as torch_stable_order
+    g = torch.Generator().manual_seed(M + n_bins)
+    keys = torch.randint(0, n_bins, (M,), generator=g).to(DEVICE)
+    order, inv = PM.stable_order(keys, n_bins)
+    ref_order, ref_inv = torch_stable_order(keys, n_bins)
+    assert torch.equal(order, ref_order) and torch.equal(inv, ref_inv)

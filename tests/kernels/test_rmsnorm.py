@@ -125,16 +125,23 @@ def test_noncontiguous_input():
     _close(dw, dwr, torch.float32, "dw")
 
 
+@pytest.mark.parametrize("rows", [1, 2, 4])
 @pytest.mark.parametrize("n_programs", [1, 2, 3, 7])
-def test_backward_partial_sums_any_grid(n_programs):
-    """dw from any number of programs (uneven row ranges) equals the reference; dx unchanged."""
+def test_backward_partial_sums_any_grid(n_programs, rows, monkeypatch):
+    """dw from any number of programs (uneven row ranges) and rows per iteration (a partial last tile) equals the
+    reference; dx unchanged; with a residual gradient too."""
+    import kernels.rmsnorm as RN
+    monkeypatch.setitem(RN.CFG, "bwd_rows", rows)
     torch.manual_seed(4)
     N, D = 7, 13
     x = torch.randn(N, D, device=DEVICE)
     w = torch.randn(D, device=DEVICE)
     dy = torch.randn(N, D, device=DEVICE)
+    dho = torch.randn(N, D, device=DEVICE)
     _, _, rstd = rmsnorm_fwd(x, w, 1e-6)
+    dx2, _ = rmsnorm_bwd(dy, x, w, rstd, torch.float32, dh_out2=dho, n_programs=n_programs)
     dx, dw = rmsnorm_bwd(dy, x, w, rstd, torch.float32, n_programs=n_programs)
+    _close(dx2, dx + dho, torch.float32, "dx with dh_out")
     xr, wr = _leaf(x), _leaf(w)
     dxr, dwr = torch.autograd.grad(rmsnorm_ref(xr, wr), (xr, wr), dy)
     _close(dx, dxr, torch.float32, "dx")
