@@ -244,6 +244,8 @@ class CostMeter:
         self.step = 0
         self.restarts = 0
         self._energy_prev_kwh = 0.0       # whole-job kWh before this process (restored + lost work)
+        self._prev_seconds = 0.0          # seconds restored from earlier launches (in self.seconds too)
+        self._prev_unit_hours = 0.0       # their unit-hours, at the world size each launch had
         self.history: list[list[float]] = []  # [step, loss] for the target-loss fit
         self.target_reached: Optional[dict] = None   # {"step", "usd", "unit_hours"} when first reached
         self._fit_cache: tuple[int, Any] = (-1, None)
@@ -296,8 +298,9 @@ class CostMeter:
         return seconds / 3600.0 * self.world_size * self.pricing.units_per_rank
 
     def unit_hours(self) -> float:
-        """GPU-hours (or CPU core-hours) charged so far: world x units per rank x elapsed."""
-        return self._hours(self.elapsed_s)
+        """GPU-hours (or CPU core-hours) charged so far: earlier launches' hours (restored, at their own world
+        size) plus world x units per rank x this launch's elapsed time."""
+        return self._prev_unit_hours + self._hours(self.elapsed_s - self._prev_seconds)
 
     # ----- energy ---------------------------------------------------------------------------------
     def energy_kwh(self) -> Optional[float]:
@@ -408,12 +411,20 @@ class CostMeter:
         """Plain JSON totals (collective when ``reduce_sum`` is set: call on every rank)."""
         self._charge()
         return {"seconds": dict(self.seconds), "tokens": self.tokens, "step": self.step,
+                "unit_hours": self.unit_hours(),
                 "restarts": self.restarts, "energy_kwh": self.energy_kwh(),
                 "history": [list(p) for p in self.history], "target_reached": self.target_reached}
 
     def load_state_dict(self, state: dict) -> None:
+        """Adds a checkpoint's totals. Its unit-hours keep the world size they were charged at (a resume on more
+        or fewer ranks bills only the new launch at the new size; checkpoints from before ``unit_hours`` was
+        saved are billed at this launch's size)."""
+        restored = sum(float(state["seconds"].get(p, 0.0)) for p in PHASES)
         for p in PHASES:
             self.seconds[p] += float(state["seconds"].get(p, 0.0))
+        self._prev_seconds += restored
+        self._prev_unit_hours += float(state["unit_hours"]) if state.get("unit_hours") is not None \
+            else self._hours(restored)
         self.tokens = int(state["tokens"])
         self.step = int(state.get("step", 0))
         self.restarts += int(state.get("restarts", 0))

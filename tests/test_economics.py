@@ -59,3 +59,27 @@ def test_meter_state_round_trip_keeps_totals():
     assert rep["perf/mfu"] is None
     assert rep["cost/elapsed_s"] >= sum(state["seconds"].values())
     assert rep["cost/cpu_core_hours"] == pytest.approx(2 * rep["cost/elapsed_s"] / 3600, rel=0.05)
+
+
+def test_resume_on_another_world_size_keeps_earlier_hours():
+    """A launch's unit-hours keep its own world size: 4 GPUs for 100 s, then 1 GPU for 50 s = (400 + 50) / 3600."""
+    pricing = Pricing("gpu", 1.0, 2.0, 1e12, "h800")
+    t = [0.0]
+    a = CostMeter(pricing, world_size=4, flops_per_token=1.0, clock=lambda: t[0])
+    a.start_training()
+    t[0] = 100.0
+    state = a.state_dict()
+    assert state["unit_hours"] == pytest.approx(400 / 3600)
+    b = CostMeter(pricing, world_size=1, flops_per_token=1.0, clock=lambda: t[0])
+    b.load_state_dict(state)
+    t[0] = 150.0
+    assert b.unit_hours() == pytest.approx(450 / 3600)
+    assert b.report()["cost/elapsed_s"] == pytest.approx(150.0)
+    c = CostMeter(pricing, world_size=2, flops_per_token=1.0, clock=lambda: t[0])  # and once more, at 2
+    c.load_state_dict(b.state_dict())
+    t[0] = 160.0
+    assert c.unit_hours() == pytest.approx((450 + 20) / 3600)
+    old = {k: v for k, v in state.items() if k != "unit_hours"}  # a checkpoint from before unit_hours was saved
+    d = CostMeter(pricing, world_size=1, flops_per_token=1.0, clock=lambda: t[0])
+    d.load_state_dict(old)
+    assert d.unit_hours() == pytest.approx(100 / 3600)
