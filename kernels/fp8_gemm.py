@@ -468,9 +468,20 @@ def _prune_dense(configs, named_args, **kwargs):
     return _prune(configs, named_args["M"], named_args["N"])
 
 
+def _autotune_kwargs() -> dict:
+    """With MOETRAIN_FP8_AUTOTUNE_CACHE=1, ``cache_results=True`` where this triton's autotuner has it: the config
+    chosen per key is kept in Triton's cache directory, so a later process with the same shapes skips timing every
+    candidate (on the H200 a cold start of the 3.3B MoE's blockwise FP8 run spent its first ~80 s autotuning).
+    Off by default until a GPU run has checked it (read when this module is imported)."""
+    if os.environ.get("MOETRAIN_FP8_AUTOTUNE_CACHE", "0") != "1":
+        return {}
+    import inspect
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
 _fp8_gemm_kernel_tuned = _fp8_gemm_kernel if INTERPRETED else triton.autotune(
     configs=_gpu_configs(), key=["M_BUCKET", "N", "K", "B_BLOCK_SCALES"],
-    prune_configs_by={"early_config_prune": _prune_dense})(_fp8_gemm_kernel)
+    prune_configs_by={"early_config_prune": _prune_dense}, **_autotune_kwargs())(_fp8_gemm_kernel)
 
 _OUT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages", "SPLIT_N", "PIPE")
@@ -731,10 +742,10 @@ def _prune_wgrad(configs, named_args, **kwargs):
 
 _fp8_gemm_grouped_tuned = _fp8_gemm_grouped_kernel if INTERPRETED else triton.autotune(
     configs=_grouped_gpu_configs(), key=["N", "K"],
-    prune_configs_by={"early_config_prune": _prune_grouped})(_fp8_gemm_grouped_kernel)
+    prune_configs_by={"early_config_prune": _prune_grouped}, **_autotune_kwargs())(_fp8_gemm_grouped_kernel)
 _fp8_wgrad_grouped_tuned = _fp8_wgrad_grouped_kernel if INTERPRETED else triton.autotune(
     configs=_wgrad_gpu_configs(), key=["N", "K"],
-    prune_configs_by={"early_config_prune": _prune_wgrad})(_fp8_wgrad_grouped_kernel)
+    prune_configs_by={"early_config_prune": _prune_wgrad}, **_autotune_kwargs())(_fp8_wgrad_grouped_kernel)
 
 
 def _check_common(name, a, b, a_s, b_s, out_dtype):

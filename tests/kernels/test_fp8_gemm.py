@@ -445,3 +445,13 @@ def test_variant_configs_and_prune(monkeypatch):
         fp8_gemm_blockwise(xq, xs, wq, ws, config={"BLOCK_N": 16, "SPLIT_N": True})
     with pytest.raises(ValueError, match="PIPE"):
         fp8_gemm_blockwise(xq, xs, wq, ws, config={"PIPE": 1})
+
+
+def test_autotune_cache_kwargs(monkeypatch):
+    import inspect
+    import triton
+    has = "cache_results" in inspect.signature(triton.autotune).parameters
+    monkeypatch.delenv("MOETRAIN_FP8_AUTOTUNE_CACHE", raising=False)
+    assert fg._autotune_kwargs() == {}  # opt-in until a GPU run has checked it
+    monkeypatch.setenv("MOETRAIN_FP8_AUTOTUNE_CACHE", "1")
+    assert fg._autotune_kwargs() == ({"cache_results": True} if has else {})
