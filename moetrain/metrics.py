@@ -3,7 +3,7 @@
 Every logged step becomes one JSON object per line in ``<run_dir>/metrics.jsonl`` (keys such as
 ``step``, ``tokens``, ``loss``, ``lr``, ``grad_norm``, ``perf/tokens_per_s``, ``perf/mfu``,
 ``cost/gpu_hours``, ``cost/usd``, ``moe/aux_loss``, ``moe/load_imbalance``, ``mem/peak_gib``; eval lines
-carry ``val/loss``). The same dict goes to W&B with ``define_metric`` so that every loss can be plotted
+carry ``val/loss`` and the cost keys, no throughput). The same dict goes to W&B with ``define_metric`` so that every loss can be plotted
 against ``cost/usd`` and ``cost/gpu_hours``. Only rank 0 logs.
 """
 from __future__ import annotations

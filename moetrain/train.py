@@ -63,6 +63,15 @@ def lr_at(step: int, cfg: DictConfig) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * shape)
 
 
+THROUGHPUT_KEYS = ("perf/tokens_per_s", "perf/model_tflops", "perf/mfu")
+
+
+def _no_throughput(report: dict) -> dict:
+    """A meter report without the throughput keys: an evaluation (or the final) report's window trained no
+    tokens, and a logged 0 tokens/s would dip every tokens/s chart and overwrite W&B's last training value."""
+    return {k: v for k, v in report.items() if k not in THROUGHPUT_KEYS}
+
+
 def build_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on norms, biases and 1-D parameters.
 
@@ -414,7 +423,7 @@ class Trainer:
         if stopped_by is None:
             last_val = self._eval_and_log()
         path = self.save() if (cfg.checkpoint.at_end or stopped_by) else None
-        final = self.meter.report()
+        final = _no_throughput(self.meter.report())  # its window holds evaluation / checkpoint time, no tokens
         self.meter.close()
         summary = {"step": self.step, "val/loss": last_val, "stopped_by": stopped_by,
                    "checkpoint": str(path) if path else None, **final}
@@ -427,7 +436,7 @@ class Trainer:
     def _eval_and_log(self) -> float:
         with self.meter.phase("eval"):
             val = self.evaluate()
-        rec = {"step": self.step, "tokens": self.meter.tokens, "val/loss": val, **self.meter.report()}
+        rec = {"step": self.step, "tokens": self.meter.tokens, "val/loss": val, **_no_throughput(self.meter.report())}
         self.logger.log(rec)
         if self.ctx.is_main:
             self._write(f"step {self.step:>6}  val/loss {val:.4f}  {_usd(rec['cost/usd'])}")

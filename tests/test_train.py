@@ -36,6 +36,8 @@ def test_debug_run_writes_metrics_config_and_checkpoint(tmp_path, capsys):
         assert key in steps[-1], key
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert any("val/loss" in r for r in records)
+    # evaluation lines carry cost but no throughput (their window trained no tokens)
+    assert all("perf/tokens_per_s" not in r and "cost/usd" in r for r in records if "val/loss" in r)
     assert (run / "config.yaml").is_file()
     assert (run / "checkpoints" / "step_0000020" / "trainer.json").is_file()
 
