@@ -56,7 +56,7 @@ DTYPES = (E4M3, E5M2)
 AMAX_EPS = 1e-12
 
 __all__ = [
-    "INTERPRETED", "EXACT_CAST", "CFG", "src_map",
+    "INTERPRETED", "EXACT_CAST", "CFG",
     "quant_rows", "quant_cols", "quant_tensor", "quant_rows_grouped_tensorwise", "quant_cols_grouped_t",
     "quant_rows_ref", "quant_cols_ref", "quant_tensor_ref", "quant_rows_grouped_tensorwise_ref",
     "quant_cols_grouped_t_ref", "scale_ref", "cast_ref",
@@ -301,12 +301,6 @@ def _q_out(shape, dtype, device):
     return q, (q.view(torch.uint8) if EXACT_CAST else q)
 
 
-def src_map(dest: torch.Tensor, rows: int) -> torch.Tensor:
-    """The inverse of a row scatter: int32 [rows] with src[dest[i]] = i and -1 for rows nobody lands on."""
-    src = torch.full((rows,), -1, dtype=torch.int32, device=dest.device)
-    return src.index_copy_(0, dest, torch.arange(dest.numel(), dtype=torch.int32, device=dest.device))
-
-
 def quant_rows(t: torch.Tensor, dtype: torch.dtype = E4M3, src: torch.Tensor | None = None):
     """One scale per row (amax over K), one launch. t [M, K] (unit stride along K preferred; any strides work).
 
@@ -419,8 +413,9 @@ def quant_tensor(t: torch.Tensor, dtype: torch.dtype = E4M3):
 def quant_rows_grouped_tensorwise(t: torch.Tensor, eid: torch.Tensor, src: torch.Tensor, n_groups: int,
                                   dtype: torch.dtype = E4M3):
     """Rows sorted by group (``eid`` [M] int, non-decreasing), one scale per group over its rows, written into the
-    padded layout ``src`` (int32 [rows], -1 = padding, see ``src_map``). Returns (q [rows, C], s_rows [rows]
-    (the row's group scale, 1 for padding), s_group [n_groups] (1 for groups without rows))."""
+    padded layout ``src`` (int32 [rows], -1 = padding: ``GroupPlan.src`` of ``moetrain.precision.fp8_grouped``).
+    Returns (q [rows, C], s_rows [rows] (the row's group scale, 1 for padding), s_group [n_groups] (1 for groups
+    without rows))."""
     _check(t, "quant_rows_grouped_tensorwise")
     fp8_max = _fp8_max(dtype)
     M, C = t.shape

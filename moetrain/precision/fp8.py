@@ -514,17 +514,21 @@ class Fp8GroupedExperts(GroupedExperts):
             _check_finite(self.fp8_name, "Fp8GroupedExperts", y, cfg.recipe)
         return y
 
+    def _swiglu_experts(self, x: torch.Tensor, linear) -> torch.Tensor:
+        """``w2(act(w1 x, w3 x))`` per expert with ``linear(x, w [E, N, K]) -> [M, N]`` a grouped FP8 GEMM; W1 and
+        W3 run as one GEMM ([E, 2I, D]: one quantisation of x)."""
+        inter = self.w1.shape[1]
+        h = linear(x.contiguous(), torch.cat([self.w1, self.w3], dim=1))
+        h = self.act_fn(h[:, :inter], h[:, inter:])
+        return linear(h.contiguous(), self.w2)
+
     def _forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Blockwise recipe on the Triton grouped kernels: no host sync (the row tiling is built on the device;
         ``tokens_per_expert`` must sum to x.shape[0], which is not checked)."""
         q, _ = _kernels()
         out_dtype = _out_dtype(x)
-        inter = self.w1.shape[1]
         tiles = q.grouped_tiles(tokens_per_expert, x.shape[0])
-        w13 = torch.cat([self.w1, self.w3], dim=1)  # [E, 2I, D]: one GEMM (one quantisation of x) for W1, W3
-        h = _GroupedBlockwiseFn.apply(x.contiguous(), w13, tiles, out_dtype)
-        h = self.act_fn(h[:, :inter], h[:, inter:])
-        return _GroupedBlockwiseFn.apply(h.contiguous(), self.w2, tiles, out_dtype)
+        return self._swiglu_experts(x, lambda a, w: _GroupedBlockwiseFn.apply(a, w, tiles, out_dtype))
 
     def _scaled_grouped_ok(self, x: torch.Tensor, backend: str) -> bool:
         """tensorwise/rowwise on the scaled_mm backend and ``fp8_grouped.scaled_grouped_mm_supported``."""
@@ -539,14 +543,10 @@ class Fp8GroupedExperts(GroupedExperts):
         sync; the padding plan is built once and shared by both GEMMs."""
         from moetrain.precision import fp8_grouped
         cfg = self.fp8_config
-        out_dtype = _out_dtype(x)
-        inter = self.w1.shape[1]
         plan = fp8_grouped.group_plan(tokens_per_expert, x.shape[0])
-        w13 = torch.cat([self.w1, self.w3], dim=1)  # [E, 2I, D]: one GEMM (one quantisation of x) for W1, W3
-        kw = dict(recipe=cfg.recipe, out_dtype=out_dtype, wgrad=self.scaled_grouped_wgrad)
-        h = fp8_grouped.scaled_grouped_linear(x.contiguous(), w13, plan, fast_accum=cfg.use_fast_accum, **kw)
-        h = self.act_fn(h[:, :inter], h[:, inter:])
-        return fp8_grouped.scaled_grouped_linear(h.contiguous(), self.w2, plan, fast_accum=cfg.use_fast_accum, **kw)
+        kw = dict(recipe=cfg.recipe, fast_accum=cfg.use_fast_accum, out_dtype=_out_dtype(x),
+                  wgrad=self.scaled_grouped_wgrad)
+        return self._swiglu_experts(x, lambda a, w: fp8_grouped.scaled_grouped_linear(a, w, plan, **kw))
 
     def _forward_looped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """One fp8_linear per expert and weight (any recipe / backend); reads the counts on the host."""

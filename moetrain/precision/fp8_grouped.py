@@ -107,13 +107,15 @@ class GroupPlan(NamedTuple):
 
     dest [M] int64: buffer row of each row. eid [M] int64: expert of each row. offs [E] int32: padded group
     ends (cumulative; group e is buffer rows [offs[e-1], offs[e]), a multiple of 16 and >= 16 rows long).
-    rows: buffer rows (host int, static: round_up(M, 16) + 16 E). n_groups: E."""
+    rows: buffer rows (host int, static: round_up(M, 16) + 16 E). n_groups: E. src [rows] int32: the inverse of
+    dest (src[dest[i]] = i, -1 for padding rows), what the fused quantisation kernels read (``kernels.fp8_rowwise``)."""
 
     dest: torch.Tensor
     eid: torch.Tensor
     offs: torch.Tensor
     rows: int
     n_groups: int
+    src: torch.Tensor
 
 
 def group_plan(tokens_per_expert: torch.Tensor, n_rows: int) -> GroupPlan:
@@ -132,7 +134,9 @@ def group_plan(tokens_per_expert: torch.Tensor, n_rows: int) -> GroupPlan:
     eid = torch.searchsorted(end, r, right=True).clamp_max(E - 1)
     dest = (pad_start[eid] + r - start[eid]).clamp(0, rows - 1)
     offs = pad_end.clamp_max(rows).to(torch.int32)
-    return GroupPlan(dest, eid, offs, rows, E)
+    src = torch.full((rows,), -1, dtype=torch.int32, device=dev)
+    src.index_copy_(0, dest, torch.arange(n_rows, dtype=torch.int32, device=dev))
+    return GroupPlan(dest, eid, offs, rows, E, src)
 
 
 def pad_rows(t: torch.Tensor, plan: GroupPlan, fill: float = 0.0) -> torch.Tensor:
@@ -179,11 +183,10 @@ def _quant_rows_padded(t: torch.Tensor, plan: GroupPlan, recipe: str):
     ``fp8._rowwise_kernels`` applies, else eager."""
     k = _rowwise_kernels(t)
     if k is not None and t.dim() == 2:
-        src = k.src_map(plan.dest, plan.rows)
         if recipe == "tensorwise":
-            q, s, _ = k.quant_rows_grouped_tensorwise(t, plan.eid, src, plan.n_groups, E4M3)
+            q, s, _ = k.quant_rows_grouped_tensorwise(t, plan.eid, plan.src, plan.n_groups, E4M3)
             return q, s
-        return k.quant_rows(t, E4M3, src=src)
+        return k.quant_rows(t, E4M3, src=plan.src)
     q, s = _quant_rows(t, plan, recipe)
     return pad_rows(q, plan), pad_rows(s, plan, fill=1.0)
 
@@ -223,14 +226,10 @@ def _quant_cols_per_group(t: torch.Tensor, plan: GroupPlan, recipe: str):
 # ----------------------------------------------------------------------------------------------------------
 # grouped GEMMs
 # ----------------------------------------------------------------------------------------------------------
-def _grouped_gemm(aq, sa, bq, sb, plan: GroupPlan, fast_accum: bool) -> torch.Tensor:
-    """out[rows of e] = (aq * sa)[rows of e] @ (bq[e] * sb[e])^T: aq [M, C] E4M3 sorted by expert, sa [M];
-    bq [E, R, C] E4M3 contiguous, sb [E, R] -> [M, R] bf16."""
-    return _grouped_gemm_padded(pad_rows(aq, plan), pad_rows(sa, plan, fill=1.0), bq, sb, plan, fast_accum)
-
-
 def _grouped_gemm_padded(a_pad, sa_pad, bq, sb, plan: GroupPlan, fast_accum: bool) -> torch.Tensor:
-    """``_grouped_gemm`` with the row operand already in the padded layout (``_quant_rows_padded``)."""
+    """out[rows of e] = (a * sa)[rows of e] @ (bq[e] * sb[e])^T with the row operand in the padded layout of
+    ``_quant_rows_padded`` (a_pad [plan.rows, C] E4M3, sa_pad [plan.rows]); bq [E, R, C] E4M3 contiguous,
+    sb [E, R] -> [M, R] bf16 (padding rows dropped)."""
     out = _grouped_op(a_pad, bq.transpose(1, 2), sa_pad, sb, offs=plan.offs, out_dtype=torch.bfloat16,
                       use_fast_accum=fast_accum)
     return unpad_rows(out, plan)
@@ -246,8 +245,7 @@ def _quant_cols_padded_t(t: torch.Tensor, plan: GroupPlan, recipe: str):
     ``fp8._rowwise_kernels`` applies, else eager."""
     k = _rowwise_kernels(t)
     if k is not None and t.dim() == 2:
-        src = k.src_map(plan.dest, plan.rows)
-        return k.quant_cols_grouped_t(t, plan.eid, src, plan.n_groups, E4M3, tensorwise=recipe == "tensorwise")
+        return k.quant_cols_grouped_t(t, plan.eid, plan.src, plan.n_groups, E4M3, tensorwise=recipe == "tensorwise")
     q, s = _quant_cols_per_group(t, plan, recipe)
     return _transpose_fp8(pad_rows(q, plan)), s
 

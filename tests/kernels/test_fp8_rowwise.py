@@ -141,17 +141,10 @@ def test_non_finite_zero_and_tiny(od):
 
 
 def _plan(counts):
+    from moetrain.precision.fp8_grouped import group_plan
     counts = list(counts)
-    M, E = sum(counts), len(counts)
-    c = torch.tensor(counts, dtype=torch.int64, device=DEVICE)
-    rows = -(-M // 16) * 16 + 16 * E
-    padded = ((c + 15) // 16 * 16).clamp_min(16)
-    pad_start = torch.cumsum(padded, 0) - padded
-    end = torch.cumsum(c, 0)
-    r = torch.arange(M, device=DEVICE)
-    eid = torch.searchsorted(end, r, right=True).clamp_max(E - 1)
-    dest = pad_start[eid] + r - (end - c)[eid]
-    return eid, fr.src_map(dest, rows), E
+    plan = group_plan(torch.tensor(counts, dtype=torch.int64, device=DEVICE), sum(counts))
+    return plan.eid, plan.src, plan.n_groups
 
 
 @pytest.mark.parametrize("counts", [[0, 1, 17, 33, 0], [0, 0, 51], [130, 0, 0, 7], [1]],

@@ -84,6 +84,12 @@ def test_group_plan_offsets_and_dest(counts):
             assert eid[r] == e and dest[r] == start + i
             r += 1
     assert len(set(dest)) == M and all(d < ends[-1] for d in dest)
+    # src: the inverse of dest over the buffer, -1 on padding rows (what the fused quantisation kernels read)
+    assert plan.src.dtype == torch.int32 and plan.src.shape == (plan.rows,)
+    expect = [-1] * plan.rows
+    for i, d in enumerate(dest):
+        expect[d] = i
+    assert plan.src.tolist() == expect
 
 
 @pytest.mark.parametrize("name", list(COUNTS))
