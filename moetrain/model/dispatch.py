@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["permute", "unpermute", "DispatchState", "LocalDispatcher"]
+__all__ = ["permute", "unpermute", "inverse_permutation", "DispatchState", "LocalDispatcher"]
 
 
 def permute(x: torch.Tensor, topk_ids: torch.Tensor, n_experts: int):
@@ -44,6 +44,14 @@ def permute(x: torch.Tensor, topk_ids: torch.Tensor, n_experts: int):
     return expert_x, tokens_per_expert, sorted_idx
 
 
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """``inv [M]`` with ``inv[perm[i]] = i`` for a permutation ``perm [M]`` of ``0..M-1`` (int64; one on-device
+    scatter, no host sync)."""
+    # a Tensor method, not torch.empty_like: torch 2.11's dynamo refused to trace the latter here (H200 run)
+    inverse = perm.new_empty(perm.shape)
+    return inverse.scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+
+
 def unpermute(expert_y: torch.Tensor, sorted_idx: torch.Tensor,
               topk_weights: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`permute` plus the weighted sum over each token's K experts.
@@ -59,10 +67,7 @@ def unpermute(expert_y: torch.Tensor, sorted_idx: torch.Tensor,
         ``[N, D]`` fp32 (the caller casts to the activation dtype).
     """
     N, K = topk_weights.shape
-    # a Tensor method, not torch.empty_like: torch 2.11's dynamo refused to trace the latter here (H200 run)
-    inverse = sorted_idx.new_empty(sorted_idx.shape)
-    inverse.scatter_(0, sorted_idx, torch.arange(sorted_idx.numel(), device=sorted_idx.device))
-    y = expert_y.index_select(0, inverse).view(N, K, -1)
+    y = expert_y.index_select(0, inverse_permutation(sorted_idx)).view(N, K, -1)
     return (y.float() * topk_weights.float().unsqueeze(-1)).sum(dim=1)
 
 

@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moetrain.model.dispatch import permute, unpermute
+from moetrain.model.dispatch import inverse_permutation, permute, unpermute
 from moetrain.model.moe import MoE
 from moetrain.model.transformer import load_stats
 
@@ -335,9 +335,7 @@ def stable_order(keys: torch.Tensor, n_bins: int) -> tuple[torch.Tensor, torch.T
     """``(order, inverse)`` for ``keys [M]`` int64 in ``[0, n_bins)``: ``order`` the stable argsort
     (``keys[order]`` ascending, ties in index order), ``inverse[order[i]] = i``. On device, no host sync."""
     order = torch.sort(keys, stable=True)[1]
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(keys.numel(), device=keys.device)
-    return order, inv
+    return order, inverse_permutation(order)
 
 
 @dataclass
