@@ -147,6 +147,22 @@ def _plan(counts):
     return plan.eid, plan.src, plan.n_groups
 
 
+def _grouped_same_as_ref(x, eid, src, E, tag):
+    """Every grouped quantisation of x (rows padded, rows per-expert tensorwise, columns per expert transposed,
+    both recipes) equal to its reference; returns the padded rows' (q, s)."""
+    q, s = fr.quant_rows(x, src=src)
+    for a, b, n in zip((q, s), fr.quant_rows_ref(x, src=src), ("q", "s")):
+        _same(a, b, f"rows padded {tag} {n}")
+    for a, b, n in zip(fr.quant_rows_grouped_tensorwise(x, eid, src, E),
+                       fr.quant_rows_grouped_tensorwise_ref(x, eid, src, E), ("q", "s_rows", "s_group")):
+        _same(a, b, f"rows tensorwise {tag} {n}")
+    for tw in (False, True):
+        for a, b, n in zip(fr.quant_cols_grouped_t(x, eid, src, E, tensorwise=tw),
+                           fr.quant_cols_grouped_t_ref(x, eid, src, E, tensorwise=tw), ("qt", "s")):
+            _same(a, b, f"cols grouped {tag} tensorwise={tw} {n}")
+    return q, s
+
+
 @pytest.mark.parametrize("counts", [[0, 1, 17, 33, 0], [0, 0, 51], [130, 0, 0, 7], [1]],
                          ids=["odd", "one_expert", "empty_middle", "single_row"])
 def test_grouped_padded_match_ref(counts):
@@ -154,18 +170,8 @@ def test_grouped_padded_match_ref(counts):
     x = _data(sum(counts), 48, torch.bfloat16, seed=len(counts))
     if x.shape[0] > 3:
         x[3, 2] = float("nan")   # poisons only its expert's tensorwise scale / its column scale
-    q, s = fr.quant_rows(x, src=src)
-    qr, sr = fr.quant_rows_ref(x, src=src)
+    q, s = _grouped_same_as_ref(x, eid, src, E, "48")
     assert q.shape == (src.numel(), 48)
-    _same(q, qr, "rows padded q")
-    _same(s, sr, "rows padded s")
-    for a, b, n in zip(fr.quant_rows_grouped_tensorwise(x, eid, src, E),
-                       fr.quant_rows_grouped_tensorwise_ref(x, eid, src, E), ("q", "s_rows", "s_group")):
-        _same(a, b, f"rows tensorwise {n}")
-    for tw in (False, True):
-        for a, b, n in zip(fr.quant_cols_grouped_t(x, eid, src, E, tensorwise=tw),
-                           fr.quant_cols_grouped_t_ref(x, eid, src, E, tensorwise=tw), ("qt", "s")):
-            _same(a, b, f"cols grouped tensorwise={tw} {n}")
     # padding rows: zero bytes, scale 1
     pad = src < 0
     assert (q.view(torch.uint8)[pad] == 0).all() and (s[pad] == 1).all()
@@ -234,15 +240,7 @@ def test_gpu_grouped_real_sizes_match_ref(cast_mode):
     g = torch.Generator(device="cuda").manual_seed(1)
     for C in (2048, 7168):
         x = torch.randn(sum(cl), C, device="cuda", generator=g, dtype=torch.bfloat16)
-        for a, b, n in zip(fr.quant_rows(x, src=src), fr.quant_rows_ref(x, src=src), ("q", "s")):
-            _same(a, b, f"rows padded {C} {n}")
-        for a, b, n in zip(fr.quant_rows_grouped_tensorwise(x, eid, src, E),
-                           fr.quant_rows_grouped_tensorwise_ref(x, eid, src, E), ("q", "s", "sg")):
-            _same(a, b, f"rows tensorwise {C} {n}")
-        for tw in (False, True):
-            for a, b, n in zip(fr.quant_cols_grouped_t(x, eid, src, E, tensorwise=tw),
-                               fr.quant_cols_grouped_t_ref(x, eid, src, E, tensorwise=tw), ("qt", "s")):
-                _same(a, b, f"cols grouped {C} tw={tw} {n}")
+        _grouped_same_as_ref(x, eid, src, E, str(C))
     w = torch.randn(8, 7168, 2048, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
     for fn, ref in ((fr.quant_cols, fr.quant_cols_ref), (fr.quant_tensor, fr.quant_tensor_ref)):
         for a, b, n in zip(fn(w), ref(w), ("q", "s")):
