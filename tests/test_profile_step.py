@@ -2,7 +2,6 @@
 (tiny config, each default variant in its own process, 1 warm-up + 1 profiled step: ~15 s on 2 cores)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,17 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer_runs import clean_env
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.trainer_runs import ROOT, clean_env, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ps():
-    spec = importlib.util.spec_from_file_location("profile_step_bench", ROOT / "benchmarks" / "profile_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("profile_step")
 
 
 @pytest.mark.parametrize("name, cat", [

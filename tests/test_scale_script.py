@@ -4,22 +4,17 @@ claims of configs/scale-ep8.yaml. The multi-process runs themselves are not part
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.trainer_runs import ROOT, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def scale():
-    spec = importlib.util.spec_from_file_location("scale_bench", ROOT / "benchmarks" / "scale.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("scale")
 
 
 def _records(world=8, batch_tokens=65536, steps=20, every=5, tps=(50_000.0, 100_000.0, 100_000.0, 80_000.0),

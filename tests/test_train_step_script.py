@@ -3,21 +3,16 @@ the last logged steps vs bf16's), the table, the flags (kernels parity, FP8 pari
 flag makes the exit code 1) and the loss plot, on synthetic metrics.jsonl files."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.trainer_runs import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ts():
-    spec = importlib.util.spec_from_file_location("train_step_bench", ROOT / "benchmarks" / "train_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("train_step")
 
 
 def _recs(scale=1.0, tps=100_000.0, steps=50, every=10, batch_tokens=16384, first_tps=10_000.0):

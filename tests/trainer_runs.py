@@ -10,6 +10,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py imported as a module (the benchmarks folder is not a package), for tests of its
+    pure functions."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def train_args(run_dir: Path, cache: Path, *extra: str, config: str = "debug") -> list[str]:
     """CLI arguments of a quiet run of ``configs/<config>.yaml`` in ``run_dir`` with data cached in ``cache``."""
     return ["--config", str(ROOT / "configs" / f"{config}.yaml"), f"run.dir={run_dir}", f"data.cache_dir={cache}",
