@@ -12,11 +12,14 @@ Sections, in order (rank 0 prints a table and writes <out>/bench_ep_<date>.json)
   2. throughput   a training step (bf16 autocast, AdamW, grad sync, clipping) of a DeepSeek-V2-Lite-like
                   model with --layers layers, tokens/s over all GPUs and peak memory per GPU, at ep=1
                   (dp = world: every GPU holds all experts, the same dispatcher code without communication,
-                  gradients all-reduced over the world) and at ep = world (dp = 1). Also the all-to-all time
-                  per step from the dispatcher's meter (perf/a2a_ms).
+                  gradients all-reduced over the world) and at ep = world (dp = 1), once per --exchanges
+                  value (parallel.ep_exchange; the equivalence section checks each too). Also the all-to-all time per step from the dispatcher's meter
+                  (perf/a2a_ms).
   3. dispatch     one MoE layer's dispatch + wait + combine (forward, identity experts, bf16 rows) vs a raw
                   all_to_all_single of the same bytes there and back (equal splits): ms and algorithmic GB/s
-                  (bytes sent by one rank / time).
+                  (bytes sent by one rank / time); with the PyTorch and (GPU) the Triton permute, and with
+                  each exchange (all_to_all: one all_to_all_single + regroup by local expert; per_expert:
+                  batched send/recv per (rank, local expert) chunk, no regroup).
   4. overlap      one MoE layer (with its shared experts) forward + backward with the token all-to-all
                   overlapped with the shared experts (async, the default; forward and backward) vs waited at
                   once; then the forward segment dispatch -> shared experts -> wait alone, against its ceiling
@@ -62,6 +65,8 @@ def _parse_args(argv=None):
     t.add_argument("--steps", type=int, default=10, help="timed training steps")
     t.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
     t.add_argument("--reps", type=int, default=20, help="repetitions of the dispatch / overlap timings")
+    t.add_argument("--exchanges", nargs="+", default=["all_to_all", "per_expert"],
+                   choices=["all_to_all", "per_expert"], help="token exchanges the throughput section runs at ep>1")
     t.add_argument("--sections", nargs="+", default=["equivalence", "throughput", "dispatch", "overlap"],
                    choices=["equivalence", "throughput", "dispatch", "overlap"])
     args = p.parse_args(argv)
@@ -132,7 +137,7 @@ def _xent(model, tokens):
 # sections
 # --------------------------------------------------------------------------------------------
 
-def equivalence(a, base) -> dict:
+def equivalence(a, base, exchange: str = "all_to_all") -> dict:
     import torch
     import torch.distributed as dist
     from moetrain.model.transformer import Transformer
@@ -149,7 +154,7 @@ def equivalence(a, base) -> dict:
         ref = Transformer(args)
         torch.manual_seed(0)
         model = Transformer(args)
-    sync = apply_ep(model, ctx)
+    sync = apply_ep(model, ctx, exchange=exchange)
     B, T = 2, 64
     g = torch.Generator().manual_seed(7)
     data = torch.randint(0, args.vocab_size, (W * B, T + 1), generator=g).to(dev)
@@ -177,7 +182,7 @@ def equivalence(a, base) -> dict:
         err = ((gr - refp[n].grad).norm() / refp[n].grad.norm().clamp_min(1e-30)).item()
         if err > worst:
             worst, worst_name = err, n
-    out = {"ranks": W, "loss_ep": mean_loss, "loss_ref": ref_loss,
+    out = {"ranks": W, "exchange": exchange, "loss_ep": mean_loss, "loss_ref": ref_loss,
            "loss_rel_err": abs(mean_loss - ref_loss) / abs(ref_loss),
            "grad_max_rel_err": worst, "grad_worst_param": worst_name}
     out["ok"] = out["loss_rel_err"] < 1e-4 and worst < 1e-4
@@ -185,7 +190,7 @@ def equivalence(a, base) -> dict:
     return out
 
 
-def throughput(a, base, ep: int) -> dict:
+def throughput(a, base, ep: int, exchange: str = "all_to_all") -> dict:
     import torch
     from moetrain.model.transformer import Transformer
     from moetrain.parallel.expert_parallel import A2A_METER, apply_ep
@@ -200,7 +205,7 @@ def throughput(a, base, ep: int) -> dict:
     with torch.device(dev):
         torch.manual_seed(0)
         model = Transformer(args)
-    sync = apply_ep(model, ctx)
+    sync = apply_ep(model, ctx, exchange=exchange)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     n_params = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(base.rank)
@@ -228,7 +233,7 @@ def throughput(a, base, ep: int) -> dict:
     _sync(dev)
     dt = time.perf_counter() - t0
     a2a = A2A_METER.report()
-    out = {"ep": ep, "dp": W // ep, "params_per_gpu": n_params, "tokens_per_step": W * a.micro_batch * a.seq,
+    out = {"ep": ep, "dp": W // ep, "exchange": exchange if ep > 1 else "-", "params_per_gpu": n_params, "tokens_per_step": W * a.micro_batch * a.seq,
            "step_ms": dt / a.steps * 1e3, "tokens_per_s": W * a.micro_batch * a.seq * a.steps / dt,
            "loss": loss.item(), "a2a_ms_per_step": a2a.get("perf/a2a_ms", 0.0),
            "a2a_bytes_per_step": a2a.get("perf/a2a_bytes", 0.0)}
@@ -299,11 +304,18 @@ def dispatch_vs_raw(a, base) -> dict:
                               if st.order is not None else 0.0),
         "unpermute": _timeit(lambda: disp.unpermute_fn(send, st.sorted_idx, w), dev, a.reps),
     }
+    # the per-expert exchange: rows land in local-expert order, no regroup
+    disp.exchange = "per_expert"
+    out["dispatch_combine_per_expert_ms"] = _timeit(dispatch_combine, dev, a.reps)
+    disp.exchange = "all_to_all"
     if dev.type == "cuda":  # the same with the Triton permute / unpermute kernels (kernels.permute=true)
         from kernels.permute import permute as k_permute, stable_order as k_order, unpermute as k_unpermute
         disp.permute_fn, disp.unpermute_fn, disp.order_fn = k_permute, k_unpermute, k_order
         ms_k = _timeit(dispatch_combine, dev, a.reps)
         out["dispatch_combine_triton_ms"] = ms_k
+        disp.exchange = "per_expert"
+        out["dispatch_combine_triton_per_expert_ms"] = _timeit(dispatch_combine, dev, a.reps)
+        disp.exchange = "all_to_all"
         out["parts_triton_ms"] = {
             "permute": _timeit(lambda: k_permute(x, ids, E), dev, a.reps),
             "unpermute": _timeit(lambda: k_unpermute(send, st.sorted_idx, w), dev, a.reps),
@@ -403,27 +415,31 @@ def main(argv=None) -> int:
     rc = 0
     try:
         if "equivalence" in a.sections and base.world_size > 1:
-            eq = info["equivalence"] = equivalence(a, base)
-            if main_rank:
-                print(f"equivalence ep={eq['ranks']}: loss {eq['loss_ep']:.6f} vs {eq['loss_ref']:.6f} "
-                      f"(rel {eq['loss_rel_err']:.1e}), worst grad rel err {eq['grad_max_rel_err']:.1e} "
-                      f"({eq['grad_worst_param']}) -> {'OK' if eq['ok'] else 'FAIL'}", flush=True)
-            if not eq["ok"]:
+            info["equivalence"] = [equivalence(a, base, ex) for ex in a.exchanges]
+            for eq in info["equivalence"]:
+                if main_rank:
+                    print(f"equivalence ep={eq['ranks']} ({eq['exchange']}): loss {eq['loss_ep']:.6f} vs "
+                          f"{eq['loss_ref']:.6f} (rel {eq['loss_rel_err']:.1e}), worst grad rel err "
+                          f"{eq['grad_max_rel_err']:.1e} ({eq['grad_worst_param']}) -> {'OK' if eq['ok'] else 'FAIL'}",
+                          flush=True)
+            if not all(eq["ok"] for eq in info["equivalence"]):
                 rc = 1
                 return rc
         if "throughput" in a.sections:
             rows = info["throughput"] = []
             for ep in sorted({1, base.world_size}):
-                rows.append(throughput(a, base, ep))
+                for exchange in (a.exchanges if ep > 1 else ["all_to_all"]):
+                    rows.append(throughput(a, base, ep, exchange))
             if main_rank:
-                print(f"\n{'layout':<12}{'params/GPU':>12}{'step ms':>10}{'tokens/s':>12}{'a2a ms':>9}"
+                print(f"\n{'layout':<12}{'exchange':>12}{'params/GPU':>12}{'step ms':>10}{'tokens/s':>12}{'a2a ms':>9}"
                       f"{'a2a MB':>9}{'peak GiB':>10}")
                 for r in rows:
-                    print(f"{'dp%d x ep%d' % (r['dp'], r['ep']):<12}{r['params_per_gpu'] / 1e9:>11.2f}B"
+                    print(f"{'dp%d x ep%d' % (r['dp'], r['ep']):<12}{r['exchange']:>12}{r['params_per_gpu'] / 1e9:>11.2f}B"
                           f"{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}{r['a2a_ms_per_step']:>9.1f}"
                           f"{r['a2a_bytes_per_step'] / 1e6:>9.1f}{r.get('peak_mem_gib', float('nan')):>10.2f}")
-                if len(rows) == 2:
-                    print(f"ep={rows[1]['ep']} / ep=1 tokens/s: {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x")
+                for r in rows[1:]:
+                    print(f"ep={r['ep']} ({r['exchange']}) / ep=1 tokens/s: "
+                          f"{r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x")
         if "dispatch" in a.sections and base.world_size > 1:
             d = info["dispatch"] = dispatch_vs_raw(a, base)
             if main_rank:
@@ -433,11 +449,17 @@ def main(argv=None) -> int:
                       f"overhead {d['overhead_ms']:.2f} ms ({d['dispatch_combine_ms'] / d['raw_a2a_ms']:.2f}x raw)",
                       flush=True)
                 print("  local passes alone (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in d["parts_ms"].items()))
+                r = d["dispatch_combine_per_expert_ms"] / d["raw_a2a_ms"]
+                print(f"  per-expert exchange (no regroup): {d['dispatch_combine_per_expert_ms']:.2f} ms ({r:.2f}x raw)",
+                      flush=True)
                 if "dispatch_combine_triton_ms" in d:
                     r = d["dispatch_combine_triton_ms"] / d["raw_a2a_ms"]
                     print("  with the Triton permute/unpermute kernels and counting-sort regroup order: "
                           f"{d['dispatch_combine_triton_ms']:.2f} ms ({r:.2f}x raw); alone (ms): "
                           + ", ".join(f"{k} {v:.3f}" for k, v in d["parts_triton_ms"].items()), flush=True)
+                    r = d["dispatch_combine_triton_per_expert_ms"] / d["raw_a2a_ms"]
+                    print(f"  Triton permute/unpermute + per-expert exchange: "
+                          f"{d['dispatch_combine_triton_per_expert_ms']:.2f} ms ({r:.2f}x raw)", flush=True)
         if "overlap" in a.sections and base.world_size > 1:
             o = info["overlap"] = overlap_gain(a, base)
             if main_rank:

@@ -86,6 +86,9 @@ class ParallelConfig:
     capacity_factor: float = 0.0     # routed-expert capacity: 0 = dropless; > 0 = each rank sends at most
                                      # ceil(capacity_factor * tokens * top_k / n_routed_experts) copies per expert
     capacity_policy: str = "probs"   # which overflow copies are dropped: probs (lowest routing weight) | position (latest)
+    ep_exchange: str = "all_to_all"  # token exchange with ep > 1: all_to_all (one all_to_all_single, then a regroup
+                                     # by local expert) | per_expert (batched send/recv per rank and local expert,
+                                     # received in expert order: no regroup)
 
 
 @dataclass
@@ -153,6 +156,7 @@ CHOICES = {
     "parallel.engine": ("native", "deepspeed"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.capacity_policy": ("probs", "position"),
+    "parallel.ep_exchange": ("all_to_all", "per_expert"),
     "precision.dtype": ("auto", "bf16", "fp32"),
     "precision.fp8": ("none", "tensorwise", "rowwise", "blockwise"),
     "logging.wandb": ("disabled", "offline", "online"),

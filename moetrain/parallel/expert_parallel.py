@@ -22,6 +22,10 @@ the same scheme)::
     combine:   undo the reorder; all_to_all_single back (reverse splits); zero rows for dropped copies;
                unpermute + weighted sum with the routing weights (fp32), cast to x.dtype
 
+With ``exchange="per_expert"`` (``parallel.ep_exchange``) the token exchange is one batched send/receive
+per (rank, local expert) chunk that lands the rows in local-expert order, so the reorder and its undo
+disappear (:mod:`moetrain.parallel.token_exchange`).
+
 Both all-to-alls are autograd Functions whose backward is the reverse all-to-all of the gradient, so the
 expert weights' local gradients sum the contributions of every rank of the ``"ep"`` group. With overlap on,
 the token all-to-all's backward is split the same way (launched by ``wait``'s backward, waited by
@@ -50,7 +54,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -60,6 +64,7 @@ from torch import nn
 from moetrain.model.dispatch import inverse_permutation, permute, unpermute
 from moetrain.model.moe import MoE
 from moetrain.model.transformer import load_stats
+from moetrain.parallel.token_exchange import EXCHANGES, ChunkPlan, SplitPlan
 
 __all__ = [
     "A2AMeter",
@@ -163,51 +168,45 @@ def _nbytes(t: torch.Tensor) -> int:
 # Autograd-aware all-to-all
 # --------------------------------------------------------------------------------------------
 
-def _a2a(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], group,
-         async_op: bool = False):
-    return dist.all_to_all_single(out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits,
-                                  group=group, async_op=async_op)
-
-
-def _exchange(x: torch.Tensor, out_splits, in_splits, group, meter, async_op: bool = False):
-    """Sends rows of contiguous ``x`` by ``in_splits``, receives ``sum(out_splits)`` rows (metered);
-    returns ``(received, work handle or None)``."""
-    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+def _exchange(x: torch.Tensor, plan, group, meter, async_op: bool = False):
+    """Sends the rows of contiguous ``x`` by ``plan`` (:mod:`moetrain.parallel.token_exchange`), receives
+    ``plan.out_rows`` rows (metered); returns ``(received, wait handle or None)``."""
+    out = x.new_empty((plan.out_rows,) + tuple(x.shape[1:]))
     with meter.measure(x.device, _nbytes(x)):
-        work = _a2a(out, x, out_splits, in_splits, group, async_op=async_op)
+        work = plan.launch(out, x, group, async_op=async_op)
     return out, work
 
 
 def _reverse_exchange(ctx, g: torch.Tensor) -> torch.Tensor:
-    """Backward of an all-to-all: the gradient rows go back the way the tokens came (blocking)."""
-    return _exchange(g.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group, ctx.meter)[0]
+    """Backward of an exchange: the gradient rows go back the way the tokens came (blocking)."""
+    return _exchange(g.contiguous(), ctx.plan.reversed(), ctx.group, ctx.meter)[0]
 
 
 class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` with uneven splits along dim 0; backward is the reverse all-to-all."""
+    """A blocking exchange of rows by ``plan`` along dim 0; backward is the reverse exchange."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, meter):
-        ctx.out_splits, ctx.in_splits, ctx.group, ctx.meter = out_splits, in_splits, group, meter
-        return _exchange(x.contiguous(), out_splits, in_splits, group, meter)[0]
+    def forward(ctx, x, plan, group, meter):
+        ctx.plan, ctx.group, ctx.meter = plan, group, meter
+        return _exchange(x.contiguous(), plan, group, meter)[0]
 
     @staticmethod
     def backward(ctx, g):
-        return _reverse_exchange(ctx, g), None, None, None, None
+        return _reverse_exchange(ctx, g), None, None, None
 
 
 @dataclass
 class _Pending:
-    """An in-flight all-to-all: its work handle and the send buffer it must keep alive.
+    """An in-flight exchange: its wait handle and the send buffer it must keep alive.
 
     With ``overlap_backward`` the pair is mirrored in the backward pass: :class:`_AllToAllWait`'s backward
-    launches the reverse all-to-all of the gradient asynchronously (``bwd_*``) and :class:`_AllToAllStart`'s
+    launches the reverse exchange of the gradient asynchronously (``bwd_*``) and :class:`_AllToAllStart`'s
     backward waits for it. Autograd runs ready nodes latest-created first, so the backward of what the forward
     ran between the two (the shared experts) runs while the gradient rows are in flight."""
     work: object = None
     send: Optional[torch.Tensor] = None
     overlap_backward: bool = False
-    splits: Optional[tuple] = None        # (out_splits, in_splits, group, meter) of the forward exchange
+    exchange: Optional[tuple] = None      # (plan, group, meter) of the forward exchange
     bwd_work: object = None
     bwd_send: Optional[torch.Tensor] = None
     bwd_recv: Optional[torch.Tensor] = None
@@ -218,13 +217,12 @@ class _Pending:
         self.work, self.send = None, None
 
     def start_backward(self, g: torch.Tensor) -> None:
-        out_splits, in_splits, group, meter = self.splits
+        plan, group, meter = self.exchange
         self.bwd_send = g.contiguous()
-        self.bwd_recv, self.bwd_work = _exchange(self.bwd_send, in_splits, out_splits, group, meter,
-                                                 async_op=True)
+        self.bwd_recv, self.bwd_work = _exchange(self.bwd_send, plan.reversed(), group, meter, async_op=True)
 
     def finish_backward(self) -> torch.Tensor:
-        meter = self.splits[3]
+        meter = self.exchange[2]
         with meter.measure(self.bwd_recv.device):
             self.bwd_work.wait()
         out = self.bwd_recv
@@ -233,30 +231,30 @@ class _Pending:
 
 
 class _AllToAllStart(torch.autograd.Function):
-    """Launches ``all_to_all_single(async_op=True)``; the returned buffer is valid after
-    :class:`_AllToAllWait`. Backward: the reverse all-to-all, waited here if :class:`_AllToAllWait`'s
+    """Launches the exchange by ``plan`` asynchronously; the returned buffer is valid after
+    :class:`_AllToAllWait`. Backward: the reverse exchange, waited here if :class:`_AllToAllWait`'s
     backward launched it (``pending.overlap_backward``), else run here (blocking)."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, pending, meter):
-        ctx.out_splits, ctx.in_splits, ctx.group, ctx.meter = out_splits, in_splits, group, meter
+    def forward(ctx, x, plan, group, pending, meter):
+        ctx.plan, ctx.group, ctx.meter = plan, group, meter
         ctx.pending = pending
         x = x.contiguous()
-        out, pending.work = _exchange(x, out_splits, in_splits, group, meter, async_op=True)
+        out, pending.work = _exchange(x, plan, group, meter, async_op=True)
         pending.send = x
-        pending.splits = (out_splits, in_splits, group, meter)
+        pending.exchange = (plan, group, meter)
         return out
 
     @staticmethod
     def backward(ctx, g):
         if ctx.pending.bwd_work is not None:   # launched by _AllToAllWait.backward; g is the same gradient
-            return ctx.pending.finish_backward(), None, None, None, None, None
-        return _reverse_exchange(ctx, g), None, None, None, None, None
+            return ctx.pending.finish_backward(), None, None, None, None
+        return _reverse_exchange(ctx, g), None, None, None, None
 
 
 class _AllToAllWait(torch.autograd.Function):
-    """Identity that first waits for the pending all-to-all that fills ``x``. Backward: passes the gradient
-    through and, with ``pending.overlap_backward``, launches its reverse all-to-all (see :class:`_Pending`)."""
+    """Identity that first waits for the pending exchange that fills ``x``. Backward: passes the gradient
+    through and, with ``pending.overlap_backward``, launches its reverse exchange (see :class:`_Pending`)."""
 
     @staticmethod
     def forward(ctx, x, pending, meter):
@@ -267,7 +265,7 @@ class _AllToAllWait(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if ctx.needs_input_grad[0] and ctx.pending.overlap_backward and ctx.pending.splits is not None:
+        if ctx.needs_input_grad[0] and ctx.pending.overlap_backward and ctx.pending.exchange is not None:
             ctx.pending.start_backward(g)
         return g, None, None
 
@@ -282,7 +280,7 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     Returns:
         ``[sum(out_splits), ...]`` (same dtype/device). Backward sends the gradient back (reverse splits).
     """
-    return _AllToAll.apply(x, list(out_splits), list(in_splits), group, meter or A2AMeter())
+    return _AllToAll.apply(x, SplitPlan(out_splits, in_splits), group, meter or A2AMeter())
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,11 +340,12 @@ def stable_order(keys: torch.Tensor, n_bins: int) -> tuple[torch.Tensor, torch.T
 class A2AState:
     """What :meth:`AllToAllDispatcher.dispatch` hands to ``wait`` / ``combine``.
 
-    ``recv`` ``[M, D]`` rows received, grouped by (source rank, local expert); ``order`` ``[M]`` the
-    permutation that sorts them by local expert (None when no reorder is needed) and ``inv_order`` its
-    inverse; ``tokens_per_expert`` ``[E_local]`` int64; ``sorted_idx`` ``[N*K]`` from :func:`permute`;
-    ``n_kept`` host int (copies sent, ``N*K`` minus the dropped); ``in_splits`` / ``out_splits`` host
-    int lists (rows sent to / received from each ep rank).
+    ``recv`` ``[M, D]`` rows received: grouped by (source rank, local expert) with the ``all_to_all``
+    exchange, by local expert with ``per_expert``; ``order`` ``[M]`` the permutation that sorts them by
+    local expert (None when no reorder is needed) and ``inv_order`` its inverse; ``tokens_per_expert``
+    ``[E_local]`` int64; ``sorted_idx`` ``[N*K]`` from :func:`permute`; ``n_kept`` host int (copies sent,
+    ``N*K`` minus the dropped); ``plan`` the dispatch's exchange plan (:class:`SplitPlan` or
+    :class:`ChunkPlan`; the combine runs its reverse).
     """
 
     recv: torch.Tensor
@@ -356,8 +355,7 @@ class A2AState:
     dtype: torch.dtype
     n_assign: int
     n_kept: int
-    in_splits: list = field(default_factory=list)
-    out_splits: list = field(default_factory=list)
+    plan: object = None
     order: Optional[torch.Tensor] = None
     inv_order: Optional[torch.Tensor] = None
     pending: Optional[_Pending] = None
@@ -376,6 +374,9 @@ class AllToAllDispatcher:
         overlap: launch the token all-to-all asynchronously in :meth:`dispatch` and wait in :meth:`wait`
             (the MoE runs its shared experts in between). ``False`` waits inside :meth:`dispatch`.
         meter: where all-to-all time/bytes go (default the module's :data:`A2A_METER`).
+        exchange: ``"all_to_all"`` (one ``all_to_all_single``, then the received rows are regrouped by local
+            expert) | ``"per_expert"`` (one batched send/receive per (rank, local expert) chunk, received
+            straight in local-expert order: no regroup pass); see :mod:`moetrain.parallel.token_exchange`.
         autocast_comm: on CUDA under autocast, fp32 ``x`` is cast to the autocast dtype before the
             permute (half the all-to-all bytes; the routed experts' GEMMs take that dtype under autocast
             anyway, and ``GroupedExperts`` then uses its ``torch._grouped_mm`` path). The output of
@@ -393,12 +394,12 @@ class AllToAllDispatcher:
     ``combine([M, D]) -> [N, D]`` in ``x.dtype``.
 
     Raises:
-        ValueError: ``n_experts`` not divisible by the group size, bad capacity settings.
+        ValueError: ``n_experts`` not divisible by the group size, bad capacity settings, unknown exchange.
     """
 
     def __init__(self, n_experts: int, group=None, capacity_factor: float = 0.0,
                  capacity_policy: str = "probs", overlap: bool = True, meter: Optional[A2AMeter] = None,
-                 autocast_comm: bool = True):
+                 autocast_comm: bool = True, exchange: str = "all_to_all"):
         self.n_experts = n_experts
         self.group = group
         self.ep = dist.get_world_size(group) if group is not None else 1
@@ -409,6 +410,9 @@ class AllToAllDispatcher:
             raise ValueError(f"capacity_factor={capacity_factor}: must be >= 0 (0 = dropless)")
         if capacity_policy not in CAPACITY_POLICIES:
             raise ValueError(f"capacity_policy={capacity_policy!r}: must be one of {', '.join(CAPACITY_POLICIES)}")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"ep_exchange={exchange!r}: must be one of {', '.join(EXCHANGES)}")
+        self.exchange = exchange
         self.n_local = n_experts // self.ep
         self.capacity_factor = float(capacity_factor)
         self.capacity_policy = capacity_policy
@@ -424,7 +428,7 @@ class AllToAllDispatcher:
     def __repr__(self) -> str:
         return (f"AllToAllDispatcher(E={self.n_experts}, ep={self.ep}, rank={self.ep_rank}, "
                 f"E_local={self.n_local}, capacity_factor={self.capacity_factor}, "
-                f"policy={self.capacity_policy}, overlap={self.overlap})")
+                f"policy={self.capacity_policy}, overlap={self.overlap}, exchange={self.exchange})")
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> A2AState:
         """Permute token copies by expert, exchange counts, launch the token all-to-all (see class doc)."""
@@ -453,23 +457,28 @@ class AllToAllDispatcher:
             return A2AState(expert_x, send_counts, sorted_idx, topk_weights, dtype, N * K, n_kept)
         with meter.measure(x.device, 2 * _nbytes(send_counts)):
             recv_counts = torch.empty_like(send_counts)
-            _a2a(recv_counts, send_counts.contiguous(), [El] * ep, [El] * ep, self.group)
+            dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.group)
             host = torch.cat([send_counts, recv_counts]).tolist()  # the one host sync of the dispatch
         in_splits = [sum(host[r * El:(r + 1) * El]) for r in range(ep)]
         out_splits = [sum(host[E + r * El:E + (r + 1) * El]) for r in range(ep)]
         n_kept, M = sum(in_splits), sum(out_splits)
         self._count(tracking, N * K, n_kept)
         send = expert_x[:n_kept] if n_kept < expert_x.shape[0] else expert_x
-        pending = _Pending(overlap_backward=self.overlap)
-        recv = _AllToAllStart.apply(send, out_splits, in_splits, self.group, pending, meter)
-        order = inv = None
         recv_counts = recv_counts.view(ep, El)
-        if El > 1:  # rows arrive grouped by (source rank, local expert): sort them by local expert
-            local_ids = torch.arange(El, device=x.device).repeat(ep)
-            expert_of_row = torch.repeat_interleave(local_ids, recv_counts.reshape(-1), output_size=M)
-            order, inv = self.order_fn(expert_of_row, El)
+        order = inv = None
+        if self.exchange == "per_expert" and El > 1:  # received straight into expert-major order
+            plan = ChunkPlan.for_dispatch(host[:E], [host[E + r * El:E + (r + 1) * El] for r in range(ep)],
+                                          recv_counts, self.ep_rank)
+        else:
+            plan = SplitPlan(out_splits, in_splits)
+            if El > 1:  # rows arrive grouped by (source rank, local expert): sort them by local expert
+                local_ids = torch.arange(El, device=x.device).repeat(ep)
+                expert_of_row = torch.repeat_interleave(local_ids, recv_counts.reshape(-1), output_size=M)
+                order, inv = self.order_fn(expert_of_row, El)
+        pending = _Pending(overlap_backward=self.overlap)
+        recv = _AllToAllStart.apply(send, plan, self.group, pending, meter)
         state = A2AState(recv, recv_counts.sum(0), sorted_idx, topk_weights, dtype, N * K, n_kept,
-                         in_splits, out_splits, order, inv, pending)
+                         plan, order, inv, pending)
         if not self.overlap:
             state.recv = _AllToAllWait.apply(state.recv, pending, meter)
             state.pending = None
@@ -493,7 +502,7 @@ class AllToAllDispatcher:
             if state.inv_order is not None:
                 y = y.index_select(0, state.inv_order)
             meter = self.meter if torch.is_grad_enabled() else _NULL_METER
-            y = _AllToAll.apply(y, state.in_splits, state.out_splits, self.group, meter)
+            y = _AllToAll.apply(y, state.plan.reversed(), self.group, meter)
         if state.n_assign == 0:  # no tokens here: an empty output that stays in the graph, so that
             # this rank still runs the backward all-to-all the other ranks wait for
             keep = y.sum() * 0 + state.topk_weights.sum() * 0
@@ -557,7 +566,7 @@ def apply_capacity(model: nn.Module, capacity_factor: float, capacity_policy: st
 
 
 def apply_ep(model: nn.Module, ctx, capacity_factor: float = 0.0, capacity_policy: str = "probs",
-             overlap: bool = True, bucket_mb: float = 25.0) -> Callable[[], None]:
+             overlap: bool = True, bucket_mb: float = 25.0, exchange: str = "all_to_all") -> Callable[[], None]:
     """Shards the routed experts over the ``"ep"`` mesh dim and installs :class:`AllToAllDispatcher`.
 
     In place, before the optimizer is built: every ``MoE.experts.w{1,2,3}`` ``[E, ...]`` is replaced by a
@@ -572,15 +581,20 @@ def apply_ep(model: nn.Module, ctx, capacity_factor: float = 0.0, capacity_polic
         model: a plain model (e.g. ``Transformer``) whose MoE layers hold full ``[E, ...]`` experts,
             identical on every rank (same seed).
         ctx: ``DistContext`` with ``ep``, ``dp`` and (when distributed) ``mesh`` from ``build_mesh``.
+        exchange: the dispatchers' token exchange, ``"all_to_all"`` | ``"per_expert"`` (see
+            :class:`AllToAllDispatcher`).
     Returns:
         ``grad_sync()``: a :class:`moetrain.parallel.grad_sync.GradSync` to call once per optimizer step
         after the last backward (dense grads averaged over the world, expert grads summed over the
         ``"dp"`` group and divided by the world size). The model must NOT also be wrapped in DDP.
     Raises:
-        ValueError: ``E`` not divisible by ``ep``, experts already sharded, no mesh for ``ep > 1``.
+        ValueError: ``E`` not divisible by ``ep``, experts already sharded, no mesh for ``ep > 1``,
+            unknown exchange.
     """
     from moetrain.parallel.grad_sync import GradSync
 
+    if exchange not in EXCHANGES:
+        raise ValueError(f"parallel.ep_exchange={exchange!r}: must be one of {', '.join(EXCHANGES)}")
     ep_rank, ep_group, _ = _ep_coords(ctx)
     ep = ctx.ep
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
@@ -600,7 +614,7 @@ def apply_ep(model: nn.Module, ctx, capacity_factor: float = 0.0, capacity_polic
         experts.n_experts = El
         old = moe.dispatcher
         moe.dispatcher = AllToAllDispatcher(E, ep_group if ep > 1 else None, capacity_factor,
-                                            capacity_policy, overlap)
+                                            capacity_policy, overlap, exchange=exchange)
         moe.dispatcher.permute_fn = getattr(old, "permute_fn", permute)
         moe.dispatcher.unpermute_fn = getattr(old, "unpermute_fn", unpermute)
     if ep > 1:

@@ -53,7 +53,8 @@ def parallelize(model: torch.nn.Module, cfg: DictConfig, ctx: DistContext):
             raise UnavailableFeature(f"parallel.ep={ctx.ep}: expert parallelism is not available ({e})") from None
         # experts sharded over "ep", AllToAllDispatcher; grad_sync replaces DDP (dense grads averaged over the
         # world, expert grads summed over the "dp" group / world size)
-        grad_sync = apply_ep(model, ctx, capacity_factor=capacity, capacity_policy=policy)
+        grad_sync = apply_ep(model, ctx, capacity_factor=capacity, capacity_policy=policy,
+                             exchange=cfg.parallel.get("ep_exchange", "all_to_all"))
     elif capacity > 0:
         from moetrain.parallel.expert_parallel import apply_capacity
         apply_capacity(model, capacity, policy)  # ep = 1: the same per-rank capacity rule, no communication

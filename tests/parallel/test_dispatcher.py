@@ -119,8 +119,9 @@ def test_meter_reports_per_step_and_resets():
 @pytest.mark.parametrize("world", [2, 4])
 def test_all_to_all_dispatcher_edge_cases(world):
     out = run_workers(workers.run_dispatcher_edge_cases, world, timeout=180)
-    assert out[world - 1]["only_rank0_experts/True"] == 0  # the last rank received nothing
-    assert out[0]["only_rank0_experts/True"] > 0
+    for exchange in ("all_to_all", "per_expert"):
+        assert out[world - 1][f"only_rank0_experts/True/{exchange}"] == 0  # the last rank received nothing
+        assert out[0][f"only_rank0_experts/True/{exchange}"] > 0
 
 
 @pytest.mark.timeout(200)

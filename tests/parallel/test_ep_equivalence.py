@@ -25,6 +25,9 @@ CASES_2 = [
     {"name": "all_tokens_to_one_expert", "skew": {5: 5.0}, "model": {"n_activated_experts": 1}},
     {"name": "grad_accum_bias_update_no_overlap", "accum": 2, "overlap": False,
      "model": {"bias_update_speed": 0.05}},
+    {"name": "per_expert_exchange_capacity", "exchange": "per_expert", "capacity_factor": 0.75},
+    {"name": "per_expert_exchange_zero_tokens_no_overlap", "exchange": "per_expert", "overlap": False,
+     "skew": {0: 5.0, 1: 5.0, 2: 5.0, 3: 5.0}},
 ]
 
 CASES_4 = [
@@ -35,6 +38,8 @@ CASES_4 = [
     {"name": "ranks_1_3_receive_zero_tokens", "skew": {0: 5.0, 1: 5.0, 4: 5.0, 5: 5.0}},
     {"name": "all_tokens_to_one_expert_no_shared", "skew": {6: 5.0},
      "model": {"n_activated_experts": 1, "n_shared_experts": 0}},
+    {"name": "per_expert_exchange_sigmoid_accum_adamw", "exchange": "per_expert", "accum": 2, "optim": "adamw",
+     "model": {"score_func": "sigmoid"}},
 ]
 
 

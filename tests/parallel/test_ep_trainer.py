@@ -37,13 +37,14 @@ def test_torchrun_ep2_matches_single_and_resumes_at_ep1(tmp_path):
         assert b[step]["moe/dropped_frac"] == 0.0
     hist = b[6]["moe/load_hist/layer_1"]
     assert hist == a[6]["moe/load_hist/layer_1"] and len(hist) == 8 and sum(hist) > 0
-    # save at ep=2 after 4 steps, resume in one process (ep=1, all experts local) to step 6
+    # save at ep=2 (the per-expert exchange) after 4 steps, resume in one process (ep=1, all experts local)
     resumed = tmp_path / "resumed"
-    _torchrun(2, resumed, cache, "train.steps=4", "train.log_every=1", "train.eval_every=0", "parallel.ep=2")
+    _torchrun(2, resumed, cache, "train.steps=4", "train.log_every=1", "train.eval_every=0", "parallel.ep=2",
+              "parallel.ep_exchange=per_expert")
     out = _single(resumed, cache, *EXTRA, "checkpoint.at_end=false")
     assert "resumed from" in out.stdout
     c = step_records(resumed)
-    for step in (5, 6):
+    for step in range(1, 7):
         assert c[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5), step
 
 
@@ -53,5 +54,7 @@ def test_capacity_and_ep_config_errors():
         load_config(None, ["parallel.capacity_policy=random"])
     with pytest.raises(ConfigError, match="parallel.capacity_factor"):
         load_config(None, ["parallel.capacity_factor=-1"])
+    with pytest.raises(ConfigError, match="parallel.ep_exchange"):
+        load_config(None, ["parallel.ep_exchange=p2p"])
     cfg = load_config(None, ["parallel.capacity_factor=1.25", "parallel.capacity_policy=position"])
     assert cfg.parallel.capacity_factor == 1.25

@@ -79,7 +79,8 @@ def run_equivalence_case(rank: int, world: int, dp: int, ep: int, case: dict) ->
     """One case: EP model on this rank vs the single-process reference, for ``case['steps']`` steps.
 
     case keys: name, model (ModelArgs overrides), steps, accum, capacity_factor, capacity_policy,
-    overlap, skew ({expert: bias} applied to every gate), max_norm, optim ("sgd" | "adamw").
+    overlap, exchange ("all_to_all" | "per_expert"), skew ({expert: bias} applied to every gate), max_norm,
+    optim ("sgd" | "adamw").
     """
     name = case["name"]
     args = tiny_args(**case.get("model", {}))
@@ -96,7 +97,7 @@ def run_equivalence_case(rank: int, world: int, dp: int, ep: int, case: dict) ->
     if cf > 0:
         apply_capacity(ref, cf, policy)
     grad_sync = apply_ep(model, ctx, capacity_factor=cf, capacity_policy=policy,
-                         overlap=case.get("overlap", True))
+                         overlap=case.get("overlap", True), exchange=case.get("exchange", "all_to_all"))
     # SGD + momentum keeps EP-vs-reference differences at float noise (~3e-7 of a tensor's scale) and is
     # linear in the gradients (a gradient-scale bug shows in the parameters). Adam normalises tiny
     # gradients, which amplifies that noise to ~1e-5 (eps=1e-6) .. 1e-4 (eps=1e-8): looser tolerance.
@@ -203,7 +204,8 @@ def run_dispatcher_edge_cases(rank: int, world: int) -> dict:
         "random": lambda n, g: (n, None),
     }
     for cname, make in cases.items():
-        for overlap in (True, False):
+        for overlap, exchange in ((True, "all_to_all"), (False, "all_to_all"), (True, "per_expert"),
+                                  (False, "per_expert")):
             g = torch.Generator().manual_seed(10 * rank + 1)
             n, ids = make(7 + rank, g)
             k = 1 if cname == "all_to_expert_5" else K
@@ -213,7 +215,7 @@ def run_dispatcher_edge_cases(rank: int, world: int) -> dict:
                        if n else torch.zeros(0, k, dtype=torch.int64))
             x = torch.randn(n, D, generator=g, requires_grad=True)
             w = torch.rand(n, k, generator=g, requires_grad=True)
-            disp = AllToAllDispatcher(E, group, overlap=overlap)
+            disp = AllToAllDispatcher(E, group, overlap=overlap, exchange=exchange)
             st = disp.dispatch(x, ids, w)
             if overlap and st.pending is None:
                 raise AssertionError(f"{cname}: overlap=True but no pending all-to-all after dispatch")
@@ -227,11 +229,12 @@ def run_dispatcher_edge_cases(rank: int, world: int) -> dict:
             wr = w.detach().clone().requires_grad_(True)
             yr = ((wr * (ids.float() + 1)).unsqueeze(-1) * xr.unsqueeze(1)).sum(1) if n else xr * 0
             (yr * gy).sum().backward()
-            _close(f"{cname} overlap={overlap} y", y, yr, 1e-5, 1e-6)
-            _close(f"{cname} overlap={overlap} dx", x.grad, xr.grad, 1e-5, 1e-6)
+            tag = f"{cname} overlap={overlap} {exchange}"
+            _close(f"{tag} y", y, yr, 1e-5, 1e-6)
+            _close(f"{tag} dx", x.grad, xr.grad, 1e-5, 1e-6)
             if n:
-                _close(f"{cname} overlap={overlap} dw", w.grad, wr.grad, 1e-5, 1e-6)
-            results[f"{cname}/{overlap}"] = int(ex.shape[0])
+                _close(f"{tag} dw", w.grad, wr.grad, 1e-5, 1e-6)
+            results[f"{cname}/{overlap}/{exchange}"] = int(ex.shape[0])
     return results
 
 
