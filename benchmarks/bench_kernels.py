@@ -65,6 +65,7 @@ def parse_args(argv=None):
 # --sweep: launch tunables of each kernel, timed on the launchers alone
 # ----------------------------------------------------------------------------------------------
 def _sweep(torch, do_bench, out_dir, quick, ops=OPS):
+    import kernels._utils as kutils
     import kernels.permute as PM
     import kernels.rmsnorm as RN
     import kernels.rope as RP
@@ -79,13 +80,35 @@ def _sweep(torch, do_bench, out_dir, quick, ops=OPS):
                                                                                 name.split("_")[0])
         return op in ops or (op == "permute" and "unpermute" in ops)
 
-    def bench(name, mod, cfg, fn, nbytes):
+    def outputs(out):
+        """The tensors of a launcher's result (a tensor or a tuple/list), cloned: launchers may reuse buffers."""
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return [t.clone() for t in out if isinstance(t, torch.Tensor)]
+
+    def bench(name, mod, cfg, fn, nbytes, tol=None):
+        """Time fn under mod.CFG updated with cfg. With tol = (atol, rtol), or one such pair per output, fn's tensor
+        outputs (computed with kernel outputs poisoned: NaN where unwritten) are first compared with those under
+        the module's default CFG; a mismatch prints WRONG and is not timed."""
         if not wanted(name):
             return
-        saved = dict(mod.CFG)
-        mod.CFG.update(cfg)
+        saved, poison = dict(mod.CFG), kutils.POISON_OUTPUTS
         try:
-            fn()
+            want = outputs(fn()) if tol is not None else None
+            mod.CFG.update(cfg)
+            kutils.POISON_OUTPUTS = tol is not None
+            got = outputs(fn())
+            kutils.POISON_OUTPUTS = poison
+            if want is not None:
+                tols = tol if isinstance(tol[0], (tuple, list)) else [tol] * len(want)
+                try:
+                    assert len(got) == len(want) == len(tols), f"{len(got)} outputs, default config {len(want)}"
+                    for i, (g, w_, (at, rt)) in enumerate(zip(got, want, tols)):
+                        torch.testing.assert_close(g.float(), w_.float(), atol=at, rtol=rt,
+                                                   msg=lambda m, i=i: f"output {i}: {m}")
+                except AssertionError as e:
+                    print(f"{name:<16} {json.dumps(cfg):<48} WRONG vs the default config: "
+                          f"{' '.join(str(e).split())[:160]}", flush=True)
+                    return
             ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
             res.append({"kernel": name, "cfg": dict(cfg), "ms": ms, "GBps": nbytes / ms / 1e6})
             print(f"{name:<16} {json.dumps(cfg):<48} {ms * 1e3:9.1f} us {nbytes / ms / 1e6:7.0f} GB/s",
@@ -93,6 +116,7 @@ def _sweep(torch, do_bench, out_dir, quick, ops=OPS):
         except Exception as e:  # noqa: BLE001
             print(f"{name:<16} {json.dumps(cfg):<48} error {e!r:.120}", flush=True)
         finally:
+            kutils.POISON_OUTPUTS = poison
             mod.CFG.clear()
             mod.CFG.update(saved)
 
@@ -103,12 +127,26 @@ def _sweep(torch, do_bench, out_dir, quick, ops=OPS):
     _, _, rstd = RN.rmsnorm_fwd(x, w, 1e-6)
     for mw in (8, 16, 32):
         bench("rmsnorm_fwd", RN, {"fwd_max_warps": mw}, lambda: RN.rmsnorm_fwd(x, w, 1e-6), 2 * N * D * 2)
-    for pps, mw, rows in itertools.product((1, 2, 4), (8, 16), (1, 2)):
-        cfg = {"bwd_programs_per_sm": pps, "bwd_max_warps": mw, "bwd_rows": rows}
-        bench("rmsnorm_bwd", RN, cfg, lambda: RN.rmsnorm_bwd(dy, x, w, rstd, bf), 3 * N * D * 2)
+    # backward grid, each config checked first against the default config's dx (bf16: ~1 ulp) and dw (fp32, sum of
+    # 16K rows: summation order only; a lost row tile would show):
+    #   whole rows, plain loop:           programs/SM x max warps x rows                    12
+    #   whole rows, pipelined row loop:   stages x programs/SM x max warps x rows           16
+    #   4 rows of 8192 (bwd_max_tile 32K): programs/SM x max warps (32: 1024 threads)          4
+    #   two-pass over column chunks:      chunk x rows x programs/SM x stages               24
+    rn_grid = [{"bwd_programs_per_sm": pps, "bwd_max_warps": mw, "bwd_rows": rows}
+               for pps, mw, rows in itertools.product((1, 2, 4), (8, 16), (1, 2))]
+    rn_grid += [{"bwd_programs_per_sm": pps, "bwd_max_warps": mw, "bwd_rows": rows, "bwd_stages": st}
+                for st, pps, mw, rows in itertools.product((2, 3), (1, 2), (8, 16), (1, 2))]
+    rn_grid += [{"bwd_programs_per_sm": pps, "bwd_max_warps": mw, "bwd_rows": 4, "bwd_max_tile": 32768}
+                for pps, mw in itertools.product((1, 2), (16, 32))]
+    rn_grid += [{"bwd_chunk": ch, "bwd_rows": rows, "bwd_programs_per_sm": pps, "bwd_stages": st}
+                for ch, rows, pps, st in itertools.product((1024, 2048, 4096), (1, 4), (2, 4), (1, 2))]
+    rn_tol = [(1e-2, 1e-2), (1e-3, 1e-4)]  # dx, dw
+    for cfg in rn_grid:
+        bench("rmsnorm_bwd", RN, cfg, lambda: RN.rmsnorm_bwd(dy, x, w, rstd, bf), 3 * N * D * 2, tol=rn_tol)
         bench("add_rmsnorm_bwd", RN, cfg,
-              lambda: RN.rmsnorm_bwd(dy, x, w, rstd, bf, dh_out2=r), 4 * N * D * 2)
-    del x, r, dy
+              lambda: RN.rmsnorm_bwd(dy, x, w, rstd, bf, dh_out2=r), 4 * N * D * 2, tol=rn_tol)
+    x = r = dy = None  # free the memory (not `del`: the lambdas above close over these names)
 
     B, T, H, Dr = max(1, 4 // q), 4096, 128, 64
     xq = torch.randn(B, T, H, Dr, device=dev, dtype=bf)
@@ -118,7 +156,7 @@ def _sweep(torch, do_bench, out_dir, quick, ops=OPS):
         for be in (1024, 2048, 4096, 8192):
             bench("rope", RP, {"split": split, "block_elems": be},
                   lambda: RP.rope_launch(xq, c, s_), 2 * xq.numel() * 2)
-    del xq
+    xq = None
 
     N2, F = 16384 // q, 2048
     a = torch.randn(N2, F, device=dev, dtype=bf)
@@ -132,7 +170,7 @@ def _sweep(torch, do_bench, out_dir, quick, ops=OPS):
         bench("swiglu_pk_fwd", SW, cfg, lambda: SW.swiglu_fwd(xp[:, :F], xp[:, F:]), 3 * N2 * F * 2)
         bench("swiglu_pk_bwd", SW, cfg,
               lambda: SW.swiglu_bwd(g, xp[:, :F], xp[:, F:], dxp[:, :F], dxp[:, F:]), 5 * N2 * F * 2)
-    del a, b, g, xp, da, db, dxp
+    a = b = g = xp = da = db = dxp = None
 
     N3, E = 16384 // q, 256
     lg = torch.randn(N3, E, device=dev)

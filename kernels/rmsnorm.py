@@ -19,7 +19,9 @@ Shapes and dtypes:
 Backward: grads for x, residual and weight. The weight grad is deterministic: a fixed grid of
 programs, each owning a contiguous range of rows, writes fp32 partial sums [G, D] which are then
 reduced with ``torch.sum`` (no atomics). The grad of x and of residual is the same tensor
-``dh = d(normed)/dh + d(new_residual)`` (cast to each input's dtype).
+``dh = d(normed)/dh + d(new_residual)`` (cast to each input's dtype). CFG sets the backward's launch
+shape and, opt-in, a software-pipelined row loop or a two-pass kernel over column chunks; every variant
+computes the same math.
 
 Errors: TypeError for unsupported dtypes; ValueError for shape mismatches, D > 65536 or a
 non-CUDA device without the interpreter.
@@ -73,6 +75,30 @@ def _rmsnorm_fwd_kernel(
 
 
 @triton.jit
+def _rmsnorm_bwd_tile(
+    DY, H, w, RSTD, DX, DH_OUT,
+    stride_dy, stride_h, stride_dx, stride_dho,
+    D, r64, row_end, cols, mask,
+    HAS_DH_OUT: tl.constexpr,
+):
+    """Rows r64 [ROWS] (int64) x cols [BLOCK_D] (whole rows; w [BLOCK_D] the loaded weight, fp32): store dx,
+    return this tile's dw contribution [BLOCK_D] fp32."""
+    rm = r64 < row_end
+    m = mask[None, :] & rm[:, None]
+    dy = tl.load(DY + r64[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    h = tl.load(H + r64[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + r64, mask=rm, other=0.0)
+    xhat = h * rstd[:, None]
+    wdy = dy * w[None, :]
+    c = tl.sum(xhat * wdy, axis=1) / D
+    dx = (wdy - xhat * c[:, None]) * rstd[:, None]
+    if HAS_DH_OUT:
+        dx += tl.load(DH_OUT + r64[:, None] * stride_dho + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(DX + r64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
+    return tl.sum(dy * xhat, axis=0)
+
+
+@triton.jit
 def _rmsnorm_bwd_kernel(
     DY, H, W, RSTD, DX, DH_OUT, DW_PARTIAL,
     stride_dy, stride_h, stride_dx, stride_dho,
@@ -80,9 +106,12 @@ def _rmsnorm_bwd_kernel(
     HAS_DH_OUT: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Program p owns rows [p*rows_per_prog, (p+1)*rows_per_prog), ROWS of them per loop iteration (a
-    [ROWS, BLOCK_D] tile: more loads in flight per program).
+    [ROWS, BLOCK_D] tile: more loads in flight per program). STAGES > 1 software-pipelines the row loop
+    (``tl.range(num_stages=STAGES)``: the next tiles' loads are issued, into shared memory, while this one
+    is reduced and stored); STAGES == 1 is a plain loop.
 
     dx = rstd * (dy*w - xhat * mean(dy*w*xhat)) (+ dh_out);  dw_partial[p] = sum_rows dy * xhat.
     """
@@ -93,22 +122,77 @@ def _rmsnorm_bwd_kernel(
     dw_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, N)
+    if STAGES > 1:
+        for i in tl.range(0, rows_per_prog, ROWS, num_stages=STAGES):
+            r64 = row_start + i + tl.arange(0, ROWS).to(tl.int64)  # [ROWS]
+            dw_acc += _rmsnorm_bwd_tile(DY, H, w, RSTD, DX, DH_OUT, stride_dy, stride_h, stride_dx, stride_dho,
+                                        D, r64, row_end, cols, mask, HAS_DH_OUT)
+    else:
+        for i in range(0, rows_per_prog, ROWS):
+            r64 = row_start + i + tl.arange(0, ROWS).to(tl.int64)  # [ROWS]
+            dw_acc += _rmsnorm_bwd_tile(DY, H, w, RSTD, DX, DH_OUT, stride_dy, stride_h, stride_dx, stride_dho,
+                                        D, r64, row_end, cols, mask, HAS_DH_OUT)
+    tl.store(DW_PARTIAL + pid.to(tl.int64) * D + cols, dw_acc, mask=mask)
+
+
+@triton.jit
+def _rmsnorm_bwd_chunked_kernel(
+    DY, H, W, RSTD, DX, DH_OUT, DW_PARTIAL,
+    stride_dy, stride_h, stride_dx, stride_dho,
+    N, D, rows_per_prog,
+    HAS_DH_OUT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """The backward of :func:`_rmsnorm_bwd_kernel` over [ROWS, BLOCK_C] column chunks (BLOCK_C < D allowed):
+    fewer registers per program, so more programs per SM. Same row ownership and math, two passes over the
+    chunks of each row tile:
+
+        pass 1: c = sum_D(xhat * dy*w) / D            (reads dy, h)
+        pass 2: dx = rstd * (dy*w - xhat*c) (+ dh_out), store dx; dw_partial[p] += sum_rows dy * xhat
+                                                      (re-reads dy, h: the row tile was just read, so L1/L2)
+
+    dw_partial[p] is this program's own row, accumulated in global memory (L2-resident; the first row tile
+    writes it, later ones read-add-write it in a fixed order: deterministic). STAGES pipelines each chunk loop
+    as in :func:`_rmsnorm_bwd_kernel` (STAGES == 1: none).
+    """
+    pid = tl.program_id(0)
+    cc = tl.arange(0, BLOCK_C)
+    row_start = pid.to(tl.int64) * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, N)
+    dwp = DW_PARTIAL + pid.to(tl.int64) * D
     for i in range(0, rows_per_prog, ROWS):
         r64 = row_start + i + tl.arange(0, ROWS).to(tl.int64)  # [ROWS]
         rm = r64 < row_end
-        m = mask[None, :] & rm[:, None]
-        dy = tl.load(DY + r64[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        h = tl.load(H + r64[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + r64, mask=rm, other=0.0)
-        xhat = h * rstd[:, None]
-        wdy = dy * w[None, :]
-        c = tl.sum(xhat * wdy, axis=1) / D
-        dx = (wdy - xhat * c[:, None]) * rstd[:, None]
-        if HAS_DH_OUT:
-            dx += tl.load(DH_OUT + r64[:, None] * stride_dho + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        tl.store(DX + r64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
-        dw_acc += tl.sum(dy * xhat, axis=0)
-    tl.store(DW_PARTIAL + pid.to(tl.int64) * D + cols, dw_acc, mask=mask)
+        s = tl.zeros([ROWS], dtype=tl.float32)
+        for c0 in tl.range(0, D, BLOCK_C, num_stages=STAGES):
+            cols = c0 + cc
+            cm = cols < D
+            m = cm[None, :] & rm[:, None]
+            dy = tl.load(DY + r64[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            h = tl.load(H + r64[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+            s += tl.sum((h * rstd[:, None]) * (dy * w[None, :]), axis=1)
+        c = s / D
+        for c0 in tl.range(0, D, BLOCK_C, num_stages=STAGES):
+            cols = c0 + cc
+            cm = cols < D
+            m = cm[None, :] & rm[:, None]
+            dy = tl.load(DY + r64[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            h = tl.load(H + r64[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+            xhat = h * rstd[:, None]
+            wdy = dy * w[None, :]
+            dx = (wdy - xhat * c[:, None]) * rstd[:, None]
+            if HAS_DH_OUT:
+                dx += tl.load(DH_OUT + r64[:, None] * stride_dho + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            tl.store(DX + r64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
+            dw = tl.load(dwp + cols, mask=cm & (i > 0), other=0.0)
+            tl.store(dwp + cols, dw + tl.sum(dy * xhat, axis=0), mask=cm)
+        # the next row tile's read of dw_partial may come from other threads than this tile's write
+        tl.debug_barrier()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +229,17 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None 
 #: ``bwd_rows``: rows per loop iteration of the backward (swept by bench_kernels.py --sweep). H200 (2026-11-30,
 #: 16384 x 7168 bf16): 1 program per SM x 2 rows: rmsnorm bwd 3.13 TB/s, add_rmsnorm bwd 3.23 TB/s (74-76% of HBM);
 #: the earlier default (4 per SM x 1 row) 2.67 / 2.58 TB/s.
-CFG = {"bwd_programs_per_sm": 1, "fwd_max_warps": 16, "bwd_max_warps": 16, "bwd_rows": 2}
+#: Opt-in backward variants (the defaults are the kernel above, unchanged; candidates for --sweep):
+#:   ``bwd_stages``   > 1: software-pipeline the backward's row loop (chunk loops when chunked) with
+#:                    ``tl.range(num_stages=bwd_stages)``; 1: plain loop. (Triton pipelines loads that feed no
+#:                    dot only through a loop's own num_stages, not the launch's.)
+#:   ``bwd_max_tile`` cap on ROWS * block columns (elements of one fp32 tile); bwd_rows is lowered to fit.
+#:                    16384 allows 2 rows at D = 7168 (BLOCK_D 8192); 32768 allows 4.
+#:   ``bwd_chunk``    0: whole rows (BLOCK_D = next_pow2(D) columns per tile). > 0: the two-pass chunked kernel
+#:                    (_rmsnorm_bwd_chunked_kernel) on min(next_pow2(bwd_chunk), BLOCK_D) columns per tile;
+#:                    its warps follow the chunk (num_warps_for(chunk), capped by bwd_max_warps).
+CFG = {"bwd_programs_per_sm": 1, "fwd_max_warps": 16, "bwd_max_warps": 16, "bwd_rows": 2,
+       "bwd_stages": 1, "bwd_max_tile": 16384, "bwd_chunk": 0}
 
 
 def rmsnorm_fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -181,14 +275,20 @@ def rmsnorm_fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 def _bwd_rows(block_d: int) -> int:
-    """Rows per backward iteration: CFG's, capped so a [ROWS, BLOCK_D] fp32 tile stays <= 16K elements."""
-    return max(1, min(next_pow2(CFG["bwd_rows"]), 16384 // block_d))
+    """Rows per backward iteration: CFG's, capped so a [ROWS, block_d] fp32 tile stays <= CFG["bwd_max_tile"]
+    elements (16384 by default)."""
+    return max(1, min(next_pow2(CFG["bwd_rows"]), CFG["bwd_max_tile"] // block_d))
 
 
 def rmsnorm_bwd(dy2: torch.Tensor, h2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                 dx_dtype: torch.dtype, dh_out2: torch.Tensor | None = None,
                 n_programs: int | None = None):
-    """Launch the backward on row views [N, D]; returns (dx [N, D] dx_dtype, dw [D] weight.dtype)."""
+    """Launch the backward on row views [N, D]; returns (dx [N, D] dx_dtype, dw [D] weight.dtype).
+
+    dy2, h2 [N, D] (any float dtype, unit column stride), weight [D], rstd [N] fp32 (from the forward);
+    dh_out2 [N, D] or None: added to dx (add_rmsnorm's grad of new_residual). n_programs overrides the grid
+    size (default CFG["bwd_programs_per_sm"] per SM). The kernel variant follows CFG (bwd_* keys).
+    """
     N, D = h2.shape
     dx = new_empty((N, D), dx_dtype, h2.device)
     if N == 0 or D == 0:
@@ -205,14 +305,22 @@ def rmsnorm_bwd(dy2: torch.Tensor, h2: torch.Tensor, weight: torch.Tensor, rstd:
     dw_partial = new_empty((G, D), torch.float32, h2.device)
     BLOCK_D = next_pow2(D)
     dho_arg = dh_out2 if dh_out2 is not None else dy2
-    _rmsnorm_bwd_kernel[(G,)](
+    stages = max(1, int(CFG["bwd_stages"]))
+    if CFG["bwd_chunk"] > 0:
+        kernel, block = _rmsnorm_bwd_chunked_kernel, min(next_pow2(CFG["bwd_chunk"]), BLOCK_D)
+        meta = {"BLOCK_C": block}
+    else:
+        kernel, block = _rmsnorm_bwd_kernel, BLOCK_D
+        meta = {"BLOCK_D": BLOCK_D}
+    kernel[(G,)](
         dy2, h2, weight, rstd, dx, dho_arg, dw_partial,
         dy2.stride(0), h2.stride(0), dx.stride(0), dho_arg.stride(0),
         N, D, rows_per_prog,
         HAS_DH_OUT=dh_out2 is not None,
-        BLOCK_D=BLOCK_D,
-        ROWS=_bwd_rows(BLOCK_D),
-        num_warps=num_warps_for(BLOCK_D, hi=CFG["bwd_max_warps"]),
+        ROWS=_bwd_rows(block),
+        STAGES=stages,
+        num_warps=num_warps_for(block, hi=CFG["bwd_max_warps"]),
+        **meta,
     )
     dw = dw_partial.sum(dim=0).to(weight.dtype)
     return dx, dw

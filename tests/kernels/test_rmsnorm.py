@@ -148,6 +148,77 @@ def test_backward_partial_sums_any_grid(n_programs, rows, monkeypatch):
     _close(dw, dwr, torch.float32, "dw")
 
 
+# opt-in backward variants (kernels/rmsnorm.py CFG: bwd_stages, bwd_max_tile, bwd_chunk), each against the reference
+BWD_VARIANTS = {
+    "stages2": {"bwd_stages": 2},
+    "stages3_rows1": {"bwd_stages": 3, "bwd_rows": 1},
+    "rows4_max_tile": {"bwd_rows": 4, "bwd_max_tile": 1024},  # capped: 2 rows of BLOCK_D 512 at D=300; 4 at D=130
+    "chunk128": {"bwd_chunk": 128},
+    "chunk64_rows4_stages2": {"bwd_chunk": 64, "bwd_rows": 4, "bwd_stages": 2},
+    "chunk_whole_row": {"bwd_chunk": 65536},  # one chunk: BLOCK_C = BLOCK_D
+}
+# D=300 and 130: not a multiple of any chunk or block; 37 rows over 4 programs: several tiles, a partial last one
+VARIANT_SHAPES = [(37, 300), (3, 9, 130), (1, 1)]
+
+
+@pytest.fixture(params=list(BWD_VARIANTS), ids=list(BWD_VARIANTS))
+def bwd_variant(request, monkeypatch):
+    """CFG set to one backward variant for the test (monkeypatch restores it)."""
+    import kernels.rmsnorm as RN
+    for k, v in BWD_VARIANTS[request.param].items():
+        assert k in RN.CFG, k
+        monkeypatch.setitem(RN.CFG, k, v)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=str)
+def test_rmsnorm_backward_variants(bwd_variant, shape, dtype):
+    torch.manual_seed(6)
+    D = shape[-1]
+    x = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_(True)
+    w = (1 + 0.1 * torch.randn(D, device=DEVICE)).requires_grad_(True)
+    dy = torch.randn(shape, device=DEVICE).to(dtype)
+    dx, dw = torch.autograd.grad(rmsnorm(x, w, 1e-6), (x, w), dy)
+    xr, wr = _leaf(x.float()), _leaf(w)
+    dxr, dwr = torch.autograd.grad(rmsnorm_ref(xr, wr, 1e-6), (xr, wr), dy.float())
+    assert dx.dtype == dtype and dw.dtype == w.dtype
+    _close(dx, dxr, dtype, "dx")
+    _close(dw, dwr, dtype, "dw")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=str)
+def test_add_rmsnorm_backward_variants(bwd_variant, shape, dtype):
+    torch.manual_seed(7)
+    D = shape[-1]
+    x = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_(True)
+    r = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_(True)
+    w = (1 + 0.1 * torch.randn(D, device=DEVICE)).requires_grad_(True)
+    y, h = add_rmsnorm(x, r, w, 1e-5)
+    dy = torch.randn(shape, device=DEVICE).to(dtype)
+    dh = torch.randn(shape, device=DEVICE).to(dtype)
+    dx, dr, dw = torch.autograd.grad((y, h), (x, r, w), (dy, dh))
+    # as test_add_rmsnorm_forward_backward: the reference normalises the stored h (straight-through)
+    xr, rr, wr = _leaf(x.float()), _leaf(r.float()), _leaf(w)
+    hr = xr + rr
+    yr = rmsnorm_ref(hr + (h.detach().float() - hr.detach()), wr, 1e-5)
+    dxr, drr, dwr = torch.autograd.grad((yr, hr), (xr, rr, wr), (dy.float(), dh.float()))
+    _close(dx, dxr, dtype, "dx")
+    _close(dr, drr, dtype, "dresidual")
+    _close(dw, dwr, dtype, "dw")
+
+
+def test_backward_rows_cap(monkeypatch):
+    """bwd_max_tile caps ROWS * block columns; the default keeps 2 rows at D=7168 (BLOCK_D 8192)."""
+    import kernels.rmsnorm as RN
+    assert RN._bwd_rows(8192) == 2 and RN._bwd_rows(512) == 2
+    monkeypatch.setitem(RN.CFG, "bwd_rows", 4)
+    assert RN._bwd_rows(8192) == 2 and RN._bwd_rows(4096) == 4
+    monkeypatch.setitem(RN.CFG, "bwd_max_tile", 32768)
+    assert RN._bwd_rows(8192) == 4 and RN._bwd_rows(65536) == 1
+
+
 def test_backward_deterministic():
     torch.manual_seed(5)
     x = torch.randn(33, 67, device=DEVICE, requires_grad=True)
