@@ -132,15 +132,12 @@ def _sweep(torch, do_bench, out_dir, quick, ops=OPS):
     #   whole rows, plain loop:           programs/SM x max warps x rows                    12
     #   whole rows, pipelined row loop:   stages x programs/SM x max warps x rows           16
     #   4 rows of 8192 (bwd_max_tile 32K): programs/SM x max warps (32: 1024 threads)          4
-    #   two-pass over column chunks:      chunk x rows x programs/SM x stages               24
-    rn_grid = [{"bwd_programs_per_sm": pps, "bwd_max_warps": mw, "bwd_rows": rows}
+    rn_grid = [{"bwd_programs_per_sm": pps, "bwd_max_warps": mw, "bwd_rows": rows, "bwd_stages": 1}
                for pps, mw, rows in itertools.product((1, 2, 4), (8, 16), (1, 2))]
     rn_grid += [{"bwd_programs_per_sm": pps, "bwd_max_warps": mw, "bwd_rows": rows, "bwd_stages": st}
                 for st, pps, mw, rows in itertools.product((2, 3), (1, 2), (8, 16), (1, 2))]
     rn_grid += [{"bwd_programs_per_sm": pps, "bwd_max_warps": mw, "bwd_rows": 4, "bwd_max_tile": 32768}
                 for pps, mw in itertools.product((1, 2), (16, 32))]
-    rn_grid += [{"bwd_chunk": ch, "bwd_rows": rows, "bwd_programs_per_sm": pps, "bwd_stages": st}
-                for ch, rows, pps, st in itertools.product((1024, 2048, 4096), (1, 4), (2, 4), (1, 2))]
     rn_tol = [(1e-2, 1e-2), (1e-3, 1e-4)]  # dx, dw
     for cfg in rn_grid:
         bench("rmsnorm_bwd", RN, cfg, lambda: RN.rmsnorm_bwd(dy, x, w, rstd, bf), 3 * N * D * 2, tol=rn_tol)

@@ -20,8 +20,7 @@ Backward: grads for x, residual and weight. The weight grad is deterministic: a 
 programs, each owning a contiguous range of rows, writes fp32 partial sums [G, D] which are then
 reduced with ``torch.sum`` (no atomics). The grad of x and of residual is the same tensor
 ``dh = d(normed)/dh + d(new_residual)`` (cast to each input's dtype). CFG sets the backward's launch
-shape and, opt-in, a software-pipelined row loop or a two-pass kernel over column chunks; every variant
-computes the same math.
+shape and whether the row loop is software-pipelined (the default); every variant computes the same math.
 
 Errors: TypeError for unsupported dtypes; ValueError for shape mismatches, D > 65536 or a
 non-CUDA device without the interpreter.
@@ -135,66 +134,6 @@ def _rmsnorm_bwd_kernel(
     tl.store(DW_PARTIAL + pid.to(tl.int64) * D + cols, dw_acc, mask=mask)
 
 
-@triton.jit
-def _rmsnorm_bwd_chunked_kernel(
-    DY, H, W, RSTD, DX, DH_OUT, DW_PARTIAL,
-    stride_dy, stride_h, stride_dx, stride_dho,
-    N, D, rows_per_prog,
-    HAS_DH_OUT: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    ROWS: tl.constexpr,
-    STAGES: tl.constexpr,
-):
-    """The backward of :func:`_rmsnorm_bwd_kernel` over [ROWS, BLOCK_C] column chunks (BLOCK_C < D allowed):
-    fewer registers per program, so more programs per SM. Same row ownership and math, two passes over the
-    chunks of each row tile:
-
-        pass 1: c = sum_D(xhat * dy*w) / D            (reads dy, h)
-        pass 2: dx = rstd * (dy*w - xhat*c) (+ dh_out), store dx; dw_partial[p] += sum_rows dy * xhat
-                                                      (re-reads dy, h: the row tile was just read, so L1/L2)
-
-    dw_partial[p] is this program's own row, accumulated in global memory (L2-resident; the first row tile
-    writes it, later ones read-add-write it in a fixed order: deterministic). STAGES pipelines each chunk loop
-    as in :func:`_rmsnorm_bwd_kernel` (STAGES == 1: none).
-    """
-    pid = tl.program_id(0)
-    cc = tl.arange(0, BLOCK_C)
-    row_start = pid.to(tl.int64) * rows_per_prog
-    row_end = tl.minimum(row_start + rows_per_prog, N)
-    dwp = DW_PARTIAL + pid.to(tl.int64) * D
-    for i in range(0, rows_per_prog, ROWS):
-        r64 = row_start + i + tl.arange(0, ROWS).to(tl.int64)  # [ROWS]
-        rm = r64 < row_end
-        rstd = tl.load(RSTD + r64, mask=rm, other=0.0)
-        s = tl.zeros([ROWS], dtype=tl.float32)
-        for c0 in tl.range(0, D, BLOCK_C, num_stages=STAGES):
-            cols = c0 + cc
-            cm = cols < D
-            m = cm[None, :] & rm[:, None]
-            dy = tl.load(DY + r64[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            h = tl.load(H + r64[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
-            s += tl.sum((h * rstd[:, None]) * (dy * w[None, :]), axis=1)
-        c = s / D
-        for c0 in tl.range(0, D, BLOCK_C, num_stages=STAGES):
-            cols = c0 + cc
-            cm = cols < D
-            m = cm[None, :] & rm[:, None]
-            dy = tl.load(DY + r64[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            h = tl.load(H + r64[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
-            xhat = h * rstd[:, None]
-            wdy = dy * w[None, :]
-            dx = (wdy - xhat * c[:, None]) * rstd[:, None]
-            if HAS_DH_OUT:
-                dx += tl.load(DH_OUT + r64[:, None] * stride_dho + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            tl.store(DX + r64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
-            dw = tl.load(dwp + cols, mask=cm & (i > 0), other=0.0)
-            tl.store(dwp + cols, dw + tl.sum(dy * xhat, axis=0), mask=cm)
-        # the next row tile's read of dw_partial may come from other threads than this tile's write
-        tl.debug_barrier()
-
-
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
@@ -225,21 +164,21 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None 
     return D
 
 
-#: Tunables: backward grid (programs per SM; each owns a contiguous range of rows) and warp caps.
-#: ``bwd_rows``: rows per loop iteration of the backward (swept by bench_kernels.py --sweep). H200 (2026-11-30,
-#: 16384 x 7168 bf16): 1 program per SM x 2 rows: rmsnorm bwd 3.13 TB/s, add_rmsnorm bwd 3.23 TB/s (74-76% of HBM);
-#: the earlier default (4 per SM x 1 row) 2.67 / 2.58 TB/s.
-#: Opt-in backward variants (the defaults are the kernel above, unchanged; candidates for --sweep):
-#:   ``bwd_stages``   > 1: software-pipeline the backward's row loop (chunk loops when chunked) with
-#:                    ``tl.range(num_stages=bwd_stages)``; 1: plain loop. (Triton pipelines loads that feed no
-#:                    dot only through a loop's own num_stages, not the launch's.)
-#:   ``bwd_max_tile`` cap on ROWS * block columns (elements of one fp32 tile); bwd_rows is lowered to fit.
-#:                    16384 allows 2 rows at D = 7168 (BLOCK_D 8192); 32768 allows 4.
-#:   ``bwd_chunk``    0: whole rows (BLOCK_D = next_pow2(D) columns per tile). > 0: the two-pass chunked kernel
-#:                    (_rmsnorm_bwd_chunked_kernel) on min(next_pow2(bwd_chunk), BLOCK_D) columns per tile;
-#:                    its warps follow the chunk (num_warps_for(chunk), capped by bwd_max_warps).
-CFG = {"bwd_programs_per_sm": 1, "fwd_max_warps": 16, "bwd_max_warps": 16, "bwd_rows": 2,
-       "bwd_stages": 1, "bwd_max_tile": 16384, "bwd_chunk": 0}
+#: Tunables (swept by ``bench_kernels.py --sweep``; each config is checked against the default first):
+#:   ``bwd_programs_per_sm`` backward grid (each program owns a contiguous range of rows);
+#:   ``fwd_max_warps`` / ``bwd_max_warps`` warp caps;
+#:   ``bwd_rows``     rows per iteration of the backward's row loop (a [ROWS, BLOCK_D] tile);
+#:   ``bwd_max_tile`` cap on ROWS * BLOCK_D (elements of one fp32 tile); bwd_rows is lowered to fit
+#:                    (16384 allows 2 rows at D = 7168, BLOCK_D 8192);
+#:   ``bwd_stages``   > 1: the row loop is software-pipelined with ``tl.range(num_stages=bwd_stages)`` (the next
+#:                    rows' loads in flight while this one is reduced; Triton pipelines loads that feed no dot
+#:                    only through the loop's own num_stages, not the launch's); 1: a plain loop.
+#: H200 (2026-11-30, 16384 x 7168 bf16, bench_kernels.py --sweep): 1 program/SM, 1 row, 3 stages, 8 warps:
+#: rmsnorm bwd 3.70 TB/s, add_rmsnorm bwd 3.86 TB/s (87% / 91% of the 4.24 TB/s copy); the plain loop's best
+#: (1/SM x 2 rows) 3.24 / 3.25 TB/s; 4 rows (bwd_max_tile 32768) <= 0.84 TB/s (register spills); a two-pass kernel
+#: over column chunks (tried, removed) <= 2.83 TB/s.
+CFG = {"bwd_programs_per_sm": 1, "fwd_max_warps": 16, "bwd_max_warps": 8, "bwd_rows": 1,
+       "bwd_stages": 3, "bwd_max_tile": 16384}
 
 
 def rmsnorm_fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -305,22 +244,15 @@ def rmsnorm_bwd(dy2: torch.Tensor, h2: torch.Tensor, weight: torch.Tensor, rstd:
     dw_partial = new_empty((G, D), torch.float32, h2.device)
     BLOCK_D = next_pow2(D)
     dho_arg = dh_out2 if dh_out2 is not None else dy2
-    stages = max(1, int(CFG["bwd_stages"]))
-    if CFG["bwd_chunk"] > 0:
-        kernel, block = _rmsnorm_bwd_chunked_kernel, min(next_pow2(CFG["bwd_chunk"]), BLOCK_D)
-        meta = {"BLOCK_C": block}
-    else:
-        kernel, block = _rmsnorm_bwd_kernel, BLOCK_D
-        meta = {"BLOCK_D": BLOCK_D}
-    kernel[(G,)](
+    _rmsnorm_bwd_kernel[(G,)](
         dy2, h2, weight, rstd, dx, dho_arg, dw_partial,
         dy2.stride(0), h2.stride(0), dx.stride(0), dho_arg.stride(0),
         N, D, rows_per_prog,
         HAS_DH_OUT=dh_out2 is not None,
-        ROWS=_bwd_rows(block),
-        STAGES=stages,
-        num_warps=num_warps_for(block, hi=CFG["bwd_max_warps"]),
-        **meta,
+        BLOCK_D=BLOCK_D,
+        ROWS=_bwd_rows(BLOCK_D),
+        STAGES=max(1, int(CFG["bwd_stages"])),
+        num_warps=num_warps_for(BLOCK_D, hi=CFG["bwd_max_warps"]),
     )
     dw = dw_partial.sum(dim=0).to(weight.dtype)
     return dx, dw

@@ -148,16 +148,14 @@ def test_backward_partial_sums_any_grid(n_programs, rows, monkeypatch):
     _close(dw, dwr, torch.float32, "dw")
 
 
-# opt-in backward variants (kernels/rmsnorm.py CFG: bwd_stages, bwd_max_tile, bwd_chunk), each against the reference
+# backward variants besides the default (kernels/rmsnorm.py CFG: bwd_stages, bwd_rows, bwd_max_tile), each against
+# the reference
 BWD_VARIANTS = {
-    "stages2": {"bwd_stages": 2},
-    "stages3_rows1": {"bwd_stages": 3, "bwd_rows": 1},
+    "plain_loop_rows2": {"bwd_stages": 1, "bwd_rows": 2},
+    "stages2_rows2": {"bwd_stages": 2, "bwd_rows": 2},
     "rows4_max_tile": {"bwd_rows": 4, "bwd_max_tile": 1024},  # capped: 2 rows of BLOCK_D 512 at D=300; 4 at D=130
-    "chunk128": {"bwd_chunk": 128},
-    "chunk64_rows4_stages2": {"bwd_chunk": 64, "bwd_rows": 4, "bwd_stages": 2},
-    "chunk_whole_row": {"bwd_chunk": 65536},  # one chunk: BLOCK_C = BLOCK_D
 }
-# D=300 and 130: not a multiple of any chunk or block; 37 rows over 4 programs: several tiles, a partial last one
+# D=300 and 130: not a multiple of the block; 37 rows over 4 programs: several tiles, a partial last one
 VARIANT_SHAPES = [(37, 300), (3, 9, 130), (1, 1)]
 
 
@@ -210,9 +208,10 @@ def test_add_rmsnorm_backward_variants(bwd_variant, shape, dtype):
 
 
 def test_backward_rows_cap(monkeypatch):
-    """bwd_max_tile caps ROWS * block columns; the default keeps 2 rows at D=7168 (BLOCK_D 8192)."""
+    """bwd_max_tile caps ROWS * block columns (16384 by default: 2 rows at D=7168, BLOCK_D 8192)."""
     import kernels.rmsnorm as RN
-    assert RN._bwd_rows(8192) == 2 and RN._bwd_rows(512) == 2
+    monkeypatch.setitem(RN.CFG, "bwd_rows", 2)
+    assert RN._bwd_rows(8192) == 2 and RN._bwd_rows(16384) == 1
     monkeypatch.setitem(RN.CFG, "bwd_rows", 4)
     assert RN._bwd_rows(8192) == 2 and RN._bwd_rows(4096) == 4
     monkeypatch.setitem(RN.CFG, "bwd_max_tile", 32768)
