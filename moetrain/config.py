@@ -88,7 +88,7 @@ class ParallelConfig:
     capacity_policy: str = "probs"   # which overflow copies are dropped: probs (lowest routing weight) | position (latest)
     ep_exchange: str = "all_to_all"  # token exchange with ep > 1: all_to_all (one all_to_all_single, then a regroup
                                      # by local expert) | per_expert (batched send/recv per rank and local expert,
-                                     # received in expert order: no regroup)
+                                     # received in expert order: no regroup; faster only at 1-2 experts per GPU)
 
 
 @dataclass

@@ -13,6 +13,9 @@ all-to-all functions of :mod:`moetrain.parallel.expert_parallel` (``parallel.ep_
   buffer (rows of local expert 0 from every source rank, then expert 1, ...), so no regroup pass is
   needed. The rows a rank keeps for itself are moved with one ``index_copy_`` on device.
 
+Measured on 2 H200s (NCCL, benchmarks/README.md, fourth session): NCCL runs the chunks to one peer one after
+another at ~17 us each, which costs more than the regroup saves except with 1-2 local experts; hence the default.
+
 Both sides of every pair derive the same chunk list from the exchanged counts, so zero-row chunks are
 skipped consistently and no rank waits for a message that is never sent. Chunks to one peer are posted
 in local-expert order on both sides (NCCL matches point-to-point operations per peer in posting order;
