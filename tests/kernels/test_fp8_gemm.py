@@ -451,7 +451,109 @@ def test_autotune_cache_kwargs(monkeypatch):
     import inspect
     import triton
     has = "cache_results" in inspect.signature(triton.autotune).parameters
+    monkeypatch.delenv("MOETRAIN_FP8_VARIANTS", raising=False)  # (with it, the WS configs add a do_bench)
     monkeypatch.delenv("MOETRAIN_FP8_AUTOTUNE_CACHE", raising=False)
     assert fg._autotune_kwargs() == {}  # opt-in until a GPU run has checked it
     monkeypatch.setenv("MOETRAIN_FP8_AUTOTUNE_CACHE", "1")
     assert fg._autotune_kwargs() == ({"cache_results": True} if has else {})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# WS: the K loop as tl.range(..., warp_specialize=True). The interpreter ignores warp specialization, so these check
+# the plumbing (config -> constexpr -> the WS loop of _fp8_k_loop / _fp8_k_loop_split) and the numerics.
+# ----------------------------------------------------------------------------------------------------------
+WS_VARIANTS = [dict(WS=True), dict(WS=True, SPLIT_N=True)]
+
+
+@pytest.mark.parametrize("variant", WS_VARIANTS, ids=lambda v: "+".join(v))
+@pytest.mark.parametrize("K", [384, 457])  # EVEN_K (loop only) / three full K tiles in the WS loop + a masked tail
+def test_ws_variant_dense(variant, K, monkeypatch):
+    """Dense blockwise GEMM (and the per-row-scaled wgrad form, same K loop) with WS forced, at odd M / N / K:
+    matches the dequantised reference, the same tile without WS bit for bit, and the default path."""
+    M, N = 37, 300
+    x, w = _rand(M, K, seed=51), _rand(N, K, seed=52, scale=0.05)
+    w[:128] *= 50.0  # 128x128 b-scale blocks differing by 50x
+    xq, xs = quant_1x128(x)
+    wq, ws = quant_128x128(w)
+    spy = _LaunchSpy(fg._fp8_gemm_kernel)
+    monkeypatch.setattr(fg, "_fp8_gemm_kernel", spy)
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 256, "num_warps": 4, "num_stages": 3, **variant}
+    ref = fp8_gemm_blockwise_ref(xq, xs, wq, ws, out_dtype=torch.float32)
+    c = fp8_gemm_blockwise(xq, xs, wq, ws, out_dtype=torch.float32, config=cfg)
+    assert spy.calls[-1]["WS"] is True and spy.calls[-1].get("PIPE", False) is False
+    assert spy.calls[-1]["EVEN_K"] is (K % 128 == 0)
+    _close_to_ref(c, ref, torch.float32)
+    no_ws = fp8_gemm_blockwise(xq, xs, wq, ws, out_dtype=torch.float32, config={**cfg, "WS": False})
+    assert torch.equal(c, no_ws)
+    default = fp8_gemm_blockwise(xq, xs, wq, ws, out_dtype=torch.float32)
+    assert "WS" not in spy.calls[-1]  # the default launch leaves WS at its (False) default
+    torch.testing.assert_close(c, default, rtol=0, atol=ACC_SLACK * ref.abs().max().item())
+    _close_to_ref(fp8_gemm_blockwise(xq, xs, wq, ws, config=cfg), ref, torch.bfloat16)
+    _, _, xtq, xts = quant_1x128_with_transpose(x.t().contiguous())
+    _, _, wtq, wts = quant_1x128_with_transpose(w.t().contiguous())
+    d = fp8_gemm_1x128_1x128(xtq, xts, wtq, wts, config=cfg)
+    _close_to_ref(d, fp8_gemm_1x128_1x128_ref(xtq, xts, wtq, wts), torch.float32)
+
+
+@pytest.mark.parametrize("variant", WS_VARIANTS, ids=lambda v: "+".join(v))
+def test_ws_variant_grouped(variant):
+    """Grouped forward (K = 300: two full K tiles in the WS loop + a masked tail; empty groups run zero iterations)
+    and grouped wgrad (the WS loop over each expert's token tiles) with WS forced."""
+    tiles, xq, xs, xtq, xts, wq, ws = _grouped_n300_case(300, 53, 54)
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 256, "num_warps": 4, **variant}
+    y = fp8_gemm_grouped(xq, xs, wq, ws, tiles, out_dtype=torch.float32, config=cfg)
+    ref = fp8_gemm_grouped_ref(xq, xs, wq, ws, tiles, out_dtype=torch.float32)
+    _close_to_ref(y, ref, torch.float32)
+    y0 = fp8_gemm_grouped(xq, xs, wq, ws, tiles, out_dtype=torch.float32)  # default path
+    torch.testing.assert_close(y, y0, rtol=0, atol=ACC_SLACK * ref.abs().max().item())
+    g = _rand(xq.shape[0], 130, seed=55)
+    _, _, gtq, gts = quant_1x128_with_transpose_grouped(g, tiles)
+    dw = fp8_gemm_grouped_wgrad(gtq, gts, xtq, xts, tiles, config={**cfg, "GROUP_M": 2})
+    _close_to_ref(dw, fp8_gemm_grouped_wgrad_ref(gtq, gts, xtq, xts, tiles), torch.float32)
+
+
+def test_ws_configs_and_checks(monkeypatch):
+    import inspect
+    import triton
+    monkeypatch.delenv("MOETRAIN_FP8_VARIANTS", raising=False)  # default autotuning: no WS config anywhere
+    assert not any(c.kwargs.get("WS") for c in fg._gpu_configs() + fg._grouped_gpu_configs())
+    assert "do_bench" not in fg._autotune_kwargs()
+    monkeypatch.setenv("MOETRAIN_FP8_VARIANTS", "1")
+    dense = [c for c in fg._gpu_configs() if c.kwargs.get("WS")]
+    grouped = [c for c in fg._grouped_gpu_configs() if c.kwargs.get("WS")]
+    if not fg._HAS_WS:  # a triton whose tl.range lacks warp_specialize: no WS configs at all
+        assert not dense and not grouped
+        return
+    assert 1 <= len(dense) <= 8 and 1 <= len(grouped) <= 4
+    assert {c.num_warps for c in dense} == {4, 8} and any(c.kwargs.get("SPLIT_N") for c in dense)
+    assert not any(c.kwargs.get("PIPE") for c in dense + grouped)
+    assert all(c.num_stages > 1 for c in dense + grouped)  # the sm90 WS pass needs a pipelined loop
+    assert fg._prune_dense(dense, {"M": 4096, "N": 7168, "K": 2048})  # all fit the shared memory
+    assert ("do_bench" in fg._autotune_kwargs()) is ("do_bench" in inspect.signature(triton.autotune).parameters)
+    xq, xs = quant_1x128(_rand(8, 256))
+    wq, ws = quant_128x128(_rand(16, 256))
+    with pytest.raises(ValueError, match="PIPE and WS"):
+        fp8_gemm_blockwise(xq, xs, wq, ws, config={"PIPE": True, "WS": True})
+    with pytest.raises(ValueError, match="WS"):
+        fp8_gemm_blockwise(xq, xs, wq, ws, config={"WS": 1})
+    tiles = grouped_tiles(torch.tensor([3, 5], device=DEVICE), 8)
+    weq, wes = quant_128x128(_rand(2, 16, 256))
+    with pytest.raises(ValueError, match="PIPE and WS"):
+        fp8_gemm_grouped(xq, xs, weq, wes, tiles, config={"PIPE": True, "WS": True})
+
+
+def test_autotune_bench_skips_compile_failures():
+    """With the WS configs autotuned, a config whose compile fails (an MLIR pass failure) is timed as +inf; other
+    errors still raise."""
+    def fail(msg, exc=RuntimeError):
+        def call():
+            raise exc(msg)
+        return call
+    q = (0.5, 0.2, 0.8)
+    assert fg._bench_skipping_compile_failures(fail("PassManager::run failed"), q,
+                                               _bench=lambda f, quantiles: f()) == [float("inf")] * 3
+    with pytest.raises(RuntimeError, match="illegal memory"):
+        fg._bench_skipping_compile_failures(fail("CUDA error: an illegal memory access"), q,
+                                            _bench=lambda f, quantiles: f())
+    assert fg._bench_skipping_compile_failures(lambda: None, q, _bench=lambda f, quantiles: [1.0, 1.0, 1.0]) \
+        == [1.0, 1.0, 1.0]

@@ -237,6 +237,80 @@ def test_fused_backward_split_shared_k_pe(dtype, causal, monkeypatch):
     _check_split_shared_k_pe(dtype, causal, T=41, seed=12)
 
 
+# ------------------------------------------------------------------------------------------------ loop attributes
+# Opt-in tl.range attributes of each kernel's main loop (warp_specialize, num_stages). The interpreter ignores both,
+# so these tests check the plumbing (config fields -> kernel constexprs -> the tl.range branch runs) and that the
+# variant computes the same numbers as the default.
+_CFG_LOOP = dataclasses.replace(_CFG16, fwd_ws=True, kv_ws=True, q_ws=True,
+                                fwd_loop_stages=2, kv_loop_stages=3, q_loop_stages=4)
+
+
+class _SpyKernel:
+    """Wraps a Triton kernel: records the WS / LOOP_STAGES constexprs of each launch, then launches it."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((self.kernel.fn.__name__, kwargs["WS"], kwargs["LOOP_STAGES"]))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_loop_attributes_default_off():
+    """Off by default: every kernel gets WS=False, LOOP_STAGES=None (the plain ``range`` loop)."""
+    for cfg in (AttentionConfig(), mla.get_config(192, 128, interpret=False), mla.get_config(192, 128)):
+        assert (cfg.fwd_ws, cfg.kv_ws, cfg.q_ws) == (False, False, False)
+        assert (cfg.fwd_loop_stages, cfg.kv_loop_stages, cfg.q_loop_stages) == (0, 0, 0)
+    assert mla._loop_knobs(False, 0, "fwd") == dict(WS=False, LOOP_STAGES=None)
+    assert mla._loop_knobs(True, 3, "kv") == dict(WS=True, LOOP_STAGES=3)
+    with pytest.raises(ValueError, match="q_loop_stages"):
+        mla._loop_knobs(False, -1, "q")
+
+
+def test_loop_attributes_need_tl_range_warp_specialize(monkeypatch):
+    """A Triton whose tl.range lacks warp_specialize: a clear error when a knob is on, the default path unaffected."""
+    monkeypatch.setattr(mla, "_TL_RANGE_KWARGS", frozenset())
+    assert mla._loop_knobs(False, 0, "fwd") == dict(WS=False, LOOP_STAGES=None)
+    with pytest.raises(RuntimeError, match="fwd_ws .*warp_specialize"):
+        mla._loop_knobs(True, 0, "fwd")
+    monkeypatch.setattr(mla, "CONFIG_OVERRIDE", dataclasses.replace(_CFG16, q_loop_stages=2))
+    q, k, v, do = _inputs(1, 1, 20, 24, 16, torch.float32, seed=13)
+    with pytest.raises(RuntimeError, match="q_ws / q_loop_stages"):
+        _kernel_grads(q, k, v, do, True, None)
+
+
+@pytest.mark.skipif(not mla._interpreting(), reason="interpreter plumbing test; on a GPU, whether warp "
+                    "specialization compiles depends on the Triton version (bench_attention --sweep checks it)")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_loop_attributes_match_default(causal, monkeypatch):
+    """fwd_ws / kv_ws / q_ws and *_loop_stages all on, at an odd length (main, diagonal and tail loops): each
+    kernel receives its own knobs (the fused kernel none), and output and gradients equal the default config's
+    exactly (the interpreter ignores the attributes) and match the reference."""
+    B, H, T, dqk, dv = 1, 2, 37, 24, 16
+    q, k, v, do = _inputs(B, H, T, dqk, dv, torch.float32, seed=14)
+    monkeypatch.setattr(mla, "CONFIG_OVERRIDE", _CFG16)
+    want_default = _kernel_grads(q, k, v, do, causal, None)
+    calls = []
+    for name in ("_mla_attn_fwd_kernel", "_mla_attn_bwd_dkdv_kernel", "_mla_attn_bwd_dq_kernel"):
+        monkeypatch.setattr(mla, name, _SpyKernel(getattr(mla, name), calls))
+    monkeypatch.setattr(mla, "CONFIG_OVERRIDE", _CFG_LOOP)
+    got = _kernel_grads(q, k, v, do, causal, None)
+    assert calls == [("_mla_attn_fwd_kernel", True, 2), ("_mla_attn_bwd_dkdv_kernel", True, 3),
+                     ("_mla_attn_bwd_dq_kernel", True, 4)]
+    want = _ref_grads(q, k, v, do, causal, 1.0 / math.sqrt(dqk))
+    for name, g, d, w in zip(("o", "dq", "dk", "dv"), got, want_default, want):
+        torch.testing.assert_close(g, d, atol=0, rtol=0, msg=lambda m: f"{name} vs default config: {m}")
+        _close(name, g, w, torch.float32, "out" if name == "o" else "grad")
+    calls.clear()  # the fused backward ignores kv_ws / kv_loop_stages
+    monkeypatch.setattr(mla, "CONFIG_OVERRIDE", dataclasses.replace(_CFG_LOOP, bwd_fused=True))
+    got = _kernel_grads(q, k, v, do, causal, None)
+    assert calls == [("_mla_attn_fwd_kernel", True, 2), ("_mla_attn_bwd_dkdv_kernel", False, None)]
+    for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+        _close(f"fused {name}", g, w, torch.float32, "out" if name == "o" else "grad")
+
+
 class _SkippedKernel:
     """Stands in for a Triton kernel: launching it writes nothing."""
 
