@@ -385,6 +385,12 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         self.maybe_resume()
+        if self.step >= cfg.train.steps:  # the command of a finished run, started again: nothing to train
+            if self.ctx.is_main:
+                print(f"run.dir={self.run_dir} is complete at step {self.step} (train.steps={cfg.train.steps}): "
+                      f"nothing to do; raise train.steps to train further", flush=True)
+            self.meter.close()
+            return {"step": self.step, "val/loss": None, "stopped_by": None, "checkpoint": None, "complete": True}
         self._setup_logging()
         if self.ctx.is_main:
             save_config(cfg, self.run_dir, self.args)

@@ -40,6 +40,12 @@ def test_debug_run_writes_metrics_config_and_checkpoint(tmp_path, capsys):
     assert all("perf/tokens_per_s" not in r and "cost/usd" in r for r in records if "val/loss" in r)
     assert (run / "config.yaml").is_file()
     assert (run / "checkpoints" / "step_0000020" / "trainer.json").is_file()
+    # the same command again: the run is complete, nothing is trained, logged or appended
+    before = {f: (run / f).read_text() for f in ("metrics.jsonl", "run.json")}
+    assert main(train_args(run, tmp_path / "cache", "train.log_every=1")) == 0
+    assert "is complete at step 20 (train.steps=20): nothing to do" in capsys.readouterr().out
+    assert {f: (run / f).read_text() for f in before} == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000020"]
 
 
 def _spawn(run_dir: Path, cache: Path, *extra: str) -> subprocess.Popen:
