@@ -25,7 +25,8 @@ timed as the whole backward, and the summary compares whole backward and fwd+bwd
 Then (own budget, ``--sweep-loop-budget``, default 60 s) the opt-in loop attributes of the default config
 (``AttentionConfig.fwd_ws / kv_ws / q_ws``: ``tl.range(..., warp_specialize=True)`` on each kernel's main loop;
 ``*_loop_stages``: the loop's own num_stages; Triton >= 3.4): each kernel's switched on alone (and with a few
-stage counts), all three together (fwd+bwd), and the per-kernel winners combined. Each variant first runs
+stage counts), all three together (fwd+bwd), and the per-kernel winners combined; last, the forward with TMA
+tensor-descriptor loads (``AttentionConfig.fwd_tma``), alone and with warp specialization at 4 warps. Each variant first runs
 forward + backward once at the sweep shape and must match the default config's output and gradients (a compile
 or launch error, or a mismatch, is reported and the variant is not timed); the summary lists, per kernel, the
 default's time, each variant's and the winner.
@@ -254,7 +255,22 @@ SWEEP_LOOP_VARIANTS = [
     ("fwd", "fwd_loop_stages=4", dict(fwd_loop_stages=4)),
     ("bwd_kv", "kv_loop_stages=2", dict(kv_loop_stages=2)),
     ("fwd", "fwd_ws warps=4", dict(fwd_ws=True, fwd_warps=4)),
+] + [  # last: TMA tensor-descriptor forward loads (AttentionConfig.fwd_tma), alone and with warp specialization
+    ("fwd", label, dict(fwd_tma=True, **fields)) for label, fields in (
+        ("fwd_tma", {}),
+        ("fwd_tma+ws w4 s2", dict(fwd_ws=True, fwd_warps=4, fwd_stages=2)),
+        ("fwd_tma+ws w4 s3", dict(fwd_ws=True, fwd_warps=4, fwd_stages=3)),
+        ("fwd_tma+ws w4 s4", dict(fwd_ws=True, fwd_warps=4, fwd_stages=4)),
+        ("fwd_tma+ws n128 w4 s2", dict(fwd_ws=True, fwd_block_n=128, fwd_warps=4, fwd_stages=2)),
+        ("fwd_tma n128 s2", dict(fwd_block_n=128, fwd_stages=2)),
+    )
 ]
+# fwd_tma (Triton 3.9 offline sm_90a compile, causal, 128 + 64 / 128 bf16, BLOCK_M 128; ptxas registers/thread at
+# launch, no spills in any): w8 s3 173 KB shared, 172 regs, no warp specialization (pointer default: 64 KB, 255);
+# +ws w4: warp-specialized (12 warps: 4 consumer + producer warps, setmaxnreg) -- s2 148 KB, s3 189 KB, s4 230 KB,
+# BLOCK_N 128 s2 230 KB (s3 would need 312 KB: not listed); w8 + ws: not warp-specialized (same as w8 without ws),
+# not listed. With fwd_ws the forward runs ONE key loop with the mask on every block (Triton 3.9's Hopper
+# warp-specialization pass fails on a second key loop after the warp-specialized one). n128 s2 (no ws): 214 KB, 195.
 LOOP_PART_MODE = {"fwd": "fwd", "bwd_kv": "bwd", "bwd_q": "bwd", "fwdbwd": "fwdbwd"}
 
 
@@ -482,6 +498,14 @@ def sweep_loop_knobs(args, causal, base, x, do, time_cfg):
             print(f"  {label:<24} {mode:<7} skipped (--sweep-loop-budget)")
             return row
         cfg = dataclasses.replace(base, **fields)
+        if cfg.fwd_tma:  # the launcher silently falls back to pointer loads when descriptors cannot be used
+            q_, k_, v_ = x["q"], x["k"], x["v"]
+            dn_ = mla.split_head_dim(q_.shape[-1])[0]
+            row["tma_used"] = mla._fwd_tma_ok(cfg, (dn_, q_.shape[-1] - dn_, v_.shape[-1]),
+                                              *((t_, False) for t_ in (q_[..., :dn_], q_[..., dn_:], k_[..., :dn_],
+                                                                       k_[..., dn_:], v_)))
+            if not row["tma_used"]:
+                print(f"  {label:<24} note: fwd_tma falls back to pointer loads for these inputs / this Triton")
         ok, errs = check(cfg, want)
         row["check"] = errs
         if not ok:

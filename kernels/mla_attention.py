@@ -19,7 +19,11 @@ Partitioning") for that case:
 Opt-in loop attributes (``AttentionConfig.fwd_ws / kv_ws / q_ws``, ``*_loop_stages``; Triton >= 3.4, default off):
 each kernel's main (unmasked) loop as ``tl.range(lo, hi, step, num_stages=..., warp_specialize=...)`` instead of a
 plain ``range``, chosen by a constexpr ``if`` so that the default kernels compile exactly as without them (see
-``_loop_knobs``); tried by ``benchmarks/bench_attention.py --sweep``.
+``_loop_knobs``); tried by ``benchmarks/bench_attention.py --sweep``. Opt-in ``AttentionConfig.fwd_tma`` (default
+off; needs ``tl.make_tensor_descriptor``): the forward reads q / k / v through per-(batch, head) TMA tensor
+descriptors built in the kernel (zero fill past T), which is what lets Triton's Hopper warp specialization split
+the forward's key loop with ``fwd_ws`` at 4 warps; inputs the descriptors cannot address (``_fwd_tma_ok``) fall
+back to the pointer loads.
 
 The q.k product is split into a "nope" part and a "rope" part, ``q.k = q_nope.k_nope + q_pe.k_pe``, computed
 as two ``tl.dot`` calls on power-of-two-or-masked head-dim blocks (192 = 128 + 64 needs no padding at all).
@@ -124,6 +128,14 @@ class AttentionConfig:
     fwd_loop_stages: int = 0
     kv_loop_stages: int = 0
     q_loop_stages: int = 0
+    # Opt-in (default off): the forward loads q / k / v through per-(batch, head) TMA tensor descriptors
+    # (tl.make_tensor_descriptor, built in the kernel; needs triton.set_allocator, done by the launcher) instead
+    # of pointer loads -- what Triton's Hopper automatic warp specialization (fwd_ws) needs to split the loop
+    # into producer / consumer warp groups (pointer loads do not warp-specialize; see _fwd_tma_ok for when the
+    # launcher falls back to the pointer loads). With fwd_ws too, the forward runs one key loop with the mask on
+    # every block (see _mla_attn_fwd_kernel). Offline sm_90a compile (Triton 3.9): fwd_tma + fwd_ws at 4 warps is
+    # warp-specialized (12 warps, setmaxnreg), at 8 warps not. Untimed; sweep: bench_attention.py SWEEP_LOOP_VARIANTS.
+    fwd_tma: bool = False
 
     def fused_launch(self) -> tuple[int, int, int, int]:
         """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the fused backward kernel."""
@@ -362,12 +374,25 @@ def _fwd_step(acc, l_i, m_i, start_n, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t
               MASK: tl.constexpr, CHECK_N: tl.constexpr, CAUSAL: tl.constexpr, SCALE_POS: tl.constexpr,
               HAS_PE: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
               BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
-              UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """One key block (keys start_n + offs_n0) of the online softmax: body of _fwd_inner's loop."""
+              UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = False):
+    """One key block (keys start_n + offs_n0) of the online softmax: body of _fwd_inner's loop.
+    TMA: Kn / Kr / V are this (batch, head)'s tensor descriptors ([T, D], zero fill past T; see
+    _mla_attn_fwd_kernel), loaded whole-block (no masks: rows past T read as 0, as the masked pointer loads)."""
     offs_n = start_n + offs_n0
     n_ok = offs_n < T
-    s, kt_n, kt_r = _scores_t(q_n, q_r, Kn, Kr, s_kn_t, s_kr_t, offs_n, offs_dn, offs_dr, n_ok,
-                              CHECK_N, HAS_PE, DN, DR, BLOCK_DN, BLOCK_DR, UPCAST, PREC)
+    if TMA:
+        k_n = Kn.load([start_n, 0])
+        if UPCAST:
+            k_n = k_n.to(tl.float32)
+        s = tl.dot(q_n, tl.trans(k_n), input_precision=PREC)
+        if HAS_PE:
+            k_r = Kr.load([start_n, 0])
+            if UPCAST:
+                k_r = k_r.to(tl.float32)
+            s = tl.dot(q_r, tl.trans(k_r), s, input_precision=PREC)
+    else:
+        s, kt_n, kt_r = _scores_t(q_n, q_r, Kn, Kr, s_kn_t, s_kr_t, offs_n, offs_dn, offs_dr, n_ok,
+                                  CHECK_N, HAS_PE, DN, DR, BLOCK_DN, BLOCK_DR, UPCAST, PREC)
     if MASK:
         s = _mask_scores(s * qk_scale, offs_m, offs_n, T, True, False, CHECK_N, CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -381,8 +406,13 @@ def _fwd_step(acc, l_i, m_i, start_n, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load2d(V + offs_n[:, None] * s_v_t + offs_dv[None, :], n_ok, dv_ok,
-                CHECK_N, BLOCK_DV != DV, UPCAST)
+    if TMA:
+        v = V.load([start_n, 0])
+        if UPCAST:
+            v = v.to(tl.float32)
+    else:
+        v = _load2d(V + offs_n[:, None] * s_v_t + offs_dv[None, :], n_ok, dv_ok,
+                    CHECK_N, BLOCK_DV != DV, UPCAST)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
     return acc, l_i, m_new
@@ -395,9 +425,10 @@ def _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                HAS_PE: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
                BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-               WS: tl.constexpr, LOOP_STAGES: tl.constexpr):
+               WS: tl.constexpr, LOOP_STAGES: tl.constexpr, TMA: tl.constexpr = False):
     """Online softmax over key blocks [lo, hi). MASK: apply the causal / key-range mask (diagonal and tail
-    blocks only); CHECK_N: keys may reach past T (bounds-masked loads). WS / LOOP_STAGES: see _loop_knobs."""
+    blocks only); CHECK_N: keys may reach past T (bounds-masked loads). WS / LOOP_STAGES: see _loop_knobs.
+    TMA: Kn / Kr / V are tensor descriptors (see _fwd_step)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     dv_ok = offs_dv < DV
     if WS or LOOP_STAGES is not None:  # opt-in loop attributes (AttentionConfig.fwd_ws / fwd_loop_stages)
@@ -405,13 +436,13 @@ def _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
             acc, l_i, m_i = _fwd_step(acc, l_i, m_i, start_n, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                                       offs_m, offs_n0, offs_dn, offs_dr, offs_dv, dv_ok, T, qk_scale,
                                       MASK, CHECK_N, CAUSAL, SCALE_POS, HAS_PE, DN, DR, DV,
-                                      BLOCK_DN, BLOCK_DR, BLOCK_DV, UPCAST, PREC)
+                                      BLOCK_DN, BLOCK_DR, BLOCK_DV, UPCAST, PREC, TMA)
     else:  # default: a plain loop without loop attributes
         for start_n in range(lo, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_step(acc, l_i, m_i, start_n, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                                       offs_m, offs_n0, offs_dn, offs_dr, offs_dv, dv_ok, T, qk_scale,
                                       MASK, CHECK_N, CAUSAL, SCALE_POS, HAS_PE, DN, DR, DV,
-                                      BLOCK_DN, BLOCK_DR, BLOCK_DV, UPCAST, PREC)
+                                      BLOCK_DN, BLOCK_DR, BLOCK_DV, UPCAST, PREC, TMA)
     return acc, l_i, m_i
 
 
@@ -427,8 +458,12 @@ def _mla_attn_fwd_kernel(
     BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     # WS / LOOP_STAGES (opt-in loop attributes, see _loop_knobs): the main (unmasked) key loop only
+    # TMA (opt-in, AttentionConfig.fwd_tma): q / k / v tiles through per-(batch, head) tensor descriptors
+    # ([T, D] from this head's base pointer, row stride s_*_t, zero fill past T / D) instead of pointer loads;
+    # the launcher checks the 16-byte alignment they need (_fwd_tma_ok). The masks on scores are unchanged.
     # heaviest (last, under causal) query blocks first: better tail balance
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -449,37 +484,66 @@ def _mla_attn_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < T
 
-    q_n, q_r = _load_split(Qn, Qr, offs_m, s_qn_t, s_qr_t, m_ok, offs_dn, offs_dr, not EVEN_M, HAS_PE, DN, DR,
-                           BLOCK_DN, BLOCK_DR, UPCAST)
+    if TMA:
+        q_n = tl.make_tensor_descriptor(Qn, shape=[T, DN], strides=[s_qn_t, 1],
+                                        block_shape=[BLOCK_M, BLOCK_DN]).load([start_m, 0])
+        Kn = tl.make_tensor_descriptor(Kn, shape=[T, DN], strides=[s_kn_t, 1], block_shape=[BLOCK_N, BLOCK_DN])
+        V = tl.make_tensor_descriptor(V, shape=[T, DV], strides=[s_v_t, 1], block_shape=[BLOCK_N, BLOCK_DV])
+        if UPCAST:
+            q_n = q_n.to(tl.float32)
+        if HAS_PE:
+            q_r = tl.make_tensor_descriptor(Qr, shape=[T, DR], strides=[s_qr_t, 1],
+                                            block_shape=[BLOCK_M, BLOCK_DR]).load([start_m, 0])
+            Kr = tl.make_tensor_descriptor(Kr, shape=[T, DR], strides=[s_kr_t, 1], block_shape=[BLOCK_N, BLOCK_DR])
+            if UPCAST:
+                q_r = q_r.to(tl.float32)
+        else:
+            q_r = q_n
+            Kr = Kn
+    else:
+        q_n, q_r = _load_split(Qn, Qr, offs_m, s_qn_t, s_qr_t, m_ok, offs_dn, offs_dr, not EVEN_M, HAS_PE, DN, DR,
+                               BLOCK_DN, BLOCK_DR, UPCAST)
 
     qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    if CAUSAL:
+    if TMA and WS and (CAUSAL or not EVEN_N):
+        # Hopper warp specialization (Triton 3.9) fails on a second key loop after the warp-specialized one
+        # (NVGPUWarpSpecialization: "expected non-null blocks"), so TMA + WS runs ONE loop over all key blocks,
+        # every block masked (causal / key-range mask: a compare + select per score on the unmasked blocks too).
+        if CAUSAL:
+            hi = tl.minimum(start_m + BLOCK_M, T)
+        else:
+            hi = T
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
+                                   offs_m, offs_dn, offs_dr, offs_dv, 0, hi, T, qk_scale,
+                                   True, not EVEN_N, CAUSAL, SCALE_POS, HAS_PE, DN, DR, DV,
+                                   BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC, WS, LOOP_STAGES, TMA)
+    elif CAUSAL:
         # key blocks [0, full_end) lie entirely at/below the diagonal: no mask; [full_end, hi) straddle it
         full_end = ((start_m + 1) // BLOCK_N) * BLOCK_N
         hi = tl.minimum(start_m + BLOCK_M, T)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                                    offs_m, offs_dn, offs_dr, offs_dv, 0, full_end, T, qk_scale,
                                    False, False, True, SCALE_POS, HAS_PE, DN, DR, DV,
-                                   BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC, WS, LOOP_STAGES)
+                                   BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC, WS, LOOP_STAGES, TMA)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                                    offs_m, offs_dn, offs_dr, offs_dv, full_end, hi, T, qk_scale,
                                    True, not EVEN_N, True, SCALE_POS, HAS_PE, DN, DR, DV,
-                                   BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC, False, None)
+                                   BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC, False, None, TMA)
     else:
         full_end = (T // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                                    offs_m, offs_dn, offs_dr, offs_dv, 0, full_end, T, qk_scale,
                                    False, False, False, SCALE_POS, HAS_PE, DN, DR, DV,
-                                   BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC, WS, LOOP_STAGES)
+                                   BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC, WS, LOOP_STAGES, TMA)
         if not EVEN_N:  # the partial last key block
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                                        offs_m, offs_dn, offs_dr, offs_dv, full_end, T, T, qk_scale,
                                        True, True, False, SCALE_POS, HAS_PE, DN, DR, DV,
-                                       BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC, False, None)
+                                       BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC, False, None, TMA)
     # every row saw key 0 unmasked, so l_i >= 1 and m_i is finite
     acc = acc / l_i[:, None]
     lse2 = m_i + tl.math.log2(l_i)  # base-2 LSE of the log2(e)-scaled scores: P = exp2(s * qk_scale - lse2)
@@ -842,6 +906,49 @@ def _even(T: int, block: int) -> bool:
     return T % block == 0
 
 
+def _tma_alloc(size: int, alignment: int, stream):
+    """Global scratch for device-side tensor descriptors (triton.set_allocator)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    return torch.empty(size, device=device, dtype=torch.int8)
+
+
+def _tma_supported() -> bool:
+    return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+
+
+def _ensure_tma_allocator() -> None:
+    """Install _tma_alloc as Triton's allocator unless one is set already (the setting is a ContextVar, so this is
+    checked per call; idempotent, and never replaces an allocator installed by someone else)."""
+    try:
+        from triton.runtime import _allocation
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError, LookupError):  # other Triton layouts: set it (harmless if repeated)
+        pass
+    triton.set_allocator(_tma_alloc)
+
+
+def _fwd_tma_ok(cfg: AttentionConfig, dims: tuple[int, ...], *xs: tuple[torch.Tensor, bool]) -> bool:
+    """Can the forward read these (tensor, head_shared) inputs through TMA tensor descriptors? Needs this Triton's
+    tl.make_tensor_descriptor / triton.set_allocator, a contiguous last dim, 16-byte aligned data pointer and
+    batch / head / time strides (a stride over a size-1 dim, or the head stride 0 of a shared k_pe, never moves the
+    base, so is not checked), and block dims <= 256 (TMA box limit). Otherwise the launcher uses pointer loads."""
+    if not _tma_supported():
+        return False
+    if max([cfg.fwd_block_m, cfg.fwd_block_n] + [_block(d) for d in dims if d]) > 256:
+        return False
+    for x, shared_head in xs:
+        item = x.element_size()
+        if x.stride(-1) != 1 or x.data_ptr() % 16:
+            return False
+        for dim in (0, 1, 2):
+            if dim == 1 and shared_head:
+                continue
+            if x.shape[dim] > 1 and (x.stride(dim) * item) % 16:
+                return False
+    return True
+
+
 def _mla_attn_forward(qn, qr, kn, kr, v, causal: bool, sm_scale: float, kr_shared: bool):
     """Launch the forward kernel. Returns (o [B,H,T,Dv] in the input dtype, lse [B,H,T] fp32)."""
     B, H, T, dn = qn.shape
@@ -853,6 +960,11 @@ def _mla_attn_forward(qn, qr, kn, kr, v, causal: bool, sm_scale: float, kr_share
         qr, kr = qn, kn
     cfg = get_config(dn + dr, dv, qn.device, qn.dtype, split=(dn, dr))
     grid = (triton.cdiv(T, cfg.fwd_block_m), B * H)
+    tma = {}
+    if cfg.fwd_tma and _fwd_tma_ok(cfg, (dn, dr, dv), (qn, False), (qr, False), (kn, False), (kr, kr_shared),
+                                   (v, False)):
+        _ensure_tma_allocator()
+        tma = dict(TMA=True)  # default: not passed at all (the kernel's TMA=False default)
     _mla_attn_fwd_kernel[grid](
         qn, qr, kn, kr, v, o, lse,
         *_bht_strides(qn), *_bht_strides(qr), *_bht_strides(kn), *_bht_strides(kr, kr_shared),
@@ -861,7 +973,7 @@ def _mla_attn_forward(qn, qr, kn, kr, v, causal: bool, sm_scale: float, kr_share
         CAUSAL=bool(causal), SCALE_POS=sm_scale >= 0, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
         EVEN_M=_even(T, cfg.fwd_block_m), EVEN_N=_even(T, cfg.fwd_block_n),
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
-        **_loop_knobs(cfg.fwd_ws, cfg.fwd_loop_stages, "fwd"), **_common_meta(qn.dtype, dn, dr, dv),
+        **_loop_knobs(cfg.fwd_ws, cfg.fwd_loop_stages, "fwd"), **_common_meta(qn.dtype, dn, dr, dv), **tma,
     )
     return o, lse
 

@@ -311,6 +311,142 @@ def test_loop_attributes_match_default(causal, monkeypatch):
         _close(f"fused {name}", g, w, torch.float32, "out" if name == "o" else "grad")
 
 
+# ---------------------------------------------------------------------------------------- TMA forward (fwd_tma)
+# Opt-in tensor-descriptor loads in the forward (AttentionConfig.fwd_tma). The interpreter runs descriptor loads
+# (zero fill past T and past the head dim), so these check the numbers, the masks on rows past T and the fallback.
+class _SpyTMA:
+    """Wraps the forward kernel: records whether each launch passes TMA (the default launch passes nothing)."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs.get("TMA", "unset"))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_fwd_tma_default_off(monkeypatch):
+    """Off by default, and the default launch does not pass TMA at all (same kernel specialisation as before)."""
+    for cfg in (AttentionConfig(), mla.get_config(192, 128, interpret=False), mla.get_config(192, 128)):
+        assert cfg.fwd_tma is False
+    calls = []
+    monkeypatch.setattr(mla, "_mla_attn_fwd_kernel", _SpyTMA(mla._mla_attn_fwd_kernel, calls))
+    q, k, v, _ = _inputs(1, 1, 20, 24, 16, torch.float32, seed=20)
+    mla_attention(q, k, v)
+    assert calls == ["unset"]
+
+
+@pytest.mark.skipif(not mla._tma_supported(), reason="this Triton lacks tl.make_tensor_descriptor / set_allocator")
+@pytest.mark.parametrize("ws", [False, True], ids=["tma", "tma+ws"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_fwd_tma_matches_default(causal, ws, monkeypatch):
+    """fwd_tma (and fwd_tma + fwd_ws: one key loop, every block masked) at T=37 (partial query and key blocks,
+    rows past T zero-filled by the descriptors), Dr=8 inside a 16-wide block (columns zero-filled): output and
+    gradients (which read the forward's LSE) equal the default config's and match the reference."""
+    B, H, T, dqk, dv = 1, 2, 37, 24, 16
+    q, k, v, do = _inputs(B, H, T, dqk, dv, torch.float32, seed=21)
+    monkeypatch.setattr(mla, "CONFIG_OVERRIDE", _CFG16)
+    want_default = _kernel_grads(q, k, v, do, causal, None)
+    calls = []
+    monkeypatch.setattr(mla, "_mla_attn_fwd_kernel", _SpyTMA(mla._mla_attn_fwd_kernel, calls))
+    monkeypatch.setattr(mla, "CONFIG_OVERRIDE", dataclasses.replace(_CFG16, fwd_tma=True, fwd_ws=ws))
+    got = _kernel_grads(q, k, v, do, causal, None)
+    assert calls == [True]
+    want = _ref_grads(q, k, v, do, causal, 1.0 / math.sqrt(dqk))
+    for name, g, d, w in zip(("o", "dq", "dk", "dv"), got, want_default, want):
+        torch.testing.assert_close(g, d, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name} vs default config: {m}")
+        _close(name, g, w, torch.float32, "out" if name == "o" else "grad")
+
+
+@pytest.mark.skipif(not mla._tma_supported(), reason="this Triton lacks tl.make_tensor_descriptor / set_allocator")
+def test_fwd_tma_bf16_and_split_shared_k_pe(monkeypatch):
+    """bf16 (combined API) and the split API with k_pe [B, 1, T, Dr] shared by the heads (head stride 0: one
+    descriptor per (batch, head) on the same rows) through the TMA forward, against the reference."""
+    calls = []
+    monkeypatch.setattr(mla, "_mla_attn_fwd_kernel", _SpyTMA(mla._mla_attn_fwd_kernel, calls))
+    monkeypatch.setattr(mla, "CONFIG_OVERRIDE", dataclasses.replace(_CFG16, fwd_tma=True, fwd_ws=True))
+    B, H, T, dqk, dv = 1, 2, 37, 24, 16
+    q, k, v, do = _inputs(B, H, T, dqk, dv, torch.bfloat16, seed=22)
+    got = _kernel_grads(q, k, v, do, True, None)
+    want = _ref_grads(q, k, v, do, True, 1.0 / math.sqrt(dqk))
+    for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+        _close(name, g, w, torch.bfloat16, "out" if name == "o" else "grad")
+    assert calls == [True]
+    _check_split_shared_k_pe(torch.float32, True, T=37, seed=23)  # v dim 20 x fp32: 80-byte rows, aligned
+    assert calls == [True, True]
+
+
+def test_fwd_tma_falls_back_on_unaligned_inputs(monkeypatch):
+    """Inputs descriptors cannot address (data pointer or a row stride not a multiple of 16 bytes): the pointer
+    forward runs (TMA not passed) and the result is still right; _fwd_tma_ok's individual conditions."""
+    cfg = dataclasses.replace(_CFG16, fwd_tma=True)
+    calls = []
+    monkeypatch.setattr(mla, "_mla_attn_fwd_kernel", _SpyTMA(mla._mla_attn_fwd_kernel, calls))
+    monkeypatch.setattr(mla, "CONFIG_OVERRIDE", cfg)
+    B, H, T, dqk, dv = 1, 2, 37, 24, 16
+    q, k, v, do = _inputs(B, H, T, dqk, dv, torch.float32, seed=24)
+    buf = torch.zeros(q.numel() + 1, dtype=q.dtype, device=q.device)  # q at a 4-byte offset: unaligned base
+    q_off = buf[1:].view_as(q).copy_(q).requires_grad_()  # (_kernel_grads' clone would realign it)
+    k_, v_ = (x.detach().clone().requires_grad_() for x in (k, v))
+    o = mla_attention(q_off, k_, v_, causal=True)
+    o.backward(do)
+    got = (o.detach(), q_off.grad, k_.grad, v_.grad)
+    want = _ref_grads(q, k, v, do, True, 1.0 / math.sqrt(dqk))
+    for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+        _close(name, g, w, torch.float32, "out" if name == "o" else "grad")
+    assert calls == ["unset"]
+    if not mla._tma_supported():
+        return
+    dims = (16, 8, 16)
+    x = torch.zeros(2, 2, 8, 24)
+    ok = [(t, False) for t in (x[..., :16], x[..., 16:], x[..., :16], x[..., 16:], x[..., :16])]
+    assert mla._fwd_tma_ok(cfg, dims, *ok)
+    shared = torch.zeros(2, 1, 8, 8)  # k_pe shared by the heads: stride over heads never used
+    assert mla._fwd_tma_ok(cfg, dims, *ok[:3], (shared.expand(2, 2, 8, 8), True), ok[4])
+    assert not mla._fwd_tma_ok(cfg, dims, *ok[:4], (torch.zeros(2, 2, 8, 25)[..., :16], False))  # 100-byte rows
+    assert not mla._fwd_tma_ok(cfg, dims, *ok[:4], (x.transpose(-1, -2)[..., :16], False))  # last dim strided
+    assert not mla._fwd_tma_ok(cfg, (512, 64, 512), *ok)  # a 512-wide block: over the TMA box limit (256)
+    bf = torch.zeros(2, 2, 8, 20, dtype=torch.bfloat16)  # bf16 rows of 20: 40 bytes
+    assert not mla._fwd_tma_ok(cfg, dims, *ok[:4], (bf, False))
+    one = torch.zeros(400).as_strided((1, 1, 8, 16), (3, 5, 24, 1))  # size-1 batch / head: odd strides unused
+    assert mla._fwd_tma_ok(cfg, dims, *ok[:4], (one, False))
+    monkeypatch.setattr(mla, "_tma_supported", lambda: False)
+    assert not mla._fwd_tma_ok(cfg, dims, *ok)
+
+
+@pytest.mark.skipif(not mla._tma_supported(), reason="this Triton lacks triton.set_allocator")
+def test_tma_allocator_set_once_and_never_replaced():
+    """_ensure_tma_allocator installs its allocator where none is set (Triton's allocator is a ContextVar: a fresh
+    context starts without one) and leaves an allocator set by someone else alone."""
+    import contextvars
+
+    import triton
+    _allocation = pytest.importorskip("triton.runtime._allocation")
+    if not (hasattr(_allocation, "NullAllocator") and hasattr(getattr(_allocation, "_allocator", None), "get")):
+        pytest.skip("this Triton keeps its allocator elsewhere (_ensure_tma_allocator then always sets it)")
+
+    def fresh():
+        assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+        mla._ensure_tma_allocator()
+        assert _allocation._allocator.get() is mla._tma_alloc
+        mla._ensure_tma_allocator()
+        assert _allocation._allocator.get() is mla._tma_alloc
+        buf = mla._tma_alloc(128, 16, None)
+        assert buf.numel() == 128 and buf.dtype == torch.int8
+
+    def other():
+        def mine(size, alignment, stream):
+            return torch.empty(size, dtype=torch.int8)
+        triton.set_allocator(mine)
+        mla._ensure_tma_allocator()
+        assert _allocation._allocator.get() is mine
+
+    contextvars.Context().run(fresh)
+    contextvars.Context().run(other)
+
+
 class _SkippedKernel:
     """Stands in for a Triton kernel: launching it writes nothing."""
 
