@@ -22,18 +22,10 @@ The sweep also covers the opt-in fused backward (``AttentionConfig.bwd_fused``: 
 dQ by fp32 atomics): its gradients (combined and split / shared k_pe) are first checked against the fp32
 reference at the check shape (B=2, H=3, T=300); if they pass, its block candidates (part ``bwd_fused``) are
 timed as the whole backward, and the summary compares whole backward and fwd+bwd with bwd_fused off vs on.
-Then (own budget, ``--sweep-loop-budget``, default 60 s) the opt-in loop attributes of the default config
-(``AttentionConfig.fwd_ws / kv_ws / q_ws``: ``tl.range(..., warp_specialize=True)`` on each kernel's main loop;
-``*_loop_stages``: the loop's own num_stages; Triton >= 3.4): each kernel's switched on alone (and with a few
-stage counts), all three together (fwd+bwd), and the per-kernel winners combined; last, the forward with TMA
-tensor-descriptor loads (``AttentionConfig.fwd_tma``), alone and with warp specialization at 4 warps. Each variant first runs
-forward + backward once at the sweep shape and must match the default config's output and gradients (a compile
-or launch error, or a mismatch, is reported and the variant is not timed); the summary lists, per kernel, the
-default's time, each variant's and the winner.
 
 Usage: python benchmarks/bench_attention.py [--batch 1 2 4] [--heads 16 32 64 128] [--seq 4096]
                                             [--out-dir benchmarks/results] [--no-compile] [--sweep]
-                                            [--sweep-only] [--sweep-budget 75] [--sweep-loop-budget 60]
+                                            [--sweep-only] [--sweep-budget 75]
 """
 
 from __future__ import annotations
@@ -78,9 +70,6 @@ def parse_args(argv=None):
                    help="with --sweep: skip the implementation table (correctness checks and sweep only)")
     p.add_argument("--sweep-budget", type=float, default=75.0,
                    help="seconds for the whole sweep (compiles included); later candidates are skipped")
-    p.add_argument("--sweep-loop-budget", type=float, default=60.0,
-                   help="seconds for the sweep's loop-attribute variants (warp_specialize / loop num_stages), "
-                        "on top of --sweep-budget; 0 skips them")
     p.add_argument("--sweep-warmup", type=int, default=10, help="do_bench warmup in the sweep (ms)")
     p.add_argument("--sweep-rep", type=int, default=50, help="do_bench repetition time in the sweep (ms)")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -231,59 +220,6 @@ SWEEP_FIELDS = {
 }
 
 
-# Opt-in loop attributes (AttentionConfig.*_ws / *_loop_stages; Triton >= 3.4), tried on the get_config default
-# after the block sweep: (part, label, AttentionConfig fields). Parts: fwd (timed: forward), bwd_kv / bwd_q (timed:
-# whole backward), fwdbwd (timed: forward + backward). Most wanted first (later ones fall to --sweep-loop-budget).
-# *_ws: the kernel's main loop warp-specialized (producer / consumer partitions; uses more warps); the launch's
-# num_stages is then the partitions' buffer depth, hence the stage variants. *_loop_stages: num_stages of the main
-# loop alone (overrides the launch's there; the short diagonal / tail loops keep the launch's).
-# Offline sm_90a compiles with Triton 3.9 (no GPU; B=1 H=128 T=4096 specialisations): with the default 8 warps the
-# Hopper warp-specialization pass leaves these loops as they are (PTX identical to ws off, in all three kernels);
-# the forward with 4 warps + ws fails in that pass (an MLIR assertion, recovered as "RuntimeError: PassManager::run
-# failed" after a ~270-line IR reproducer on stderr), hence last. Loop stages 2 / 4 compile (fwd 4: 213 KB of shared
-# memory; dK/dV and dQ with loop stages 4 would need ~247 KB: not listed). Triton 3.6 may differ: the sweep says.
-SWEEP_LOOP_VARIANTS = [
-    ("fwd", "fwd_ws", dict(fwd_ws=True)),
-    ("bwd_kv", "kv_ws", dict(kv_ws=True)),
-    ("bwd_q", "q_ws", dict(q_ws=True)),
-    ("fwdbwd", "all_ws", dict(fwd_ws=True, kv_ws=True, q_ws=True)),
-    ("fwd", "fwd_ws stages=2", dict(fwd_ws=True, fwd_stages=2)),
-    ("fwd", "fwd_ws stages=4", dict(fwd_ws=True, fwd_stages=4)),
-    ("bwd_kv", "kv_ws stages=2", dict(kv_ws=True, kv_stages=2)),
-    ("bwd_q", "q_ws stages=2", dict(q_ws=True, q_stages=2)),
-    ("fwd", "fwd_loop_stages=2", dict(fwd_loop_stages=2)),
-    ("fwd", "fwd_loop_stages=4", dict(fwd_loop_stages=4)),
-    ("bwd_kv", "kv_loop_stages=2", dict(kv_loop_stages=2)),
-    ("fwd", "fwd_ws warps=4", dict(fwd_ws=True, fwd_warps=4)),
-] + [  # last: TMA tensor-descriptor forward loads (AttentionConfig.fwd_tma), alone and with warp specialization
-    ("fwd", label, dict(fwd_tma=True, **fields)) for label, fields in (
-        ("fwd_tma", {}),
-        ("fwd_tma+ws w4 s2", dict(fwd_ws=True, fwd_warps=4, fwd_stages=2)),
-        ("fwd_tma+ws w4 s3", dict(fwd_ws=True, fwd_warps=4, fwd_stages=3)),
-        ("fwd_tma+ws w4 s4", dict(fwd_ws=True, fwd_warps=4, fwd_stages=4)),
-        ("fwd_tma+ws n128 w4 s2", dict(fwd_ws=True, fwd_block_n=128, fwd_warps=4, fwd_stages=2)),
-        ("fwd_tma n128 s2", dict(fwd_block_n=128, fwd_stages=2)),
-    )
-]
-# fwd_tma (Triton 3.9 offline sm_90a compile, causal, 128 + 64 / 128 bf16, BLOCK_M 128; ptxas registers/thread at
-# launch, no spills in any): w8 s3 173 KB shared, 172 regs, no warp specialization (pointer default: 64 KB, 255);
-# +ws w4: warp-specialized (12 warps: 4 consumer + producer warps, setmaxnreg) -- s2 148 KB, s3 189 KB, s4 230 KB,
-# BLOCK_N 128 s2 230 KB (s3 would need 312 KB: not listed); w8 + ws: not warp-specialized (same as w8 without ws),
-# not listed. With fwd_ws the forward runs ONE key loop with the mask on every block (Triton 3.9's Hopper
-# warp-specialization pass fails on a second key loop after the warp-specialized one). n128 s2 (no ws): 214 KB, 195.
-LOOP_PART_MODE = {"fwd": "fwd", "bwd_kv": "bwd", "bwd_q": "bwd", "fwdbwd": "fwdbwd"}
-
-
-def _err_msg(e: BaseException, n: int) -> str:
-    """One line for an exception: its type and first message line -- and, for a Triton CompilationError (whose
-    first line is only the source position), its last line, the actual error."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    msg = lines[0] if lines else ""
-    if len(lines) > 1 and type(e).__name__ == "CompilationError":
-        msg = f"{msg} {lines[-1]}"
-    return f"{type(e).__name__}: {msg}"[:n]
-
-
 def check_fused(args, dtype, causal, cfg):
     """Gradients of the fused backward (``cfg`` with bwd_fused) vs the fp32 reference at the check shape, for
     mla_attention and mla_attention_split (shared k_pe). Returns (ok, rel_max_err dict)."""
@@ -320,12 +256,10 @@ def check_fused(args, dtype, causal, cfg):
     return ok, errs
 
 
-def sweep(args, dtype, causal, save=None):
+def sweep(args, dtype, causal):
     """Time each candidate of each kernel (the others at the default), within --sweep-budget seconds in all
     (short do_bench: --sweep-warmup / --sweep-rep ms). Each candidate costs one Triton compile plus a few runs;
-    a part stops early when its share of the budget is spent. Then times the best combination fwd+bwd, then the
-    loop-attribute variants (sweep_loop_knobs, --sweep-loop-budget). ``save(partial_result)``, if given, is
-    called before the loop variants (whose compiles are the likeliest to fail hard)."""
+    a part stops early when its share of the budget is spent. Then times the best combination fwd+bwd."""
     import time
 
     import triton.testing
@@ -367,8 +301,8 @@ def sweep(args, dtype, causal, save=None):
                 mla.mla_attention(x["q"], x["k"], x["v"], causal=causal).backward(do)
             ms = bench_ms(run, [x["q"], x["k"], x["v"]])
             return ms, (fwd_f + bwd_f) / ms / 1e9
-        except Exception as e:  # out of shared memory / registers, compile failure
-            return None, _err_msg(e, 120)
+        except Exception as e:  # out of shared memory / registers
+            return None, f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
         finally:
             mla.CONFIG_OVERRIDE = None
             for t in x.values():
@@ -427,143 +361,9 @@ def sweep(args, dtype, causal, save=None):
         return f"{f(off)} vs {f(on)} ms" + (f" (fused {off / on:.2f}x)" if off and on else "")
     print("bwd_fused off vs on (default blocks): whole bwd " + cmp(fused_cmp["bwd_ms_off"], fused_cmp["bwd_ms_on"])
           + ", fwd+bwd " + cmp(fused_cmp["fwdbwd_ms_off"], fused_cmp["fwdbwd_ms_on"]))
-    out = dict(shape=dict(B=B, H=H, T=T), results=results, best={p: list(c) for p, (c, _) in best.items()},
-               combined=combined, bwd_fused=fused_cmp, seconds=time.perf_counter() - t_start)
-    if args.sweep_loop_budget > 0:
-        if save is not None:
-            save(out)
-        out["loop"] = sweep_loop_knobs(args, causal, base, x, do, time_cfg)
     print(f"sweep took {time.perf_counter() - t_start:.1f} s")
-    out["seconds"] = time.perf_counter() - t_start
-    return out
-
-
-def sweep_loop_knobs(args, causal, base, x, do, time_cfg):
-    """SWEEP_LOOP_VARIANTS on the default config ``base`` at the sweep inputs ``x``, ``do``, within
-    --sweep-loop-budget seconds: the default is timed again per mode (fwd, whole bwd, fwd+bwd) as the baseline;
-    each variant is first checked (forward + backward once: output and q/k/v gradients vs the default config's,
-    relative max error < 1e-2, bitwise equality noted; an exception -- e.g. a compile failure or a Triton without
-    tl.range(warp_specialize=) -- counts as an error) and timed only if it passes. Then the per-kernel winners
-    (fwd, bwd_kv, bwd_q: variants faster than the default) are combined and timed fwd+bwd (checked likewise)."""
-    import time
-
-    import kernels.mla_attention as mla
-
-    t0 = time.perf_counter()
-    deadline = t0 + args.sweep_loop_budget
-    base = dataclasses.replace(base, bwd_fused=False)
-
-    def run_once(cfg):
-        mla.CONFIG_OVERRIDE = cfg
-        try:
-            o = mla.mla_attention(x["q"], x["k"], x["v"], causal=causal)
-            o.backward(do)
-            torch.cuda.synchronize()
-            return [o.detach().clone()] + [x[k_].grad.clone() for k_ in ("q", "k", "v")]
-        finally:
-            mla.CONFIG_OVERRIDE = None
-            for t in x.values():
-                t.grad = None
-
-    def check(cfg, want):
-        try:
-            got = run_once(cfg)
-        except Exception as e:  # compile / launch failure, missing Triton feature
-            return False, {"error": _err_msg(e, 200)}
-        errs = {n: (g_.float() - w.float()).abs().max().item() / max(w.float().abs().max().item(), 1e-6)
-                for n, g_, w in zip(("o", "dq", "dk", "dv"), got, want)}
-        errs["bitwise"] = all(torch.equal(g_, w) for g_, w in zip(got, want))
-        return all(errs[n] < 1e-2 for n in ("o", "dq", "dk", "dv")), errs  # NaN fails too
-
-    print(f"\nloop attributes (tl.range warp_specialize / num_stages) on the default blocks, "
-          f"budget {args.sweep_loop_budget:.0f} s")
-    rows = []
-    try:
-        want = run_once(base)
-    except Exception as e:
-        print(f"  default config failed: {type(e).__name__}: {e}")
-        return dict(results=rows, winners={}, error=repr(e)[:200])
-    baseline = {}
-    for mode in ("fwd", "bwd", "fwdbwd"):
-        ms, tf = time_cfg(base, mode)
-        baseline[mode] = ms
-        print(f"  {'default':<24} {mode:<7} " + (f"{ms:8.3f} ms {tf:7.1f} TFLOP/s" if ms else f"failed: {tf}"))
-
-    def try_variant(part, label, fields):
-        row = dict(part=part, label=label, fields=fields, ms=None, tflops=None, check=None, error=None)
-        rows.append(row)
-        mode = LOOP_PART_MODE[part]
-        if time.perf_counter() > deadline:
-            row["error"] = "skipped: budget"
-            print(f"  {label:<24} {mode:<7} skipped (--sweep-loop-budget)")
-            return row
-        cfg = dataclasses.replace(base, **fields)
-        if cfg.fwd_tma:  # the launcher silently falls back to pointer loads when descriptors cannot be used
-            q_, k_, v_ = x["q"], x["k"], x["v"]
-            dn_ = mla.split_head_dim(q_.shape[-1])[0]
-            row["tma_used"] = mla._fwd_tma_ok(cfg, (dn_, q_.shape[-1] - dn_, v_.shape[-1]),
-                                              *((t_, False) for t_ in (q_[..., :dn_], q_[..., dn_:], k_[..., :dn_],
-                                                                       k_[..., dn_:], v_)))
-            if not row["tma_used"]:
-                print(f"  {label:<24} note: fwd_tma falls back to pointer loads for these inputs / this Triton")
-        ok, errs = check(cfg, want)
-        row["check"] = errs
-        if not ok:
-            row["error"] = errs.get("error") or "check failed: " + ", ".join(
-                f"{n} {v_:.2e}" for n, v_ in errs.items() if n != "bitwise")
-            print(f"  {label:<24} {mode:<7} error: {row['error']}")
-            return row
-        ms, tf = time_cfg(cfg, mode)
-        if ms is None:
-            row["error"] = tf
-            print(f"  {label:<24} {mode:<7} error: {tf}")
-            return row
-        row["ms"], row["tflops"] = ms, tf
-        vs = f" ({baseline[mode] / ms:.3f}x vs default)" if baseline.get(mode) else ""
-        print(f"  {label:<24} {mode:<7} {ms:8.3f} ms {tf:7.1f} TFLOP/s{vs}  check: "
-              + ("bitwise equal" if errs["bitwise"] else f"max rel err {max(errs[n] for n in ('o', 'dq', 'dk', 'dv')):.1e}")
-              + f"  [{time.perf_counter() - t0:5.1f} s]")
-        return row
-
-    for part, label, fields in SWEEP_LOOP_VARIANTS:
-        try_variant(part, label, fields)
-
-    # winner per kernel: the fastest checked variant of that part if faster than the default (else "default")
-    winners = {}
-    for part in ("fwd", "bwd_kv", "bwd_q", "fwdbwd"):
-        timed = [r for r in rows if r["part"] == part and r["ms"]]
-        base_ms = baseline.get(LOOP_PART_MODE[part])
-        best_r = min(timed, key=lambda r: r["ms"]) if timed else None
-        if best_r is not None and base_ms and best_r["ms"] < base_ms:
-            winners[part] = dict(label=best_r["label"], fields=best_r["fields"], ms=best_r["ms"], default_ms=base_ms)
-        else:
-            winners[part] = dict(label="default", fields={}, ms=base_ms, default_ms=base_ms)
-    combo_fields = {}
-    for part in ("fwd", "bwd_kv", "bwd_q"):
-        combo_fields.update(winners[part]["fields"])
-    if combo_fields and len([p for p in ("fwd", "bwd_kv", "bwd_q") if winners[p]["fields"]]) > 1:
-        try_variant("fwdbwd", "winners combined", combo_fields)
-        w = winners["fwdbwd"]
-        if rows[-1]["ms"] and (w["ms"] is None or rows[-1]["ms"] < w["ms"]):
-            winners["fwdbwd"] = dict(label="winners combined", fields=combo_fields, ms=rows[-1]["ms"],
-                                     default_ms=baseline.get("fwdbwd"))
-
-    def outcome(r):
-        if r["ms"]:
-            return f"{r['ms']:.3f}"
-        return "skipped" if (r["error"] or "").startswith("skipped") else "error"
-
-    print("loop attributes, winner per kernel (default blocks; ms):")
-    for part, w in winners.items():
-        dms = w["default_ms"]
-        line = f"  {part:<7} ({LOOP_PART_MODE[part]:<6}) default " + (f"{dms:.3f}" if dms else "n/a")
-        if w["label"] == "default":
-            line += " -> winner: default"
-        else:
-            line += f" -> winner: {w['label']} {w['ms']:.3f}" + (f" ({dms / w['ms']:.3f}x)" if dms else "")
-        print(line + "   [" + ", ".join(f"{r['label']} {outcome(r)}" for r in rows if r["part"] == part) + "]")
-    print(f"loop attributes took {time.perf_counter() - t0:.1f} s")
-    return dict(baseline_ms=baseline, results=rows, winners=winners, seconds=time.perf_counter() - t0)
+    return dict(shape=dict(B=B, H=H, T=T), results=results, best={p: list(c) for p, (c, _) in best.items()},
+                combined=combined, bwd_fused=fused_cmp, seconds=time.perf_counter() - t_start)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -643,19 +443,13 @@ def main(argv=None):
                   f"{r['peak_gib']:>10.2f}")
 
     out = dict(meta=meta, checks=checks, results=rows)
+    if args.sweep:
+        out["sweep"] = sweep(args, dtype, causal)
     os.makedirs(args.out_dir, exist_ok=True)
     slug = "".join(c if c.isalnum() else "_" for c in dev_name).strip("_")
     path = os.path.join(args.out_dir, f"attention_{slug}_{_dt.datetime.now():%Y%m%d_%H%M%S}.json")
-
-    def write(partial_sweep=None):
-        if partial_sweep is not None:  # written before the loop-attribute variants, rewritten after
-            out["sweep"] = dict(partial_sweep, partial=True)
-        with open(path, "w") as f:
-            json.dump(out, f, indent=1, default=str)
-
-    if args.sweep:
-        out["sweep"] = sweep(args, dtype, causal, save=write)
-    write()
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
     print(f"\nwrote {path}")
     return 0 if all(c["ok"] for c in checks.values()) else 1
 

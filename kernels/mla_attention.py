@@ -16,15 +16,6 @@ Partitioning") for that case:
   block's dQ share into an fp32 buffer with atomic adds (5 matmuls per tile instead of 7); dQ's summation
   order, hence its last bits, is then nondeterministic.
 
-Opt-in loop attributes (``AttentionConfig.fwd_ws / kv_ws / q_ws``, ``*_loop_stages``; Triton >= 3.4, default off):
-each kernel's main (unmasked) loop as ``tl.range(lo, hi, step, num_stages=..., warp_specialize=...)`` instead of a
-plain ``range``, chosen by a constexpr ``if`` so that the default kernels compile exactly as without them (see
-``_loop_knobs``); tried by ``benchmarks/bench_attention.py --sweep``. Opt-in ``AttentionConfig.fwd_tma`` (default
-off; needs ``tl.make_tensor_descriptor``): the forward reads q / k / v through per-(batch, head) TMA tensor
-descriptors built in the kernel (zero fill past T), which is what lets Triton's Hopper warp specialization split
-the forward's key loop with ``fwd_ws`` at 4 warps; inputs the descriptors cannot address (``_fwd_tma_ok``) fall
-back to the pointer loads.
-
 The q.k product is split into a "nope" part and a "rope" part, ``q.k = q_nope.k_nope + q_pe.k_pe``, computed
 as two ``tl.dot`` calls on power-of-two-or-masked head-dim blocks (192 = 128 + 64 needs no padding at all).
 Masks cost only where needed: under causal, only the blocks that straddle the diagonal apply the causal mask
@@ -53,7 +44,6 @@ loaded tile is upcast to fp32 first, because the interpreter computes bf16 arith
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -113,64 +103,11 @@ class AttentionConfig:
     fused_block_n: int = 0   # fused kernel: keys per program (0: kv_block_n)
     fused_warps: int = 0     # 0: kv_warps
     fused_stages: int = 0    # 0: kv_stages
-    # Opt-in loop attributes of each kernel's main (unmasked) loop (Triton >= 3.4; see _loop_knobs). Off / 0
-    # (default): a plain ``range`` loop, compiled exactly as without these fields.
-    #   *_ws: ``tl.range(..., warp_specialize=True)`` (automatic warp specialization: producer / consumer
-    #         partitions; Hopper and Blackwell);
-    #   *_loop_stages: ``tl.range(..., num_stages=n)`` -- overrides the launch's num_stages for that loop
-    #         (0: unset, the launch's *_stages applies).
-    # The fused backward (bwd_fused) ignores kv_ws / kv_loop_stages. Untimed so far; offline sm_90a compiles
-    # (Triton 3.9): with 8 warps, warp_specialize leaves these pointer-load loops unchanged (same PTX), and the
-    # forward with 4 warps fails in the Hopper warp-specialization pass (bench_attention.py SWEEP_LOOP_VARIANTS).
-    fwd_ws: bool = False
-    kv_ws: bool = False
-    q_ws: bool = False
-    fwd_loop_stages: int = 0
-    kv_loop_stages: int = 0
-    q_loop_stages: int = 0
-    # Opt-in (default off): the forward loads q / k / v through per-(batch, head) TMA tensor descriptors
-    # (tl.make_tensor_descriptor, built in the kernel; needs triton.set_allocator, done by the launcher) instead
-    # of pointer loads -- what Triton's Hopper automatic warp specialization (fwd_ws) needs to split the loop
-    # into producer / consumer warp groups (pointer loads do not warp-specialize; see _fwd_tma_ok for when the
-    # launcher falls back to the pointer loads). With fwd_ws too, the forward runs one key loop with the mask on
-    # every block (see _mla_attn_fwd_kernel). Offline sm_90a compile (Triton 3.9): fwd_tma + fwd_ws at 4 warps is
-    # warp-specialized (12 warps, setmaxnreg), at 8 warps not. Untimed; sweep: bench_attention.py SWEEP_LOOP_VARIANTS.
-    fwd_tma: bool = False
 
     def fused_launch(self) -> tuple[int, int, int, int]:
         """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the fused backward kernel."""
         return (self.fused_block_m or self.kv_block_m, self.fused_block_n or self.kv_block_n,
                 self.fused_warps or self.kv_warps, self.fused_stages or self.kv_stages)
-
-
-def _tl_range_kwargs() -> frozenset:
-    try:
-        return frozenset(inspect.signature(tl.range.__init__).parameters)
-    except (TypeError, ValueError):  # pragma: no cover - unusual Triton builds
-        return frozenset()
-
-
-_TL_RANGE_KWARGS = _tl_range_kwargs()
-
-
-def _loop_knobs(ws: bool, loop_stages: int, prefix: str) -> dict:
-    """Constexprs ``WS`` / ``LOOP_STAGES`` of a kernel whose main loop takes the opt-in loop attributes
-    ``AttentionConfig.<prefix>_ws`` / ``<prefix>_loop_stages``.
-
-    Both off (the default): ``WS=False, LOOP_STAGES=None``, and the kernels' constexpr ``if`` picks the plain
-    ``for ... in range(lo, hi, step)`` loop -- the ``tl.range`` branch is never compiled, so the default kernels
-    are unchanged (and need no Triton feature beyond the default path). Otherwise the loop is
-    ``tl.range(lo, hi, step, num_stages=LOOP_STAGES, warp_specialize=WS)`` (``num_stages=None``: unset). Only
-    the main (unmasked, long) loop of each kernel takes them; the short causal-diagonal and tail loops stay
-    plain. The interpreter ignores both. Raises RuntimeError if this Triton's ``tl.range`` lacks
-    ``warp_specialize`` (Triton < 3.4), ValueError on a negative stage count."""
-    ws, loop_stages = bool(ws), int(loop_stages)
-    if loop_stages < 0:
-        raise ValueError(f"AttentionConfig.{prefix}_loop_stages must be >= 0 (0: unset), got {loop_stages}")
-    if (ws or loop_stages) and "warp_specialize" not in _TL_RANGE_KWARGS:
-        raise RuntimeError(f"AttentionConfig.{prefix}_ws / {prefix}_loop_stages need tl.range(..., warp_specialize=) "
-                           f"(Triton >= 3.4); this is Triton {triton.__version__}")
-    return dict(WS=ws, LOOP_STAGES=loop_stages or None)
 
 
 def _interpreting() -> bool:
@@ -369,80 +306,39 @@ def _mask_scores(s, offs_q, offs_k, T, Q_ROWS: tl.constexpr, CHECK_Q: tl.constex
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, start_n, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
-              offs_m, offs_n0, offs_dn, offs_dr, offs_dv, dv_ok, T, qk_scale,
-              MASK: tl.constexpr, CHECK_N: tl.constexpr, CAUSAL: tl.constexpr, SCALE_POS: tl.constexpr,
-              HAS_PE: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
-              BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
-              UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = False):
-    """One key block (keys start_n + offs_n0) of the online softmax: body of _fwd_inner's loop.
-    TMA: Kn / Kr / V are this (batch, head)'s tensor descriptors ([T, D], zero fill past T; see
-    _mla_attn_fwd_kernel), loaded whole-block (no masks: rows past T read as 0, as the masked pointer loads)."""
-    offs_n = start_n + offs_n0
-    n_ok = offs_n < T
-    if TMA:
-        k_n = Kn.load([start_n, 0])
-        if UPCAST:
-            k_n = k_n.to(tl.float32)
-        s = tl.dot(q_n, tl.trans(k_n), input_precision=PREC)
-        if HAS_PE:
-            k_r = Kr.load([start_n, 0])
-            if UPCAST:
-                k_r = k_r.to(tl.float32)
-            s = tl.dot(q_r, tl.trans(k_r), s, input_precision=PREC)
-    else:
-        s, kt_n, kt_r = _scores_t(q_n, q_r, Kn, Kr, s_kn_t, s_kr_t, offs_n, offs_dn, offs_dr, n_ok,
-                                  CHECK_N, HAS_PE, DN, DR, BLOCK_DN, BLOCK_DR, UPCAST, PREC)
-    if MASK:
-        s = _mask_scores(s * qk_scale, offs_m, offs_n, T, True, False, CHECK_N, CAUSAL)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-    else:
-        # scale folded into one FMA per score: max_j(c * s_j) = c * max_j s_j for c >= 0 (c * min for c < 0)
-        if SCALE_POS:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        else:
-            m_new = tl.maximum(m_i, tl.min(s, 1) * qk_scale)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if TMA:
-        v = V.load([start_n, 0])
-        if UPCAST:
-            v = v.to(tl.float32)
-    else:
-        v = _load2d(V + offs_n[:, None] * s_v_t + offs_dv[None, :], n_ok, dv_ok,
-                    CHECK_N, BLOCK_DV != DV, UPCAST)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-    return acc, l_i, m_new
-
-
-@triton.jit
 def _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                offs_m, offs_dn, offs_dr, offs_dv, lo, hi, T, qk_scale,
                MASK: tl.constexpr, CHECK_N: tl.constexpr, CAUSAL: tl.constexpr, SCALE_POS: tl.constexpr,
                HAS_PE: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
                BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
-               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-               WS: tl.constexpr, LOOP_STAGES: tl.constexpr, TMA: tl.constexpr = False):
+               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Online softmax over key blocks [lo, hi). MASK: apply the causal / key-range mask (diagonal and tail
-    blocks only); CHECK_N: keys may reach past T (bounds-masked loads). WS / LOOP_STAGES: see _loop_knobs.
-    TMA: Kn / Kr / V are tensor descriptors (see _fwd_step)."""
+    blocks only); CHECK_N: keys may reach past T (bounds-masked loads)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     dv_ok = offs_dv < DV
-    if WS or LOOP_STAGES is not None:  # opt-in loop attributes (AttentionConfig.fwd_ws / fwd_loop_stages)
-        for start_n in tl.range(lo, hi, BLOCK_N, num_stages=LOOP_STAGES, warp_specialize=WS):
-            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, start_n, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
-                                      offs_m, offs_n0, offs_dn, offs_dr, offs_dv, dv_ok, T, qk_scale,
-                                      MASK, CHECK_N, CAUSAL, SCALE_POS, HAS_PE, DN, DR, DV,
-                                      BLOCK_DN, BLOCK_DR, BLOCK_DV, UPCAST, PREC, TMA)
-    else:  # default: a plain loop without loop attributes
-        for start_n in range(lo, hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, start_n, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
-                                      offs_m, offs_n0, offs_dn, offs_dr, offs_dv, dv_ok, T, qk_scale,
-                                      MASK, CHECK_N, CAUSAL, SCALE_POS, HAS_PE, DN, DR, DV,
-                                      BLOCK_DN, BLOCK_DR, BLOCK_DV, UPCAST, PREC, TMA)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < T
+        s, kt_n, kt_r = _scores_t(q_n, q_r, Kn, Kr, s_kn_t, s_kr_t, offs_n, offs_dn, offs_dr, n_ok,
+                                  CHECK_N, HAS_PE, DN, DR, BLOCK_DN, BLOCK_DR, UPCAST, PREC)
+        if MASK:
+            s = _mask_scores(s * qk_scale, offs_m, offs_n, T, True, False, CHECK_N, CAUSAL)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+        else:
+            # scale folded into one FMA per score: max_j(c * s_j) = c * max_j s_j for c >= 0 (c * min for c < 0)
+            if SCALE_POS:
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.min(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load2d(V + offs_n[:, None] * s_v_t + offs_dv[None, :], n_ok, dv_ok,
+                    CHECK_N, BLOCK_DV != DV, UPCAST)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -457,13 +353,8 @@ def _mla_attn_fwd_kernel(
     DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
     BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr, LOOP_STAGES: tl.constexpr,
-    TMA: tl.constexpr = False,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    # WS / LOOP_STAGES (opt-in loop attributes, see _loop_knobs): the main (unmasked) key loop only
-    # TMA (opt-in, AttentionConfig.fwd_tma): q / k / v tiles through per-(batch, head) tensor descriptors
-    # ([T, D] from this head's base pointer, row stride s_*_t, zero fill past T / D) instead of pointer loads;
-    # the launcher checks the 16-byte alignment they need (_fwd_tma_ok). The masks on scores are unchanged.
     # heaviest (last, under causal) query blocks first: better tail balance
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -484,66 +375,37 @@ def _mla_attn_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < T
 
-    if TMA:
-        q_n = tl.make_tensor_descriptor(Qn, shape=[T, DN], strides=[s_qn_t, 1],
-                                        block_shape=[BLOCK_M, BLOCK_DN]).load([start_m, 0])
-        Kn = tl.make_tensor_descriptor(Kn, shape=[T, DN], strides=[s_kn_t, 1], block_shape=[BLOCK_N, BLOCK_DN])
-        V = tl.make_tensor_descriptor(V, shape=[T, DV], strides=[s_v_t, 1], block_shape=[BLOCK_N, BLOCK_DV])
-        if UPCAST:
-            q_n = q_n.to(tl.float32)
-        if HAS_PE:
-            q_r = tl.make_tensor_descriptor(Qr, shape=[T, DR], strides=[s_qr_t, 1],
-                                            block_shape=[BLOCK_M, BLOCK_DR]).load([start_m, 0])
-            Kr = tl.make_tensor_descriptor(Kr, shape=[T, DR], strides=[s_kr_t, 1], block_shape=[BLOCK_N, BLOCK_DR])
-            if UPCAST:
-                q_r = q_r.to(tl.float32)
-        else:
-            q_r = q_n
-            Kr = Kn
-    else:
-        q_n, q_r = _load_split(Qn, Qr, offs_m, s_qn_t, s_qr_t, m_ok, offs_dn, offs_dr, not EVEN_M, HAS_PE, DN, DR,
-                               BLOCK_DN, BLOCK_DR, UPCAST)
+    q_n, q_r = _load_split(Qn, Qr, offs_m, s_qn_t, s_qr_t, m_ok, offs_dn, offs_dr, not EVEN_M, HAS_PE, DN, DR,
+                           BLOCK_DN, BLOCK_DR, UPCAST)
 
     qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    if TMA and WS and (CAUSAL or not EVEN_N):
-        # Hopper warp specialization (Triton 3.9) fails on a second key loop after the warp-specialized one
-        # (NVGPUWarpSpecialization: "expected non-null blocks"), so TMA + WS runs ONE loop over all key blocks,
-        # every block masked (causal / key-range mask: a compare + select per score on the unmasked blocks too).
-        if CAUSAL:
-            hi = tl.minimum(start_m + BLOCK_M, T)
-        else:
-            hi = T
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
-                                   offs_m, offs_dn, offs_dr, offs_dv, 0, hi, T, qk_scale,
-                                   True, not EVEN_N, CAUSAL, SCALE_POS, HAS_PE, DN, DR, DV,
-                                   BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC, WS, LOOP_STAGES, TMA)
-    elif CAUSAL:
+    if CAUSAL:
         # key blocks [0, full_end) lie entirely at/below the diagonal: no mask; [full_end, hi) straddle it
         full_end = ((start_m + 1) // BLOCK_N) * BLOCK_N
         hi = tl.minimum(start_m + BLOCK_M, T)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                                    offs_m, offs_dn, offs_dr, offs_dv, 0, full_end, T, qk_scale,
                                    False, False, True, SCALE_POS, HAS_PE, DN, DR, DV,
-                                   BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC, WS, LOOP_STAGES, TMA)
+                                   BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                                    offs_m, offs_dn, offs_dr, offs_dv, full_end, hi, T, qk_scale,
                                    True, not EVEN_N, True, SCALE_POS, HAS_PE, DN, DR, DV,
-                                   BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC, False, None, TMA)
+                                   BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC)
     else:
         full_end = (T // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                                    offs_m, offs_dn, offs_dr, offs_dv, 0, full_end, T, qk_scale,
                                    False, False, False, SCALE_POS, HAS_PE, DN, DR, DV,
-                                   BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC, WS, LOOP_STAGES, TMA)
+                                   BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC)
         if not EVEN_N:  # the partial last key block
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_n, q_r, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                                        offs_m, offs_dn, offs_dr, offs_dv, full_end, T, T, qk_scale,
                                        True, True, False, SCALE_POS, HAS_PE, DN, DR, DV,
-                                       BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC, False, None, TMA)
+                                       BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_N, UPCAST, PREC)
     # every row saw key 0 unmasked, so l_i >= 1 and m_i is finite
     acc = acc / l_i[:, None]
     lse2 = m_i + tl.math.log2(l_i)  # base-2 LSE of the log2(e)-scaled scores: P = exp2(s * qk_scale - lse2)
@@ -589,59 +451,17 @@ def _atomic_add2d(ptrs, x, rmask, cmask, USE_R: tl.constexpr, USE_C: tl.constexp
 
 
 @triton.jit
-def _bwd_dkdv_step(dk_n, dk_r, dv, start_m, k_n, k_r, v, Qn, Qr, DO, LSE, Delta, DQ,
-                   s_qn_t, s_qr_t, s_do_t, s_dq_t, offs_n, offs_m0, offs_dn, offs_dr, offs_dv, dv_ok, dn_ok, dr_ok,
-                   T, qk_scale, sm_scale,
-                   MASK: tl.constexpr, CHECK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_PE: tl.constexpr,
-                   DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
-                   BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   UPCAST: tl.constexpr, PREC: tl.constexpr, FUSE_DQ: tl.constexpr):
-    """One query block (queries start_m + offs_m0) of _bwd_dkdv_inner's loop."""
-    offs_m = start_m + offs_m0
-    m_ok = offs_m < T
-    # S^T = K Q^T [BLOCK_N, BLOCK_M]; Q^T tiles [BLOCK_D, BLOCK_M]
-    s_t, qn_t, qr_t = _scores_t(k_n, k_r, Qn, Qr, s_qn_t, s_qr_t, offs_m, offs_dn, offs_dr, m_ok,
-                                CHECK_M, HAS_PE, DN, DR, BLOCK_DN, BLOCK_DR, UPCAST, PREC)
-    lse2 = _load1d(LSE + offs_m, m_ok, CHECK_M)
-    delta = _load1d(Delta + offs_m, m_ok, CHECK_M)
-    s_t = s_t * qk_scale - lse2[None, :]
-    if MASK:
-        s_t = _mask_scores(s_t, offs_m, offs_n, T, False, CHECK_M, False, CAUSAL)
-    p_t = tl.math.exp2(s_t)                                   # P^T [BLOCK_N, BLOCK_M]
-    do = _load2d(DO + offs_m[:, None] * s_do_t + offs_dv[None, :], m_ok, dv_ok,
-                 CHECK_M, BLOCK_DV != DV, UPCAST)
-    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)          # dV += P^T dO
-    dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)                 # (dO V^T)^T
-    ds_t = p_t * (dp_t - delta[None, :])                                # dS^T
-    ds_t = ds_t.to(qn_t.dtype)
-    dk_n = tl.dot(ds_t, tl.trans(qn_t), dk_n, input_precision=PREC)
-    if HAS_PE:
-        dk_r = tl.dot(ds_t, tl.trans(qr_t), dk_r, input_precision=PREC)
-    if FUSE_DQ:  # dQ += dS K, this key block's share [BLOCK_M, D]
-        ds = tl.trans(ds_t)
-        dq_n = tl.dot(ds, k_n, input_precision=PREC) * sm_scale
-        _atomic_add2d(DQ + offs_m[:, None] * s_dq_t + offs_dn[None, :], dq_n, m_ok, dn_ok,
-                      CHECK_M, BLOCK_DN != DN)
-        if HAS_PE:
-            dq_r = tl.dot(ds, k_r, input_precision=PREC) * sm_scale
-            _atomic_add2d(DQ + DN + offs_m[:, None] * s_dq_t + offs_dr[None, :], dq_r, m_ok, dr_ok,
-                          CHECK_M, BLOCK_DR != DR)
-    return dk_n, dk_r, dv
-
-
-@triton.jit
 def _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta, DQ,
                     s_qn_t, s_qr_t, s_do_t, s_dq_t, offs_n, offs_dn, offs_dr, offs_dv, lo, hi, T, qk_scale,
                     sm_scale,
                     MASK: tl.constexpr, CHECK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_PE: tl.constexpr,
                     DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
                     BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, FUSE_DQ: tl.constexpr,
-                    WS: tl.constexpr, LOOP_STAGES: tl.constexpr):
+                    BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, FUSE_DQ: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi). MASK: apply the causal / query-range
     mask; CHECK_M: queries may reach past T (bounds-masked loads). Keys >= T need no mask: their dK/dV rows
     are never stored and nothing else reads them (and, for FUSE_DQ, their K rows load as 0, so their dS K
-    adds exactly 0 to dQ). WS / LOOP_STAGES: see _loop_knobs.
+    adds exactly 0 to dQ).
 
     FUSE_DQ (fused backward): also ``DQ[queries] += sm_scale * dS K`` (nope columns [0, DN), rope columns
     [DN, DN + DR) of the fp32 buffer DQ, row stride ``s_dq_t``) with fp32 atomic adds."""
@@ -649,20 +469,36 @@ def _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta, DQ,
     dv_ok = offs_dv < DV
     dn_ok = offs_dn < DN
     dr_ok = offs_dr < DR
-    if WS or LOOP_STAGES is not None:  # opt-in loop attributes (AttentionConfig.kv_ws / kv_loop_stages)
-        for start_m in tl.range(lo, hi, BLOCK_M, num_stages=LOOP_STAGES, warp_specialize=WS):
-            dk_n, dk_r, dv = _bwd_dkdv_step(dk_n, dk_r, dv, start_m, k_n, k_r, v, Qn, Qr, DO, LSE, Delta, DQ,
-                                            s_qn_t, s_qr_t, s_do_t, s_dq_t, offs_n, offs_m0, offs_dn, offs_dr,
-                                            offs_dv, dv_ok, dn_ok, dr_ok, T, qk_scale, sm_scale,
-                                            MASK, CHECK_M, CAUSAL, HAS_PE, DN, DR, DV,
-                                            BLOCK_DN, BLOCK_DR, BLOCK_DV, UPCAST, PREC, FUSE_DQ)
-    else:  # default: a plain loop without loop attributes
-        for start_m in range(lo, hi, BLOCK_M):
-            dk_n, dk_r, dv = _bwd_dkdv_step(dk_n, dk_r, dv, start_m, k_n, k_r, v, Qn, Qr, DO, LSE, Delta, DQ,
-                                            s_qn_t, s_qr_t, s_do_t, s_dq_t, offs_n, offs_m0, offs_dn, offs_dr,
-                                            offs_dv, dv_ok, dn_ok, dr_ok, T, qk_scale, sm_scale,
-                                            MASK, CHECK_M, CAUSAL, HAS_PE, DN, DR, DV,
-                                            BLOCK_DN, BLOCK_DR, BLOCK_DV, UPCAST, PREC, FUSE_DQ)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_ok = offs_m < T
+        # S^T = K Q^T [BLOCK_N, BLOCK_M]; Q^T tiles [BLOCK_D, BLOCK_M]
+        s_t, qn_t, qr_t = _scores_t(k_n, k_r, Qn, Qr, s_qn_t, s_qr_t, offs_m, offs_dn, offs_dr, m_ok,
+                                    CHECK_M, HAS_PE, DN, DR, BLOCK_DN, BLOCK_DR, UPCAST, PREC)
+        lse2 = _load1d(LSE + offs_m, m_ok, CHECK_M)
+        delta = _load1d(Delta + offs_m, m_ok, CHECK_M)
+        s_t = s_t * qk_scale - lse2[None, :]
+        if MASK:
+            s_t = _mask_scores(s_t, offs_m, offs_n, T, False, CHECK_M, False, CAUSAL)
+        p_t = tl.math.exp2(s_t)                                   # P^T [BLOCK_N, BLOCK_M]
+        do = _load2d(DO + offs_m[:, None] * s_do_t + offs_dv[None, :], m_ok, dv_ok,
+                     CHECK_M, BLOCK_DV != DV, UPCAST)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)          # dV += P^T dO
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)                 # (dO V^T)^T
+        ds_t = p_t * (dp_t - delta[None, :])                                # dS^T
+        ds_t = ds_t.to(qn_t.dtype)
+        dk_n = tl.dot(ds_t, tl.trans(qn_t), dk_n, input_precision=PREC)
+        if HAS_PE:
+            dk_r = tl.dot(ds_t, tl.trans(qr_t), dk_r, input_precision=PREC)
+        if FUSE_DQ:  # dQ += dS K, this key block's share [BLOCK_M, D]
+            ds = tl.trans(ds_t)
+            dq_n = tl.dot(ds, k_n, input_precision=PREC) * sm_scale
+            _atomic_add2d(DQ + offs_m[:, None] * s_dq_t + offs_dn[None, :], dq_n, m_ok, dn_ok,
+                          CHECK_M, BLOCK_DN != DN)
+            if HAS_PE:
+                dq_r = tl.dot(ds, k_r, input_precision=PREC) * sm_scale
+                _atomic_add2d(DQ + DN + offs_m[:, None] * s_dq_t + offs_dr[None, :], dq_r, m_ok, dr_ok,
+                              CHECK_M, BLOCK_DR != DR)
     return dk_n, dk_r, dv
 
 
@@ -679,12 +515,11 @@ def _mla_attn_bwd_dkdv_kernel(
     DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
     BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, FUSE_DQ: tl.constexpr, WS: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, FUSE_DQ: tl.constexpr,
 ):
     """dK, dV of one key block (program axis 0) of one (batch, head) (axis 1). FUSE_DQ: the fused backward,
     which also adds this key block's dQ share into the fp32 buffer DQ [B, H, T, DN + DR] (atomics; see
-    _mla_attn_backward); otherwise DQ is never read. WS / LOOP_STAGES (opt-in loop attributes, see _loop_knobs):
-    the main (unmasked) query loop only."""
+    _mla_attn_backward); otherwise DQ is never read."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -728,18 +563,18 @@ def _mla_attn_bwd_dkdv_kernel(
         dk_n, dk_r, dv = _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta, DQ,
                                          s_qn_t, s_qr_t, s_do_t, s_dq_t, offs_n, offs_dn, offs_dr, offs_dv,
                                          lo, a, T, qk_scale, sm_scale, True, False, True, HAS_PE, DN, DR, DV,
-                                         BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_M, UPCAST, PREC, FUSE_DQ, False, None)
+                                         BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_M, UPCAST, PREC, FUSE_DQ)
     else:
         a = 0
     dk_n, dk_r, dv = _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta, DQ,
                                      s_qn_t, s_qr_t, s_do_t, s_dq_t, offs_n, offs_dn, offs_dr, offs_dv,
                                      a, t_full, T, qk_scale, sm_scale, False, False, CAUSAL, HAS_PE, DN, DR, DV,
-                                     BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_M, UPCAST, PREC, FUSE_DQ, WS, LOOP_STAGES)
+                                     BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_M, UPCAST, PREC, FUSE_DQ)
     if not EVEN_M:
         dk_n, dk_r, dv = _bwd_dkdv_inner(dk_n, dk_r, dv, k_n, k_r, v, Qn, Qr, DO, LSE, Delta, DQ,
                                          s_qn_t, s_qr_t, s_do_t, s_dq_t, offs_n, offs_dn, offs_dr, offs_dv,
                                          t_full, T, T, qk_scale, sm_scale, True, True, CAUSAL, HAS_PE, DN, DR, DV,
-                                         BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_M, UPCAST, PREC, FUSE_DQ, False, None)
+                                         BLOCK_DN, BLOCK_DR, BLOCK_DV, BLOCK_M, UPCAST, PREC, FUSE_DQ)
 
     _store2d(DV_ + offs_n[:, None] * s_dv_t + offs_dv[None, :], dv, n_ok, offs_dv < DV,
              not EVEN_N, BLOCK_DV != DV)
@@ -748,55 +583,31 @@ def _mla_attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_step(dq_n, dq_r, start_n, q_n, q_r, do, lse2, delta, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
-                 offs_m, offs_n0, offs_dn, offs_dr, offs_dv, dv_ok, T, qk_scale,
-                 MASK: tl.constexpr, CHECK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_PE: tl.constexpr,
-                 DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
-                 BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """One key block (keys start_n + offs_n0) of _bwd_dq_inner's loop."""
-    offs_n = start_n + offs_n0
-    n_ok = offs_n < T
-    s, kn_t, kr_t = _scores_t(q_n, q_r, Kn, Kr, s_kn_t, s_kr_t, offs_n, offs_dn, offs_dr, n_ok,
-                              CHECK_N, HAS_PE, DN, DR, BLOCK_DN, BLOCK_DR, UPCAST, PREC)
-    s = s * qk_scale - lse2[:, None]
-    if MASK:
-        s = _mask_scores(s, offs_m, offs_n, T, True, False, CHECK_N, CAUSAL)
-    p = tl.math.exp2(s)
-    v_t = _load2d(V + offs_n[None, :] * s_v_t + offs_dv[:, None], dv_ok, n_ok,
-                  BLOCK_DV != DV, CHECK_N, UPCAST)
-    dp = tl.dot(do, v_t, input_precision=PREC)
-    ds = p * (dp - delta[:, None])
-    dq_n = tl.dot(ds.to(kn_t.dtype), tl.trans(kn_t), dq_n, input_precision=PREC)
-    if HAS_PE:
-        dq_r = tl.dot(ds.to(kr_t.dtype), tl.trans(kr_t), dq_r, input_precision=PREC)
-    return dq_n, dq_r
-
-
-@triton.jit
 def _bwd_dq_inner(dq_n, dq_r, q_n, q_r, do, lse2, delta, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                   offs_m, offs_dn, offs_dr, offs_dv, lo, hi, T, qk_scale,
                   MASK: tl.constexpr, CHECK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_PE: tl.constexpr,
                   DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
                   BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                  WS: tl.constexpr, LOOP_STAGES: tl.constexpr):
-    """Accumulate dQ of one query block over key blocks [lo, hi) (MASK / CHECK_N as in _fwd_inner; WS /
-    LOOP_STAGES: see _loop_knobs)."""
+                  BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi) (MASK / CHECK_N as in _fwd_inner)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     dv_ok = offs_dv < DV
-    if WS or LOOP_STAGES is not None:  # opt-in loop attributes (AttentionConfig.q_ws / q_loop_stages)
-        for start_n in tl.range(lo, hi, BLOCK_N, num_stages=LOOP_STAGES, warp_specialize=WS):
-            dq_n, dq_r = _bwd_dq_step(dq_n, dq_r, start_n, q_n, q_r, do, lse2, delta, Kn, Kr, V, s_kn_t, s_kr_t,
-                                      s_v_t, offs_m, offs_n0, offs_dn, offs_dr, offs_dv, dv_ok, T, qk_scale,
-                                      MASK, CHECK_N, CAUSAL, HAS_PE, DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV,
-                                      UPCAST, PREC)
-    else:  # default: a plain loop without loop attributes
-        for start_n in range(lo, hi, BLOCK_N):
-            dq_n, dq_r = _bwd_dq_step(dq_n, dq_r, start_n, q_n, q_r, do, lse2, delta, Kn, Kr, V, s_kn_t, s_kr_t,
-                                      s_v_t, offs_m, offs_n0, offs_dn, offs_dr, offs_dv, dv_ok, T, qk_scale,
-                                      MASK, CHECK_N, CAUSAL, HAS_PE, DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV,
-                                      UPCAST, PREC)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < T
+        s, kn_t, kr_t = _scores_t(q_n, q_r, Kn, Kr, s_kn_t, s_kr_t, offs_n, offs_dn, offs_dr, n_ok,
+                                  CHECK_N, HAS_PE, DN, DR, BLOCK_DN, BLOCK_DR, UPCAST, PREC)
+        s = s * qk_scale - lse2[:, None]
+        if MASK:
+            s = _mask_scores(s, offs_m, offs_n, T, True, False, CHECK_N, CAUSAL)
+        p = tl.math.exp2(s)
+        v_t = _load2d(V + offs_n[None, :] * s_v_t + offs_dv[:, None], dv_ok, n_ok,
+                      BLOCK_DV != DV, CHECK_N, UPCAST)
+        dp = tl.dot(do, v_t, input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq_n = tl.dot(ds.to(kn_t.dtype), tl.trans(kn_t), dq_n, input_precision=PREC)
+        if HAS_PE:
+            dq_r = tl.dot(ds.to(kr_t.dtype), tl.trans(kr_t), dq_r, input_precision=PREC)
     return dq_n, dq_r
 
 
@@ -812,9 +623,8 @@ def _mla_attn_bwd_dq_kernel(
     DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
     BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    # WS / LOOP_STAGES (opt-in loop attributes, see _loop_knobs): the main (unmasked) key loop only
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -853,22 +663,22 @@ def _mla_attn_bwd_dq_kernel(
         dq_n, dq_r = _bwd_dq_inner(dq_n, dq_r, q_n, q_r, do, lse2, delta, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                                    offs_m, offs_dn, offs_dr, offs_dv, 0, full_end, T, qk_scale,
                                    False, False, True, HAS_PE, DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV,
-                                   BLOCK_N, UPCAST, PREC, WS, LOOP_STAGES)
+                                   BLOCK_N, UPCAST, PREC)
         dq_n, dq_r = _bwd_dq_inner(dq_n, dq_r, q_n, q_r, do, lse2, delta, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                                    offs_m, offs_dn, offs_dr, offs_dv, full_end, hi, T, qk_scale,
                                    True, not EVEN_N, True, HAS_PE, DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV,
-                                   BLOCK_N, UPCAST, PREC, False, None)
+                                   BLOCK_N, UPCAST, PREC)
     else:
         full_end = (T // BLOCK_N) * BLOCK_N
         dq_n, dq_r = _bwd_dq_inner(dq_n, dq_r, q_n, q_r, do, lse2, delta, Kn, Kr, V, s_kn_t, s_kr_t, s_v_t,
                                    offs_m, offs_dn, offs_dr, offs_dv, 0, full_end, T, qk_scale,
                                    False, False, False, HAS_PE, DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV,
-                                   BLOCK_N, UPCAST, PREC, WS, LOOP_STAGES)
+                                   BLOCK_N, UPCAST, PREC)
         if not EVEN_N:
             dq_n, dq_r = _bwd_dq_inner(dq_n, dq_r, q_n, q_r, do, lse2, delta, Kn, Kr, V, s_kn_t, s_kr_t,
                                        s_v_t, offs_m, offs_dn, offs_dr, offs_dv, full_end, T, T, qk_scale,
                                        True, True, False, HAS_PE, DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV,
-                                       BLOCK_N, UPCAST, PREC, False, None)
+                                       BLOCK_N, UPCAST, PREC)
     _store_split(DQn, DQr, offs_m, s_dqn_t, s_dqr_t, dq_n, dq_r, sm_scale, m_ok, offs_dn, offs_dr, not EVEN_M,
                  HAS_PE, DN, DR, BLOCK_DN, BLOCK_DR)
 
@@ -906,49 +716,6 @@ def _even(T: int, block: int) -> bool:
     return T % block == 0
 
 
-def _tma_alloc(size: int, alignment: int, stream):
-    """Global scratch for device-side tensor descriptors (triton.set_allocator)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    return torch.empty(size, device=device, dtype=torch.int8)
-
-
-def _tma_supported() -> bool:
-    return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
-
-
-def _ensure_tma_allocator() -> None:
-    """Install _tma_alloc as Triton's allocator unless one is set already (the setting is a ContextVar, so this is
-    checked per call; idempotent, and never replaces an allocator installed by someone else)."""
-    try:
-        from triton.runtime import _allocation
-        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-            return
-    except (ImportError, AttributeError, LookupError):  # other Triton layouts: set it (harmless if repeated)
-        pass
-    triton.set_allocator(_tma_alloc)
-
-
-def _fwd_tma_ok(cfg: AttentionConfig, dims: tuple[int, ...], *xs: tuple[torch.Tensor, bool]) -> bool:
-    """Can the forward read these (tensor, head_shared) inputs through TMA tensor descriptors? Needs this Triton's
-    tl.make_tensor_descriptor / triton.set_allocator, a contiguous last dim, 16-byte aligned data pointer and
-    batch / head / time strides (a stride over a size-1 dim, or the head stride 0 of a shared k_pe, never moves the
-    base, so is not checked), and block dims <= 256 (TMA box limit). Otherwise the launcher uses pointer loads."""
-    if not _tma_supported():
-        return False
-    if max([cfg.fwd_block_m, cfg.fwd_block_n] + [_block(d) for d in dims if d]) > 256:
-        return False
-    for x, shared_head in xs:
-        item = x.element_size()
-        if x.stride(-1) != 1 or x.data_ptr() % 16:
-            return False
-        for dim in (0, 1, 2):
-            if dim == 1 and shared_head:
-                continue
-            if x.shape[dim] > 1 and (x.stride(dim) * item) % 16:
-                return False
-    return True
-
-
 def _mla_attn_forward(qn, qr, kn, kr, v, causal: bool, sm_scale: float, kr_shared: bool):
     """Launch the forward kernel. Returns (o [B,H,T,Dv] in the input dtype, lse [B,H,T] fp32)."""
     B, H, T, dn = qn.shape
@@ -960,11 +727,6 @@ def _mla_attn_forward(qn, qr, kn, kr, v, causal: bool, sm_scale: float, kr_share
         qr, kr = qn, kn
     cfg = get_config(dn + dr, dv, qn.device, qn.dtype, split=(dn, dr))
     grid = (triton.cdiv(T, cfg.fwd_block_m), B * H)
-    tma = {}
-    if cfg.fwd_tma and _fwd_tma_ok(cfg, (dn, dr, dv), (qn, False), (qr, False), (kn, False), (kr, kr_shared),
-                                   (v, False)):
-        _ensure_tma_allocator()
-        tma = dict(TMA=True)  # default: not passed at all (the kernel's TMA=False default)
     _mla_attn_fwd_kernel[grid](
         qn, qr, kn, kr, v, o, lse,
         *_bht_strides(qn), *_bht_strides(qr), *_bht_strides(kn), *_bht_strides(kr, kr_shared),
@@ -973,7 +735,7 @@ def _mla_attn_forward(qn, qr, kn, kr, v, causal: bool, sm_scale: float, kr_share
         CAUSAL=bool(causal), SCALE_POS=sm_scale >= 0, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
         EVEN_M=_even(T, cfg.fwd_block_m), EVEN_N=_even(T, cfg.fwd_block_n),
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
-        **_loop_knobs(cfg.fwd_ws, cfg.fwd_loop_stages, "fwd"), **_common_meta(qn.dtype, dn, dr, dv), **tma,
+        **_common_meta(qn.dtype, dn, dr, dv),
     )
     return o, lse
 
@@ -1005,11 +767,9 @@ def _mla_attn_backward(do, qn, qr, kn, kr, v, o, lse, causal, sm_scale, kr_share
     if cfg.bwd_fused:
         bm, bn, warps, stages = cfg.fused_launch()
         dq_acc = torch.zeros((B, H, T, dn + dr), dtype=torch.float32, device=qn.device)
-        loop = _loop_knobs(False, 0, "kv")  # the fused kernel takes no loop attributes
     else:
         bm, bn, warps, stages = cfg.kv_block_m, cfg.kv_block_n, cfg.kv_warps, cfg.kv_stages
         dq_acc = delta  # never read (FUSE_DQ False)
-        loop = _loop_knobs(cfg.kv_ws, cfg.kv_loop_stages, "kv")
     _mla_attn_bwd_dkdv_kernel[(triton.cdiv(T, bn), B * H)](
         qn, qr, kn, kr, v, do, lse, delta, dkn, dkr, dv_out, dq_acc,
         *_bht_strides(qn), *_bht_strides(qr), *_bht_strides(kn), *_bht_strides(kr, kr_shared),
@@ -1018,7 +778,7 @@ def _mla_attn_backward(do, qn, qr, kn, kr, v, o, lse, causal, sm_scale, kr_share
         *((dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if cfg.bwd_fused else (0, 0, 0)),
         H, T, float(sm_scale),
         CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, EVEN_M=_even(T, bm), EVEN_N=_even(T, bn),
-        FUSE_DQ=bool(cfg.bwd_fused), num_warps=warps, num_stages=stages, **loop, **meta,
+        FUSE_DQ=bool(cfg.bwd_fused), num_warps=warps, num_stages=stages, **meta,
     )
     if cfg.bwd_fused:
         if dr:
@@ -1034,7 +794,7 @@ def _mla_attn_backward(do, qn, qr, kn, kr, v, o, lse, causal, sm_scale, kr_share
         H, T, float(sm_scale),
         CAUSAL=bool(causal), BLOCK_M=cfg.q_block_m, BLOCK_N=cfg.q_block_n,
         EVEN_M=_even(T, cfg.q_block_m), EVEN_N=_even(T, cfg.q_block_n),
-        num_warps=cfg.q_warps, num_stages=cfg.q_stages, **_loop_knobs(cfg.q_ws, cfg.q_loop_stages, "q"), **meta,
+        num_warps=cfg.q_warps, num_stages=cfg.q_stages, **meta,
     )
 
 
