@@ -27,12 +27,11 @@ default config's output first; GB/s = bytes read + written / time, next to a bf1
 
 --sweep: after the normal table, the forward blockwise GEMM of the FIRST shape (a "G" shape's M x N x K as one
 dense GEMM) is run with every candidate tile config explicitly (``config=``: the autotune list
-kernels.fp8_gemm._gpu_configs() plus a few extra candidates, including the opt-in kernel variants SPLIT_N / PIPE /
-WS (warp-specialized K loop): "split" / "pipe" / "ws" in the config column), each checked against the dequantised
-reference first, and printed sorted by time (config, ms, TFLOP/s). --sweep-grouped does the same for
-fp8_gemm_grouped on the first "G" shape (kernels.fp8_gemm._grouped_gpu_configs() plus extras). Configs that fail
-to compile or run are listed as failed (the sweep goes on); WS configs run last, and each config's row is printed
-as soon as it is measured. The sweep rows go to the JSON too ("sweep").
+kernels.fp8_gemm._gpu_configs() plus a few extra candidates, including the SPLIT_N / PIPE kernel variants:
+"split" / "pipe" in the config column), each checked against the dequantised reference
+first, and printed sorted by time (config, ms, TFLOP/s). --sweep-grouped does the same for fp8_gemm_grouped on
+the first "G" shape (kernels.fp8_gemm._grouped_gpu_configs() plus extras). Configs that fail to compile or
+run are listed as failed. The sweep rows go to the JSON too ("sweep").
 """
 from __future__ import annotations
 
@@ -224,8 +223,7 @@ def main(argv=None):
 
 
 # extra explicit candidates beyond the autotune lists (bigger warp counts, shallower pipelines), sweep only
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, variant): variant "" default, "S" SPLIT_N, "P" PIPE, "SP" both,
-# "W" / "SW" WS (the WS candidates themselves come from the autotune lists with MOETRAIN_FP8_VARIANTS=1)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, variant): variant "" default, "S" SPLIT_N, "P" PIPE, "SP" both
 _EXTRA_DENSE = [(128, 256, 16, 3, ""), (128, 256, 16, 4, ""), (256, 128, 16, 3, ""), (128, 256, 8, 2, ""),
                 (256, 128, 8, 2, ""), (256, 128, 8, 4, "S"), (128, 256, 8, 2, "S"), (128, 128, 8, 3, "S"),
                 (128, 128, 8, 3, "P"), (128, 128, 8, 5, "P"), (64, 128, 4, 4, "P"), (128, 64, 4, 4, "P"),
@@ -235,9 +233,8 @@ _EXTRA_GROUPED = [(128, 256, 16, 3, ""), (128, 256, 8, 2, ""), (128, 256, 8, 2, 
 
 
 def _cfg_dicts(config_list_fn):
-    """The autotune list of ``config_list_fn`` with the SPLIT_N / PIPE / WS variants included (the sweep checks each
-    config against the reference, so the variants kept out of the default autotuning are measured here; the WS
-    configs only where this triton's tl.range takes warp_specialize, kernels.fp8_gemm._HAS_WS)."""
+    """The autotune list of ``config_list_fn`` with the SPLIT_N / PIPE variants included (the sweep checks each
+    config against the reference, so the variants kept out of the default autotuning are measured here)."""
     old = os.environ.get("MOETRAIN_FP8_VARIANTS")
     os.environ["MOETRAIN_FP8_VARIANTS"] = "1"
     try:
@@ -253,23 +250,21 @@ def _cfg_dicts(config_list_fn):
 def _cfg_str(cfg):
     s = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
     s += f" g{cfg['GROUP_M']}" if "GROUP_M" in cfg else ""
-    return (s + (" split" if cfg.get("SPLIT_N") else "") + (" pipe" if cfg.get("PIPE") else "")
-            + (" ws" if cfg.get("WS") else ""))
+    return s + (" split" if cfg.get("SPLIT_N") else "") + (" pipe" if cfg.get("PIPE") else "")
 
 
 def _print_sweep(title, res):
     print(f"\nsweep: {title} (sorted by time)")
-    print(f"{'config':>28s} {'ms':>9s} {'TFLOP/s':>9s}  note")
+    print(f"{'config':>24s} {'ms':>9s} {'TFLOP/s':>9s}  note")
     for r in sorted(res, key=lambda r: (r["ms"] is None, r["ms"] or 0.0)):
         if r["ms"] is None:
-            print(f"{r['config']:>28s} {'-':>9s} {'-':>9s}  {r['note']}", flush=True)
+            print(f"{r['config']:>24s} {'-':>9s} {'-':>9s}  {r['note']}", flush=True)
         else:
-            print(f"{r['config']:>28s} {r['ms']:9.3f} {r['tflops']:9.1f}  {r['note']}", flush=True)
+            print(f"{r['config']:>24s} {r['ms']:9.3f} {r['tflops']:9.1f}  {r['note']}", flush=True)
 
 
 def _time_config(bench, fn, ref, flops, cfg, title):
-    """Check ``fn(cfg)`` against ``ref`` (rel < 1e-2), then time it; failures become a row with ms None. Prints the
-    row at once (a progress line; the sorted table follows at the end)."""
+    """Check ``fn(cfg)`` against ``ref`` (rel < 1e-2), then time it; failures become a row with ms None."""
     import torch
     row = dict(sweep=title, config=_cfg_str(cfg), cfg=cfg, ms=None, tflops=None, note="")
     try:
@@ -279,30 +274,12 @@ def _time_config(bench, fn, ref, flops, cfg, title):
         err = _rel(y, ref)
         if not err < 1e-2:
             row["note"] = f"WRONG vs reference: rel_err {err:.2e}"
-        else:
-            ms = bench(lambda: fn(cfg))
-            row.update(ms=round(ms, 4), tflops=round(flops / (ms * 1e-3) / 1e12, 1), note=f"rel_err {err:.1e}")
+            return row
+        ms = bench(lambda: fn(cfg))
+        row.update(ms=round(ms, 4), tflops=round(flops / (ms * 1e-3) / 1e12, 1), note=f"rel_err {err:.1e}")
     except Exception as e:  # noqa: BLE001 (a config that does not compile/run is reported, not fatal)
-        row["note"] = f"failed: {type(e).__name__}: {_first_line(e)}"
-    print(f"  [{title}] {row['config']:>28s} " + (f"{row['ms']:9.3f} ms {row['tflops']:8.1f} TFLOP/s"
-                                                   if row["ms"] is not None else row["note"]), flush=True)
+        row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
     return row
-
-
-def _first_line(e, width=160):
-    """The first informative line of an exception's message (MLIR pass failures put the IR first: prefer the
-    'error:' / 'LLVM ERROR' / 'PassManager' line)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    for key in ("PassManager::run failed", "LLVM ERROR", "error:"):
-        hit = [ln for ln in lines if key in ln]
-        if hit:
-            return hit[0][:width]
-    return lines[0][:width] if lines else ""
-
-
-def _ws_last(cands):
-    """Candidates with the WS ones moved to the end (stable): they are the ones most likely to fail to compile."""
-    return [c for c in cands if not c.get("WS")] + [c for c in cands if c.get("WS")]
 
 
 
@@ -375,7 +352,6 @@ def _sweep_dense(args, bench, spec, device="cuda"):
     cands = _cfg_dicts(fg._gpu_configs)
     cands += [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=w, num_stages=s, **fg._variant(v))
               for bm, bn, w, s, v in _EXTRA_DENSE]
-    cands = _ws_last(cands)
     title = f"fp8_blockwise {spec}"
     res = [_time_config(bench, lambda c: fg.fp8_gemm_blockwise(xq, xs, wq, ws, config=c), ref, flops, c, title)
            for c in cands]
@@ -406,7 +382,6 @@ def _sweep_grouped(args, bench, spec, device="cuda"):
     cands = _cfg_dicts(fg._grouped_gpu_configs)
     cands += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **fg._variant(v))
               for bm, bn, w, s, v in _EXTRA_GROUPED]
-    cands = _ws_last(cands)
     title = f"grouped_fp8_block G{E}:{spec}"
     res = [_time_config(bench, lambda c: fg.fp8_gemm_grouped(xq, xs, wq, ws, tiles, config=c), ref, flops, c, title)
            for c in cands]

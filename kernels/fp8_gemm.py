@@ -30,18 +30,6 @@ Kernel variants (constexpr, default off; config kwargs, so the autotuner / ``con
            meant to let sm90's async wgmma overlap the promotion FMAs. Triton still waits for each wgmma
            (``wgmma.wait_group 0``) right after issuing it, so it gives no overlap: 3-10% slower than the plain
            path on the H200 at every config swept. Autotuned only with MOETRAIN_FP8_VARIANTS=1.
-  WS       the (plain or SPLIT_N, not PIPE) K loop as ``tl.range(kt0, kt1, warp_specialize=True)``: Triton's
-           automatic warp specialization (on sm90 the nvgpu-warp-specialization pass: a producer warp group issues
-           the loads, two consumer warp groups split the tile along M for the wgmma + promotion). That pass only
-           acts with num_warps == 4 and num_stages > 1; otherwise the loop compiles as the plain one (sm90 offline
-           compile, triton 3.9: WS w8 gives the plain kernel's PTX). With num_warps == 4 it fails the compile on
-           these kernels' pointer tl.loads of A / B ("LLVM ERROR: unsupported load type for producer commit",
-           RuntimeError "PassManager::run failed"): its producer handles TMA tensor-descriptor loads only (a probe
-           kernel with tl.make_tensor_descriptor A / B loads and the same per-tile scale loads and promotion does
-           get warp-specialized: 12 warps, setmaxnreg, mbarriers). Not measured on a GPU: autotuned only with
-           MOETRAIN_FP8_VARIANTS=1 (configs failing to compile are then skipped, _bench_skipping_compile_failures),
-           and only where tl.range takes ``warp_specialize`` (_HAS_WS). The interpreter ignores it (tests check
-           plumbing and numerics).
 
 Variants
   fp8_gemm_blockwise(a, a_s, b, b_s)   a: 1x128 scales [M, ceil(K/128)]; b: 128x128 scales
@@ -173,15 +161,13 @@ def _fp8_k_tile(acc, a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, sb_hi_ptrs, k_left,
 def _fp8_k_loop(acc, a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, sb_hi_ptrs, kt0, kt1,
                 stride_ak, stride_bk, stride_sak, stride_sbk,
                 B_BLOCK_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                PIPE: tl.constexpr = False, WS: tl.constexpr = False):
+                PIPE: tl.constexpr = False):
     # The unmasked K loop shared by every kernel here: full K tiles kt0 .. kt1-1 (pointers at K tile 0).
-    # WS: the plain (non-PIPE) loop as tl.range(..., warp_specialize=True); PIPE + WS is rejected.
     # PIPE (software-pipelined promotion): the dot of tile kt is issued before tile kt-1's product is promoted,
     # so an async tensor-core MMA (sm90 wgmma) can overlap the previous tile's FMAs; costs a third
     # [BLOCK_M, BLOCK_N] fp32 tile of registers (part_prev). part_prev / its factors start at zero (0 * 0 adds 0).
     a_ptrs += kt0 * (BLOCK_K * stride_ak)
     b_ptrs += kt0 * (BLOCK_K * stride_bk)
-    tl.static_assert(not (PIPE and WS), "PIPE and WS (warp specialization) do not combine")
     if PIPE:
         part_prev = tl.zeros(acc.shape, dtype=tl.float32)
         fa_prev = tl.zeros((acc.shape[0],), dtype=tl.float32)
@@ -197,13 +183,6 @@ def _fp8_k_loop(acc, a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, sb_hi_ptrs, kt0, kt1,
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
         acc = _fp8_promote(acc, part_prev, fa_prev, fb_prev, B_BLOCK_SCALES, BLOCK_N)
-    elif WS:
-        # the plain loop below as a warp-specialized tl.range (see WS in the module docstring)
-        for kt in tl.range(kt0, kt1, warp_specialize=True):
-            acc = _fp8_k_tile(acc, a_ptrs, b_ptrs, sa_ptrs + kt * stride_sak, sb_ptrs + kt * stride_sbk,
-                              sb_hi_ptrs + kt * stride_sbk, 0, B_BLOCK_SCALES, BLOCK_N, BLOCK_K, False, UPCAST_DOT)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
     else:
         for kt in range(kt0, kt1):
             acc = _fp8_k_tile(acc, a_ptrs, b_ptrs, sa_ptrs + kt * stride_sak, sb_ptrs + kt * stride_sbk,
@@ -252,15 +231,14 @@ def _fp8_k_tile_split(acc0, acc1, a_ptrs, b0_ptrs, b1_ptrs, sa_ptrs, sb0_ptrs, s
 def _fp8_k_loop_split(acc0, acc1, a_ptrs, b0_ptrs, b1_ptrs, sa_ptrs, sb0_ptrs, sb1_ptrs, kt0, kt1,
                       stride_ak, stride_bk, stride_sak, stride_sbk,
                       B_BLOCK_SCALES: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
-                      UPCAST_DOT: tl.constexpr, PIPE: tl.constexpr, WS: tl.constexpr = False):
+                      UPCAST_DOT: tl.constexpr, PIPE: tl.constexpr):
     # SPLIT_N K loop (full tiles kt0 .. kt1-1). With PIPE, a half-tile-shifted pipeline: each iteration issues
     # half 0's dot, promotes the previous tile's half 1 (overlapping that dot), issues half 1's dot, then
     # promotes half 0 (overlapping half 1's dot). Live fp32 registers: 2 tiles (accumulators + two half
-    # products), the same as the plain path, instead of PIPE's 3. WS: as in _fp8_k_loop (not with PIPE).
+    # products), the same as the plain path, instead of PIPE's 3.
     a_ptrs += kt0 * (BLOCK_K * stride_ak)
     b0_ptrs += kt0 * (BLOCK_K * stride_bk)
     b1_ptrs += kt0 * (BLOCK_K * stride_bk)
-    tl.static_assert(not (PIPE and WS), "PIPE and WS (warp specialization) do not combine")
     if PIPE:
         part1_prev = tl.zeros(acc1.shape, dtype=tl.float32)
         fa1_prev = tl.zeros((acc1.shape[0],), dtype=tl.float32)
@@ -282,15 +260,6 @@ def _fp8_k_loop_split(acc0, acc1, a_ptrs, b0_ptrs, b1_ptrs, sa_ptrs, sb0_ptrs, s
             b0_ptrs += BLOCK_K * stride_bk
             b1_ptrs += BLOCK_K * stride_bk
         acc1 = _fp8_promote(acc1, part1_prev, fa1_prev, fb1_prev, B_BLOCK_SCALES, HALF)
-    elif WS:
-        # the plain loop below as a warp-specialized tl.range (see WS in the module docstring)
-        for kt in tl.range(kt0, kt1, warp_specialize=True):
-            acc0, acc1 = _fp8_k_tile_split(acc0, acc1, a_ptrs, b0_ptrs, b1_ptrs, sa_ptrs + kt * stride_sak,
-                                           sb0_ptrs + kt * stride_sbk, sb1_ptrs + kt * stride_sbk, 0,
-                                           B_BLOCK_SCALES, HALF, BLOCK_K, False, UPCAST_DOT)
-            a_ptrs += BLOCK_K * stride_ak
-            b0_ptrs += BLOCK_K * stride_bk
-            b1_ptrs += BLOCK_K * stride_bk
     else:
         for kt in range(kt0, kt1):
             acc0, acc1 = _fp8_k_tile_split(acc0, acc1, a_ptrs, b0_ptrs, b1_ptrs, sa_ptrs + kt * stride_sak,
@@ -333,8 +302,7 @@ def _store_c_halves(c_rows, acc0, acc1, offs_n0, offs_n1, row_ok, N, stride_cn,
 def _fp8_split_n_tile(a_ptrs, as_ptrs, b_ptr, bs_ptr, pid_n, N, offs_k,
                       stride_ak, stride_bn, stride_bk, stride_ask, stride_bsn, stride_bsk, kt_end, kt_tail, k_left,
                       B_BLOCK_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, PIPE: tl.constexpr,
-                      WS: tl.constexpr = False):
+                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, PIPE: tl.constexpr):
     # The SPLIT_N output tile of the dense / grouped forward kernels: column tile pid_n of B [N, K] (b_ptr, scales
     # bs_ptr at K tile 0) as two BLOCK_N/2 halves over the A rows a_ptrs / as_ptrs (K tile 0). Full K tiles
     # 0 .. kt_end-1 in the loop, then (not EVEN_K) the partial tile kt_tail with k_left columns, masked.
@@ -353,7 +321,7 @@ def _fp8_split_n_tile(a_ptrs, as_ptrs, b_ptr, bs_ptr, pid_n, N, offs_k,
     acc1 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
     acc0, acc1 = _fp8_k_loop_split(acc0, acc1, a_ptrs, b0_ptrs, b1_ptrs, as_ptrs, bs0_ptrs, bs1_ptrs, 0, kt_end,
                                    stride_ak, stride_bk, stride_ask, stride_bsk, B_BLOCK_SCALES, HALF, BLOCK_K,
-                                   UPCAST_DOT, PIPE, WS)
+                                   UPCAST_DOT, PIPE)
     if not EVEN_K:  # the partial last K tile, peeled out of the loop
         acc0, acc1 = _fp8_k_tile_split(
             acc0, acc1, a_ptrs + kt_tail * (BLOCK_K * stride_ak), b0_ptrs + kt_tail * (BLOCK_K * stride_bk),
@@ -396,7 +364,6 @@ def _fp8_gemm_kernel(
     UPCAST_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, OUT_BF16: tl.constexpr,
     SPLIT_N: tl.constexpr = False,  # the N tile as two BLOCK_N/2 halves (two accumulators, one shared A tile)
     PIPE: tl.constexpr = False,  # software-pipelined promotion (see _fp8_k_loop / _fp8_k_loop_split)
-    WS: tl.constexpr = False,  # the K loop as tl.range(..., warp_specialize=True) (not with PIPE)
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -420,7 +387,7 @@ def _fp8_gemm_kernel(
         acc0, acc1, offs_n0, offs_n1 = _fp8_split_n_tile(
             a_ptrs, as_ptrs, b_ptr, bs_ptr, pid_n, N, offs_k, stride_ak, stride_bn, stride_bk, stride_ask, stride_bsn,
             stride_bsk, k_full, k_full, K - k_full * BLOCK_K, B_BLOCK_SCALES, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-            UPCAST_DOT, PIPE, WS)
+            UPCAST_DOT, PIPE)
         row_ok = (offs_m < M)[:, None]
         c_rows = c_ptr + offs_m[:, None] * stride_cm
         _store_c_halves(c_rows, acc0, acc1, offs_n0, offs_n1, row_ok, N, stride_cn, EXACT_CAST, OUT_BF16)
@@ -432,7 +399,7 @@ def _fp8_gemm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = _fp8_k_loop(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, bs_hi_ptrs, 0, k_full,
                           stride_ak, stride_bk, stride_ask, stride_bsk, B_BLOCK_SCALES, BLOCK_N, BLOCK_K, UPCAST_DOT,
-                          PIPE, WS)
+                          PIPE)
         if not EVEN_K:  # the partial last K tile, peeled out of the loop
             acc = _fp8_k_tile(acc, a_ptrs + k_full * (BLOCK_K * stride_ak), b_ptrs + k_full * (BLOCK_K * stride_bk),
                               as_ptrs + k_full * stride_ask, bs_ptrs + k_full * stride_bsk,
@@ -450,33 +417,15 @@ def _cfg(w, s, **blocks):
 
 
 def _variant(v):
-    """Config kwargs of a kernel variant tag: "" (default path), "S" (SPLIT_N), "P" (PIPE), "W" (WS), or a
-    combination ("SP", "SW"; PIPE + WS is invalid)."""
-    return {**({"SPLIT_N": True} if "S" in v else {}), **({"PIPE": True} if "P" in v else {}),
-            **({"WS": True} if "W" in v else {})}
+    """Config kwargs of a kernel variant tag: "" (default path), "S" (SPLIT_N), "P" (PIPE), "SP" (both)."""
+    return {**({"SPLIT_N": True} if "S" in v else {}), **({"PIPE": True} if "P" in v else {})}
 
 
 def _variants_autotuned() -> bool:
     """PIPE (and SPLIT_N in the grouped kernel) join the autotune lists only with MOETRAIN_FP8_VARIANTS=1: on the
     H200 (2026-11-30, triton 3.6) they were slower than the plain path at every config swept (bench_fp8 --sweep
-    --sweep-grouped); the dense kernel's SPLIT_N configs won there and are always in its list. WS (warp
-    specialization) is opt-in the same way until a GPU sweep has measured it (and only where this triton's tl.range
-    takes ``warp_specialize``: _HAS_WS)."""
+    --sweep-grouped); the dense kernel's SPLIT_N configs won there and are always in its list."""
     return os.environ.get("MOETRAIN_FP8_VARIANTS", "0") == "1"
-
-
-def _range_has_ws() -> bool:
-    """Whether this triton's ``tl.range`` takes ``warp_specialize`` (triton >= 3.3 or so). Without it a WS config
-    fails to compile (a TypeError for that config only: the WS loop is a constexpr branch the default path never
-    traces), so the WS configs then stay out of the autotune lists."""
-    import inspect
-    try:
-        return "warp_specialize" in inspect.signature(tl.range.__init__).parameters
-    except (TypeError, ValueError):  # pragma: no cover (no signature: assume absent)
-        return False
-
-
-_HAS_WS = _range_has_ws()
 
 
 def _gpu_configs():
@@ -490,16 +439,7 @@ def _gpu_configs():
             (128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3)]] + [
         _cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, **_variant(v)) for bm, bn, w, s, v in [
             (128, 128, 8, 4, "P")]
-        if _variants_autotuned()] + [
-        # WS: warp-specialized K loop, the best SPLIT_N / plain tiles with 4 and 8 warps. Triton's Hopper automatic
-        # warp specialization (nvgpu-warp-specialization) runs only for num_warps == 4 (one producer + up to two
-        # consumer warp groups of 4 warps each, the dot split along M) and num_stages > 1; with 8 warps it leaves
-        # the loop as it is (the plain kernel: a control in the sweep). Triton 3.9 offline: the w4 ones fail to
-        # compile (pointer loads; see WS in the module docstring); triton 3.6 on the H200 not yet tried
-        _cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, **_variant(v)) for bm, bn, w, s, v in [
-            (128, 256, 4, 3, "SW"), (128, 256, 8, 3, "SW"), (128, 256, 4, 4, "SW"),
-            (128, 128, 4, 4, "W"), (128, 128, 8, 4, "W"), (128, 256, 4, 3, "W")]
-        if _variants_autotuned() and _HAS_WS]
+        if _variants_autotuned()]
 
 
 def _pow2_at_least(n, lo=16):
@@ -528,43 +468,15 @@ def _prune_dense(configs, named_args, **kwargs):
     return _prune(configs, named_args["M"], named_args["N"])
 
 
-def _is_compile_failure(e: BaseException) -> bool:
-    """A config that does not compile (not a runtime / CUDA error): a Triton CompilationError, or an MLIR pass
-    failure (RuntimeError "PassManager::run failed", e.g. the sm90 warp-specialization pass rejecting a WS loop)."""
-    from triton.compiler.errors import CompilationError
-    return isinstance(e, CompilationError) or (isinstance(e, RuntimeError) and "PassManager::run failed" in str(e))
-
-
-def _bench_skipping_compile_failures(kernel_call, quantiles, _bench=None):
-    """Autotuner ``do_bench`` that times a config whose compile fails as +inf (skipped) instead of raising; Triton's
-    own bench only skips OutOfResources / CompileTimeAssertionFailure / PTXASError. ``_bench``: the benchmarker
-    (default: the active driver's, what the autotuner uses without ``do_bench``)."""
-    if _bench is None:
-        from triton.runtime import driver
-        _bench = driver.active.get_benchmarker()
-    try:
-        return _bench(kernel_call, quantiles=quantiles)
-    except Exception as e:  # noqa: BLE001
-        if not _is_compile_failure(e):
-            raise
-        return [float("inf")] * len(quantiles)
-
-
 def _autotune_kwargs() -> dict:
     """With MOETRAIN_FP8_AUTOTUNE_CACHE=1, ``cache_results=True`` where this triton's autotuner has it: the config
     chosen per key is kept in Triton's cache directory, so a later process with the same shapes skips timing every
     candidate (on the H200 a cold start of the 3.3B MoE's blockwise FP8 run spent its first ~80 s autotuning).
-    Off by default until a GPU run has checked it (read when this module is imported).
-    With the WS configs in the lists (MOETRAIN_FP8_VARIANTS=1 and _HAS_WS), ``do_bench`` skips configs that fail to
-    compile (_bench_skipping_compile_failures): WS loops the sm90 pass cannot partition fail at compile time."""
+    Off by default until a GPU run has checked it (read when this module is imported)."""
+    if os.environ.get("MOETRAIN_FP8_AUTOTUNE_CACHE", "0") != "1":
+        return {}
     import inspect
-    params = inspect.signature(triton.autotune).parameters
-    kw = {}
-    if _variants_autotuned() and _HAS_WS and "do_bench" in params:
-        kw["do_bench"] = _bench_skipping_compile_failures
-    if os.environ.get("MOETRAIN_FP8_AUTOTUNE_CACHE", "0") == "1" and "cache_results" in params:
-        kw["cache_results"] = True
-    return kw
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
 _fp8_gemm_kernel_tuned = _fp8_gemm_kernel if INTERPRETED else triton.autotune(
@@ -572,7 +484,7 @@ _fp8_gemm_kernel_tuned = _fp8_gemm_kernel if INTERPRETED else triton.autotune(
     prune_configs_by={"early_config_prune": _prune_dense}, **_autotune_kwargs())(_fp8_gemm_kernel)
 
 _OUT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
-_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages", "SPLIT_N", "PIPE", "WS")
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages", "SPLIT_N", "PIPE")
 
 
 def _check_config(name, cfg, keys=_CONFIG_KEYS, max_m=256):
@@ -583,11 +495,9 @@ def _check_config(name, cfg, keys=_CONFIG_KEYS, max_m=256):
         v = cfg.get(k)
         if v is not None and (not isinstance(v, int) or v < 16 or v > hi or v & (v - 1)):
             raise ValueError(f"{name}: {k} must be a power of two in [16, {hi}], got {v}")
-    for k in ("SPLIT_N", "PIPE", "WS"):
+    for k in ("SPLIT_N", "PIPE"):
         if not isinstance(cfg.get(k, False), bool):
             raise ValueError(f"{name}: {k} must be a bool, got {cfg[k]!r}")
-    if cfg.get("PIPE") and cfg.get("WS"):
-        raise ValueError(f"{name}: PIPE and WS do not combine")
     if cfg.get("SPLIT_N") and cfg.get("BLOCK_N", 128) < 32:
         raise ValueError(f"{name}: SPLIT_N needs BLOCK_N >= 32, got {cfg['BLOCK_N']}")
 
@@ -648,8 +558,8 @@ def fp8_gemm_blockwise(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch
     b_fp8: [N, K] float8_e4m3fn, b_scales: [ceil(N/128), ceil(K/128)] fp32 (from quant_128x128).
     FP32 accumulation with promotion (scale multiply + add) every 128 K. Returns [M, N] ``out_dtype``.
     ``config`` (optional, GPU benchmarking): fixed {BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages, SPLIT_N,
-    PIPE, WS} instead of autotuning (BLOCK_M, BLOCK_N: powers of two in [16, 256]; SPLIT_N / PIPE / WS: bools,
-    SPLIT_N needs BLOCK_N >= 32, PIPE excludes WS; ValueError otherwise).
+    PIPE} instead of autotuning (BLOCK_M, BLOCK_N: powers of two in [16, 256]; SPLIT_N / PIPE: bools, SPLIT_N
+    needs BLOCK_N >= 32; ValueError otherwise).
     """
     return _launch(a_fp8, a_scales, b_fp8, b_scales, out_dtype, True, "fp8_gemm_blockwise", config)
 
@@ -706,7 +616,7 @@ def _fp8_gemm_grouped_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask anywhere
     UPCAST_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, OUT_BF16: tl.constexpr,
-    SPLIT_N: tl.constexpr = False, PIPE: tl.constexpr = False, WS: tl.constexpr = False,  # as in _fp8_gemm_kernel
+    SPLIT_N: tl.constexpr = False, PIPE: tl.constexpr = False,  # as in _fp8_gemm_kernel
 ):
     # C[rows of tile t] = A[rows of tile t] @ B[group(t)]^T; one BLOCK_M-row part (BLOCK_M divides 128) of one
     # 128-row tile (of one group) per program
@@ -734,7 +644,7 @@ def _fp8_gemm_grouped_kernel(
     if SPLIT_N:
         acc0, acc1, offs_n0, offs_n1 = _fp8_split_n_tile(
             a_ptrs, as_ptrs, b_ptr, bs_ptr, pid_n, N, offs_k, stride_ak, stride_bn, stride_bk, stride_ask, stride_bsn,
-            stride_bsk, k_full, k_last, k_left, True, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST_DOT, PIPE, WS)
+            stride_bsk, k_full, k_last, k_left, True, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST_DOT, PIPE)
         _store_c_halves(c_rows, acc0, acc1, offs_n0, offs_n1, row_ok, N, stride_cn, EXACT_CAST, OUT_BF16)
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -743,7 +653,7 @@ def _fp8_gemm_grouped_kernel(
         bs_ptrs, bs_hi_ptrs = _b_scale_ptrs(bs_ptr, pid_n, offs_bn, N, stride_bsn, True, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = _fp8_k_loop(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, bs_hi_ptrs, 0, k_full,
-                          stride_ak, stride_bk, stride_ask, stride_bsk, True, BLOCK_N, BLOCK_K, UPCAST_DOT, PIPE, WS)
+                          stride_ak, stride_bk, stride_ask, stride_bsk, True, BLOCK_N, BLOCK_K, UPCAST_DOT, PIPE)
         if not EVEN_K:  # the partial last K tile
             acc = _fp8_k_tile(acc, a_ptrs + k_last * (BLOCK_K * stride_ak), b_ptrs + k_last * (BLOCK_K * stride_bk),
                               as_ptrs + k_last * stride_ask, bs_ptrs + k_last * stride_bsk,
@@ -758,7 +668,7 @@ def _fp8_wgrad_grouped_kernel(
     stride_an, stride_bk, stride_ce, stride_cn, stride_ck, stride_asn, stride_bsk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, OUT_BF16: tl.constexpr,
-    SPLIT_N: tl.constexpr = False, PIPE: tl.constexpr = False, WS: tl.constexpr = False,  # as in _fp8_gemm_kernel
+    SPLIT_N: tl.constexpr = False, PIPE: tl.constexpr = False,  # as in _fp8_gemm_kernel
 ):
     # C[g] = A[:, tiles of g] @ B[:, tiles of g]^T over the tile-padded token layout (128 columns per tile):
     # the shared K loop with K = tokens, the 1x128 scales per row of A and B, no K mask (tiles are full)
@@ -792,7 +702,7 @@ def _fp8_wgrad_grouped_kernel(
         acc0, acc1 = _fp8_k_loop_split(acc0, acc1, a_ptrs, b_ptr + offs_bn0[:, None] * stride_bk + offs_t[None, :],
                                        b_ptr + offs_bn1[:, None] * stride_bk + offs_t[None, :], as_ptrs,
                                        bs_ptr + offs_bn0 * stride_bsk, bs_ptr + offs_bn1 * stride_bsk, t0, t1,
-                                       1, 1, 1, 1, False, HALF, 128, UPCAST_DOT, PIPE, WS)
+                                       1, 1, 1, 1, False, HALF, 128, UPCAST_DOT, PIPE)
         _store_c_halves(c_rows, acc0, acc1, offs_n0, offs_n1, row_ok, K, stride_ck, EXACT_CAST, OUT_BF16)
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # rows of B (input features K)
@@ -801,7 +711,7 @@ def _fp8_wgrad_grouped_kernel(
         bs_ptrs = bs_ptr + offs_bn * stride_bsk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = _fp8_k_loop(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, bs_ptrs, t0, t1, 1, 1, 1, 1,
-                          False, BLOCK_N, 128, UPCAST_DOT, PIPE, WS)
+                          False, BLOCK_N, 128, UPCAST_DOT, PIPE)
         _store_c(c_rows + offs_n[None, :] * stride_ck, acc, row_ok & (offs_n < K)[None, :], EXACT_CAST, OUT_BF16)
 
 
@@ -812,10 +722,7 @@ def _grouped_gpu_configs():
         (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 8, 5), (64, 256, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4)]] + [
         _cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, **_variant(v)) for bm, bn, w, s, v in [
             (128, 256, 8, 3, "S"), (128, 256, 8, 4, "S"), (128, 128, 8, 4, "P")]
-        if _variants_autotuned()] + [
-        _cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, **_variant(v)) for bm, bn, w, s, v in [
-            (128, 128, 4, 4, "W"), (128, 256, 4, 3, "SW")]
-        if _variants_autotuned() and _HAS_WS]
+        if _variants_autotuned()]
 
 
 def _wgrad_gpu_configs():
@@ -862,8 +769,8 @@ def fp8_gemm_grouped(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.T
     b_fp8 [E, N, K] e4m3 with 128x128 b_scales [E, ceil(N/128), ceil(K/128)] (quant_128x128 of [E, N, K]);
     tiles: grouped_tiles(counts, M). No host sync. Used for the experts' forward (B = W) and dgrad
     (B = W^T per expert: ``b_fp8.transpose(1, 2).contiguous()``, ``b_scales.transpose(1, 2).contiguous()``).
-    ``config`` (optional): fixed {BLOCK_M (dividing 128), BLOCK_N (<= 256), num_warps, num_stages, SPLIT_N, PIPE,
-    WS} instead of autotuning.
+    ``config`` (optional): fixed {BLOCK_M (dividing 128), BLOCK_N (<= 256), num_warps, num_stages, SPLIT_N, PIPE}
+    instead of autotuning.
     """
     name = "fp8_gemm_grouped"
     _check_common(name, a_fp8, b_fp8, a_scales, b_scales, out_dtype)
@@ -893,7 +800,7 @@ def fp8_gemm_grouped(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.T
     if INTERPRETED or config is not None or not _autotune():
         cfg = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
         if config is not None:
-            _check_config(name, config, ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLIT_N", "PIPE", "WS"),
+            _check_config(name, config, ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLIT_N", "PIPE"),
                           max_m=TILE)
             cfg.update(config)
         _fp8_gemm_grouped_kernel[grid(cfg)](*args, **common, **cfg)
@@ -910,7 +817,7 @@ def fp8_gemm_grouped_wgrad(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: t
     a_fp8 [N, T*128], a_scales [N, T]; b_fp8 [K, T*128], b_scales [K, T]: the tile-padded transposed outputs
     of quant_1x128_with_transpose_grouped (grad_out^T and x^T; T = tiles.n_tiles), 1x128 tiles along tokens
     that never cross experts. Experts without tokens get zeros. No host sync.
-    ``config`` (optional): fixed {BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages, SPLIT_N, PIPE, WS} instead of
+    ``config`` (optional): fixed {BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages, SPLIT_N, PIPE} instead of
     autotuning.
     """
     name = "fp8_gemm_grouped_wgrad"
