@@ -60,6 +60,19 @@ def check_device(*named: tuple[str, torch.Tensor]) -> torch.device:
     return dev
 
 
+def max_shared_mem(device: torch.device) -> int:
+    """Shared memory one program may use, in bytes (Triton's driver query; 227 KB on an H100/H200). Large on
+    CPU / under the interpreter, which has no such limit."""
+    if device.type != "cuda":
+        return 1 << 30
+    try:
+        from triton.runtime import driver
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return int(driver.active.utils.get_device_properties(idx)["max_shared_mem"])
+    except Exception:  # noqa: BLE001 - an older or different driver API: assume the smallest current GPU's
+        return 99 * 1024
+
+
 def sm_count(device: torch.device) -> int:
     """Number of streaming multiprocessors (a small constant on CPU / under the interpreter)."""
     if device.type == "cuda":

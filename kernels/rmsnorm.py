@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import new_empty, MAX_FUSED_DIM, check_device, check_dtype, next_pow2, num_warps_for, sm_count
+from ._utils import (new_empty, MAX_FUSED_DIM, check_device, check_dtype, max_shared_mem, next_pow2, num_warps_for,
+                     sm_count)
 
 __all__ = [
     "rmsnorm",
@@ -172,7 +173,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None 
 #:                    (16384 allows 2 rows at D = 7168, BLOCK_D 8192);
 #:   ``bwd_stages``   > 1: the row loop is software-pipelined with ``tl.range(num_stages=bwd_stages)`` (the next
 #:                    rows' loads in flight while this one is reduced; Triton pipelines loads that feed no dot
-#:                    only through the loop's own num_stages, not the launch's); 1: a plain loop.
+#:                    only through the loop's own num_stages, not the launch's); 1: a plain loop. Lowered per
+#:                    launch so the tiles in flight fit in shared memory (:func:`_bwd_stages`).
 #: H200 (2026-11-30, 16384 x 7168 bf16, bench_kernels.py --sweep): 1 program/SM, 1 row, 3 stages, 8 warps:
 #: rmsnorm bwd 3.70 TB/s, add_rmsnorm bwd 3.86 TB/s (87% / 91% of the 4.24 TB/s copy); the plain loop's best
 #: (1/SM x 2 rows) 3.24 / 3.25 TB/s; 4 rows (bwd_max_tile 32768) <= 0.84 TB/s (register spills); a two-pass kernel
@@ -219,6 +221,19 @@ def _bwd_rows(block_d: int) -> int:
     return max(1, min(next_pow2(CFG["bwd_rows"]), CFG["bwd_max_tile"] // block_d))
 
 
+def _bwd_stages(block_d: int, rows: int, elem_bytes: int, device: torch.device) -> int:
+    """Pipeline stages of the backward's row loop: CFG["bwd_stages"], lowered while the tiles it keeps in flight
+    (stages x rows x block_d x elem_bytes, elem_bytes = the bytes one column of every loaded input takes) would
+    take more than 80% of the device's shared memory (the rest for the reductions); 1 = the plain loop. On an
+    H200 (227 KB) bf16 add_rmsnorm at D = 7168 keeps 3 stages (144 KB); fp32 inputs there drop to 1."""
+    stages = max(1, int(CFG["bwd_stages"]))
+    per_stage = rows * block_d * elem_bytes
+    budget = 0.8 * max_shared_mem(device)
+    while stages > 1 and stages * per_stage > budget:
+        stages -= 1
+    return stages
+
+
 def rmsnorm_bwd(dy2: torch.Tensor, h2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                 dx_dtype: torch.dtype, dh_out2: torch.Tensor | None = None,
                 n_programs: int | None = None):
@@ -244,14 +259,16 @@ def rmsnorm_bwd(dy2: torch.Tensor, h2: torch.Tensor, weight: torch.Tensor, rstd:
     dw_partial = new_empty((G, D), torch.float32, h2.device)
     BLOCK_D = next_pow2(D)
     dho_arg = dh_out2 if dh_out2 is not None else dy2
+    rows = _bwd_rows(BLOCK_D)
+    elem_bytes = dy2.element_size() + h2.element_size() + (dh_out2.element_size() if dh_out2 is not None else 0)
     _rmsnorm_bwd_kernel[(G,)](
         dy2, h2, weight, rstd, dx, dho_arg, dw_partial,
         dy2.stride(0), h2.stride(0), dx.stride(0), dho_arg.stride(0),
         N, D, rows_per_prog,
         HAS_DH_OUT=dh_out2 is not None,
         BLOCK_D=BLOCK_D,
-        ROWS=_bwd_rows(BLOCK_D),
-        STAGES=max(1, int(CFG["bwd_stages"])),
+        ROWS=rows,
+        STAGES=_bwd_stages(BLOCK_D, rows, elem_bytes, h2.device),
         num_warps=num_warps_for(BLOCK_D, hi=CFG["bwd_max_warps"]),
     )
     dw = dw_partial.sum(dim=0).to(weight.dtype)

@@ -207,6 +207,34 @@ def test_add_rmsnorm_backward_variants(bwd_variant, shape, dtype):
     _close(dw, dwr, dtype, "dw")
 
 
+@gpu
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("D,dtype", [(7168, torch.float32), (16384, torch.bfloat16), (16384, torch.float32),
+                                     (65536, torch.bfloat16)], ids=str)
+def test_gpu_wide_rows_fit_shared_memory(D, dtype, fused):
+    """Widths and dtypes whose pipelined backward would not fit in shared memory at the default stages: the
+    launcher lowers the stages (down to the plain loop) and the gradients stay right."""
+    torch.manual_seed(0)
+    N = 515
+    x = torch.randn(N, D, device="cuda", dtype=dtype, requires_grad=True)
+    r = torch.randn(N, D, device="cuda", dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(D, device="cuda")).requires_grad_(True)
+    dy = torch.randn(N, D, device="cuda", dtype=dtype)
+    xr, rr, wr = _leaf(x.float()), _leaf(r.float()), _leaf(w)
+    if fused:
+        y, _ = add_rmsnorm(x, r, w)
+        dx, dw = torch.autograd.grad(y, (x, w), dy)
+        yr = rmsnorm_ref(xr + rr, wr)
+        dxr, dwr = torch.autograd.grad(yr, (xr, wr), dy.float())
+    else:
+        y = rmsnorm(x, w)
+        dx, dw = torch.autograd.grad(y, (x, w), dy)
+        yr = rmsnorm_ref(xr, wr)
+        dxr, dwr = torch.autograd.grad(yr, (xr, wr), dy.float())
+    _close(dx, dxr, dtype, "dx")
+    torch.testing.assert_close(dw, dwr, atol=1e-3 * dwr.abs().max().item(), rtol=1e-3)
+
+
 def test_backward_rows_cap(monkeypatch):
     """bwd_max_tile caps ROWS * block columns (16384 by default: 2 rows at D=7168, BLOCK_D 8192)."""
     import kernels.rmsnorm as RN
@@ -216,6 +244,23 @@ def test_backward_rows_cap(monkeypatch):
     assert RN._bwd_rows(8192) == 2 and RN._bwd_rows(4096) == 4
     monkeypatch.setitem(RN.CFG, "bwd_max_tile", 32768)
     assert RN._bwd_rows(8192) == 4 and RN._bwd_rows(65536) == 1
+
+
+def test_backward_stages_fit_shared_memory(monkeypatch):
+    """The pipelined backward keeps CFG's stages only while stages x rows x BLOCK_D x (bytes of one column of the
+    loaded inputs) fits in 80% of the device's shared memory; it falls back to the plain loop (1) otherwise."""
+    import kernels.rmsnorm as RN
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(RN, "max_shared_mem", lambda device: 232448)   # H100 / H200: 227 KB
+    assert RN._bwd_stages(8192, 1, 3 * 2, cuda) == 3      # add_rmsnorm bf16, D = 7168: 144 KB (measured)
+    assert RN._bwd_stages(8192, 1, 2 * 4, cuda) == 2      # rmsnorm fp32, D = 7168: 3 x 64 KB is too much
+    assert RN._bwd_stages(8192, 1, 3 * 4, cuda) == 1      # add_rmsnorm fp32, D = 7168
+    assert RN._bwd_stages(16384, 1, 3 * 2, cuda) == 1     # add_rmsnorm bf16, D = 16384
+    monkeypatch.setattr(RN, "max_shared_mem", lambda device: 101376)   # 99 KB (consumer / older GPUs)
+    assert RN._bwd_stages(8192, 1, 3 * 2, cuda) == 1
+    assert RN._bwd_stages(1024, 1, 3 * 2, cuda) == 3
+    monkeypatch.setitem(RN.CFG, "bwd_stages", 1)
+    assert RN._bwd_stages(16, 1, 2, cuda) == 1
 
 
 def test_backward_deterministic():
