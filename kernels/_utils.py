@@ -8,6 +8,7 @@ correct under ``TRITON_INTERPRET=1``, whose bf16 arithmetic is wrong.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -61,13 +62,17 @@ def check_device(*named: tuple[str, torch.Tensor]) -> torch.device:
 
 
 def max_shared_mem(device: torch.device) -> int:
-    """Shared memory one program may use, in bytes (Triton's driver query; 227 KB on an H100/H200). Large on
-    CPU / under the interpreter, which has no such limit."""
+    """Shared memory one program may use, in bytes (Triton's driver query, cached per GPU: the query itself
+    takes about a millisecond; 227 KB on an H100/H200). Large on CPU / under the interpreter (no such limit)."""
     if device.type != "cuda":
         return 1 << 30
+    return _max_shared_mem_cuda(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _max_shared_mem_cuda(idx: int) -> int:
     try:
         from triton.runtime import driver
-        idx = device.index if device.index is not None else torch.cuda.current_device()
         return int(driver.active.utils.get_device_properties(idx)["max_shared_mem"])
     except Exception:  # noqa: BLE001 - an older or different driver API: assume the smallest current GPU's
         return 99 * 1024

@@ -222,14 +222,15 @@ def _bwd_rows(block_d: int) -> int:
 
 
 def _bwd_stages(block_d: int, rows: int, elem_bytes: int, device: torch.device) -> int:
-    """Pipeline stages of the backward's row loop: CFG["bwd_stages"], lowered while the tiles it keeps in flight
-    (stages x rows x block_d x elem_bytes, elem_bytes = the bytes one column of every loaded input takes) would
-    take more than 80% of the device's shared memory (the rest for the reductions); 1 = the plain loop. On an
-    H200 (227 KB) bf16 add_rmsnorm at D = 7168 keeps 3 stages (144 KB); fp32 inputs there drop to 1."""
+    """Pipeline stages of the backward's row loop: CFG["bwd_stages"], lowered while the buffers Triton allocates
+    for them, (stages - 1) x rows x block_d x elem_bytes (elem_bytes: the bytes one column of every loaded input
+    takes) plus 1 KB, exceed the device's shared memory; 1 = the plain loop (no buffers). Measured on an H200
+    (227 KB): 3 stages of fp32 rmsnorm at D = 16384 asked for 262,184 bytes (2 x 128 KB + 40) and failed to
+    launch; bf16 add_rmsnorm at D = 7168 keeps its 3 stages (96 KB)."""
     stages = max(1, int(CFG["bwd_stages"]))
     per_stage = rows * block_d * elem_bytes
-    budget = 0.8 * max_shared_mem(device)
-    while stages > 1 and stages * per_stage > budget:
+    budget = max_shared_mem(device) - 1024
+    while stages > 1 and (stages - 1) * per_stage > budget:
         stages -= 1
     return stages
 
