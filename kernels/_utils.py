@@ -62,8 +62,9 @@ def check_device(*named: tuple[str, torch.Tensor]) -> torch.device:
 
 
 def max_shared_mem(device: torch.device) -> int:
-    """Shared memory one program may use, in bytes (Triton's driver query, cached per GPU: the query itself
-    takes about a millisecond; 227 KB on an H100/H200). Large on CPU / under the interpreter (no such limit)."""
+    """Shared memory one program may use, in bytes (Triton's driver query, cached per GPU: the first query
+    builds Triton's driver helper, ~200 ms on the H200 machine; 227 KB on an H100/H200). Large on CPU / under
+    the interpreter (no such limit)."""
     if device.type != "cuda":
         return 1 << 30
     return _max_shared_mem_cuda(device.index if device.index is not None else torch.cuda.current_device())
