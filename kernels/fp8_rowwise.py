@@ -170,18 +170,21 @@ def _rows_kernel(x_ptr, q_ptr, s_ptr, src_ptr, n_out, K, stride_xm, stride_xk, s
 
 
 @triton.jit
+def _tile(R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # this program's [BLOCK_R, BLOCK_C] tile of an [R, C] matrix (grid: row blocks, column blocks, batch):
+    # (batch index int64, rows, cols, row mask, column mask)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return tl.program_id(2).to(tl.int64), rows, cols, rows < R, cols < C
+
+
+@triton.jit
 def _col_amax_kernel(x_ptr, amax_ptr, eid_ptr, R, C, stride_xb, stride_xr, stride_xc, stride_ab,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUPED: tl.constexpr):
     # column amax of a [BLOCK_R, BLOCK_C] tile, combined over row blocks by atomic max on the int32 bits of the
     # non-negative fp32 amax (inf for a column holding inf/nan). GROUPED: rows belong to group eid[row] (sorted),
     # one atomic per group present in the tile; else one per batch entry (program_id 2).
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = rows < R
-    cmask = cols < C
+    pid_b, rows, cols, rmask, cmask = _tile(R, C, BLOCK_R, BLOCK_C)
     m = rmask[:, None] & cmask[None, :]
     x = tl.load(x_ptr + pid_b * stride_xb + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc,
                 mask=m, other=0.0).to(tl.float32)
@@ -209,13 +212,7 @@ def _cast_kernel(x_ptr, q_ptr, s_ptr, src_ptr, eid_ptr, R_out, C,
     # q[b, r, c] (TRANS: stored at q[b, c, r]) = quantise(x[b, src[r], c], s[b, g, c]) with g = eid[src[r]]
     # (GROUP_SCALE) or src[r]; the scale strides broadcast (0) what a recipe does not vary. Padding rows
     # (src = -1) are zeros.
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = rows < R_out
-    cmask = cols < C
+    pid_b, rows, cols, rmask, cmask = _tile(R_out, C, BLOCK_R, BLOCK_C)
     if HAS_SRC:
         src = tl.load(src_ptr + rows, mask=rmask, other=-1)
         valid = src >= 0
