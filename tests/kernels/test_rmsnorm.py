@@ -37,10 +37,9 @@ def _leaf(t):
     return t.detach().clone().requires_grad_(True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_rmsnorm_forward_backward(shape, dtype):
-    torch.manual_seed(0)
+def _check_rmsnorm(shape, dtype, seed):
+    """rmsnorm and its gradients (under the current CFG) vs rmsnorm_ref on fp32 copies of the inputs."""
+    torch.manual_seed(seed)
     D = shape[-1]
     x = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_(True)
     w = (1 + 0.1 * torch.randn(D, device=DEVICE)).requires_grad_(True)
@@ -58,10 +57,10 @@ def test_rmsnorm_forward_backward(shape, dtype):
     _close(dw, dwr, dtype, "dw")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_add_rmsnorm_forward_backward(shape, dtype):
-    torch.manual_seed(1)
+def _check_add_rmsnorm(shape, dtype, seed):
+    """add_rmsnorm (normed, new residual) and the gradients of x, residual and weight (under the current CFG)
+    vs the reference; returns (x, r, w, h) for further checks."""
+    torch.manual_seed(seed)
     D = shape[-1]
     x = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_(True)
     r = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_(True)
@@ -83,6 +82,19 @@ def test_add_rmsnorm_forward_backward(shape, dtype):
     _close(dx, dxr, dtype, "dx")
     _close(dr, drr, dtype, "dresidual")
     _close(dw, dwr, dtype, "dw")
+    return x, r, w, h
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_rmsnorm_forward_backward(shape, dtype):
+    _check_rmsnorm(shape, dtype, seed=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_add_rmsnorm_forward_backward(shape, dtype):
+    x, r, w, h = _check_add_rmsnorm(shape, dtype, seed=1)
     # the module's own reference agrees with the unfused definition
     y2, h2 = add_rmsnorm_ref(x.detach(), r.detach(), w.detach(), 1e-5)
     _close(h2, h, dtype, "add_rmsnorm_ref h")
@@ -172,39 +184,13 @@ def bwd_variant(request, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=str)
 def test_rmsnorm_backward_variants(bwd_variant, shape, dtype):
-    torch.manual_seed(6)
-    D = shape[-1]
-    x = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_(True)
-    w = (1 + 0.1 * torch.randn(D, device=DEVICE)).requires_grad_(True)
-    dy = torch.randn(shape, device=DEVICE).to(dtype)
-    dx, dw = torch.autograd.grad(rmsnorm(x, w, 1e-6), (x, w), dy)
-    xr, wr = _leaf(x.float()), _leaf(w)
-    dxr, dwr = torch.autograd.grad(rmsnorm_ref(xr, wr, 1e-6), (xr, wr), dy.float())
-    assert dx.dtype == dtype and dw.dtype == w.dtype
-    _close(dx, dxr, dtype, "dx")
-    _close(dw, dwr, dtype, "dw")
+    _check_rmsnorm(shape, dtype, seed=6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=str)
 def test_add_rmsnorm_backward_variants(bwd_variant, shape, dtype):
-    torch.manual_seed(7)
-    D = shape[-1]
-    x = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_(True)
-    r = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_(True)
-    w = (1 + 0.1 * torch.randn(D, device=DEVICE)).requires_grad_(True)
-    y, h = add_rmsnorm(x, r, w, 1e-5)
-    dy = torch.randn(shape, device=DEVICE).to(dtype)
-    dh = torch.randn(shape, device=DEVICE).to(dtype)
-    dx, dr, dw = torch.autograd.grad((y, h), (x, r, w), (dy, dh))
-    # as test_add_rmsnorm_forward_backward: the reference normalises the stored h (straight-through)
-    xr, rr, wr = _leaf(x.float()), _leaf(r.float()), _leaf(w)
-    hr = xr + rr
-    yr = rmsnorm_ref(hr + (h.detach().float() - hr.detach()), wr, 1e-5)
-    dxr, drr, dwr = torch.autograd.grad((yr, hr), (xr, rr, wr), (dy.float(), dh.float()))
-    _close(dx, dxr, dtype, "dx")
-    _close(dr, drr, dtype, "dresidual")
-    _close(dw, dwr, dtype, "dw")
+    _check_add_rmsnorm(shape, dtype, seed=7)
 
 
 @pytest.mark.gpu
@@ -214,27 +200,8 @@ def test_add_rmsnorm_backward_variants(bwd_variant, shape, dtype):
                                      (65536, torch.bfloat16)], ids=str)
 def test_gpu_wide_rows_fit_shared_memory(D, dtype, fused):
     """Widths and dtypes whose pipelined backward would not fit in shared memory at the default stages: the
-    launcher lowers the stages (down to the plain loop) and the gradients stay right."""
-    torch.manual_seed(0)
-    N = 515
-    x = torch.randn(N, D, device="cuda", dtype=dtype, requires_grad=True)
-    r = torch.randn(N, D, device="cuda", dtype=dtype, requires_grad=True)
-    w = (1 + 0.1 * torch.randn(D, device="cuda")).requires_grad_(True)
-    dy = torch.randn(N, D, device="cuda", dtype=dtype)
-    xr, rr, wr = _leaf(x.float()), _leaf(r.float()), _leaf(w)
-    if fused:
-        y, h = add_rmsnorm(x, r, w)
-        dx, dw = torch.autograd.grad(y, (x, w), dy)
-        hr = xr + rr
-        yr = rmsnorm_ref(hr + (h.detach().float() - hr.detach()), wr)  # normalise the kernel's rounded h
-        dxr, dwr = torch.autograd.grad(yr, (xr, wr), dy.float())
-    else:
-        y = rmsnorm(x, w)
-        dx, dw = torch.autograd.grad(y, (x, w), dy)
-        yr = rmsnorm_ref(xr, wr)
-        dxr, dwr = torch.autograd.grad(yr, (xr, wr), dy.float())
-    _close(dx, dxr, dtype, "dx")
-    torch.testing.assert_close(dw, dwr, atol=1e-3 * dwr.abs().max().item(), rtol=1e-3)
+    launcher lowers the stages (down to the plain loop) and the results stay right."""
+    _check_gpu(515, D, dtype, fused)
 
 
 def test_backward_rows_cap(monkeypatch):
@@ -298,12 +265,10 @@ def test_empty_rows():
 
 
 # ---------------------------------------------------------------------------- real sizes (GPU)
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("fused", [False, True])
-def test_gpu_real_size(fused):
+def _check_gpu(N, D, dtype, fused):
+    """rmsnorm / add_rmsnorm on CUDA at [N, D]: output and gradients vs the fp32 reference (dw, a sum over N
+    rows, relative to its scale)."""
     torch.manual_seed(0)
-    N, D, dtype = 8192, 7168, torch.bfloat16
     x = torch.randn(N, D, device="cuda", dtype=dtype, requires_grad=True)
     r = torch.randn(N, D, device="cuda", dtype=dtype, requires_grad=True)
     w = (1 + 0.1 * torch.randn(D, device="cuda")).requires_grad_(True)
@@ -313,7 +278,7 @@ def test_gpu_real_size(fused):
         y, h = add_rmsnorm(x, r, w)
         dx, dr, dw = torch.autograd.grad(y, (x, r, w), dy)
         hr = xr + rr
-        yr = rmsnorm_ref(hr + (h.detach().float() - hr.detach()), wr)
+        yr = rmsnorm_ref(hr + (h.detach().float() - hr.detach()), wr)  # normalise the kernel's rounded h
         dxr, drr, dwr = torch.autograd.grad(yr, (xr, rr, wr), dy.float())
         _close(dr, drr, dtype, "dresidual")
     else:
@@ -323,5 +288,11 @@ def test_gpu_real_size(fused):
         dxr, dwr = torch.autograd.grad(yr, (xr, wr), dy.float())
     _close(y, yr, dtype, "y")
     _close(dx, dxr, dtype, "dx")
-    # dw sums 8192 rows: compare relative to its scale
     torch.testing.assert_close(dw, dwr, atol=1e-3 * dwr.abs().max().item(), rtol=1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_real_size(fused):
+    _check_gpu(8192, 7168, torch.bfloat16, fused)
