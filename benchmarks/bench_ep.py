@@ -19,7 +19,8 @@ Sections, in order (rank 0 prints a table and writes <out>/bench_ep_<date>.json)
                   all_to_all_single of the same bytes there and back (equal splits): ms and algorithmic GB/s
                   (bytes sent by one rank / time); with the PyTorch and (GPU) the Triton permute, and with
                   each exchange (all_to_all: one all_to_all_single + regroup by local expert; per_expert:
-                  batched send/recv per (rank, local expert) chunk, no regroup).
+                  batched send/recv per (rank, local expert) chunk, no regroup; pipelined: --chunks all-to-alls
+                  whose local passes overlap the neighbouring chunks' transfers).
   4. overlap      one MoE layer (with its shared experts) forward + backward with the token all-to-all
                   overlapped with the shared experts (async, the default; forward and backward) vs waited at
                   once; then the forward segment dispatch -> shared experts -> wait alone, against its ceiling
@@ -65,8 +66,18 @@ def _parse_args(argv=None):
     t.add_argument("--steps", type=int, default=10, help="timed training steps")
     t.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
     t.add_argument("--reps", type=int, default=20, help="repetitions of the dispatch / overlap timings")
-    t.add_argument("--exchanges", nargs="+", default=["all_to_all", "per_expert"],
-                   choices=["all_to_all", "per_expert"], help="token exchanges the throughput section runs at ep>1")
+    t.add_argument("--exchanges", nargs="+", default=["all_to_all", "per_expert", "pipelined"],
+                   choices=["all_to_all", "per_expert", "pipelined"],
+                   help="token exchanges the equivalence and throughput sections run at ep>1")
+    t.add_argument("--chunks", type=int, nargs="+", default=[2, 4, 8],
+                   help="token chunks of the pipelined exchange timed by the dispatch section (the first one is "
+                        "also used by the other sections)")
+    t.add_argument("--kernels", action="store_true",
+                   help="throughput section: every layout with the Triton kernels (kernels.enabled=true: attention, "
+                        "norms, RoPE, SwiGLU, router, permute and the pipelined exchange's row passes)")
+    t.add_argument("--profile", action="store_true",
+                   help="dispatch section: also run torch.profiler over the Triton all_to_all and pipelined "
+                        "dispatch+combine (rank 0 prints the top GPU kernels; Chrome traces go to --out)")
     t.add_argument("--sections", nargs="+", default=["equivalence", "throughput", "dispatch", "overlap"],
                    choices=["equivalence", "throughput", "dispatch", "overlap"])
     args = p.parse_args(argv)
@@ -154,7 +165,7 @@ def equivalence(a, base, exchange: str = "all_to_all") -> dict:
         ref = Transformer(args)
         torch.manual_seed(0)
         model = Transformer(args)
-    sync = apply_ep(model, ctx, exchange=exchange)
+    sync = apply_ep(model, ctx, exchange=exchange, chunks=a.chunks[0])
     B, T = 2, 64
     g = torch.Generator().manual_seed(7)
     data = torch.randint(0, args.vocab_size, (W * B, T + 1), generator=g).to(dev)
@@ -205,7 +216,11 @@ def throughput(a, base, ep: int, exchange: str = "all_to_all") -> dict:
     with torch.device(dev):
         torch.manual_seed(0)
         model = Transformer(args)
-    sync = apply_ep(model, ctx, exchange=exchange)
+    sync = apply_ep(model, ctx, exchange=exchange, chunks=a.chunks[0])
+    if a.kernels:
+        from moetrain.config import KernelsConfig
+        from moetrain.kernels_apply import apply_kernels
+        apply_kernels(model, KernelsConfig(enabled=True), dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     n_params = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(base.rank)
@@ -233,7 +248,8 @@ def throughput(a, base, ep: int, exchange: str = "all_to_all") -> dict:
     _sync(dev)
     dt = time.perf_counter() - t0
     a2a = A2A_METER.report()
-    out = {"ep": ep, "dp": W // ep, "exchange": exchange if ep > 1 else "-", "params_per_gpu": n_params, "tokens_per_step": W * a.micro_batch * a.seq,
+    out = {"ep": ep, "dp": W // ep, "exchange": exchange if ep > 1 else "-", "kernels": a.kernels,
+           "params_per_gpu": n_params, "tokens_per_step": W * a.micro_batch * a.seq,
            "step_ms": dt / a.steps * 1e3, "tokens_per_s": W * a.micro_batch * a.seq * a.steps / dt,
            "loss": loss.item(), "a2a_ms_per_step": a2a.get("perf/a2a_ms", 0.0),
            "a2a_bytes_per_step": a2a.get("perf/a2a_bytes", 0.0)}
@@ -265,6 +281,7 @@ def dispatch_vs_raw(a, base) -> dict:
     import torch
     import torch.distributed as dist
     from moetrain.parallel.expert_parallel import A2AMeter, AllToAllDispatcher
+    from moetrain.parallel.pipelined_exchange import build_route
 
     W, dev = base.world_size, base.device
     ctx = _ctx(base, 1, W)
@@ -288,6 +305,17 @@ def dispatch_vs_raw(a, base) -> dict:
         dist.all_to_all_single(recv, send, group=group)
         dist.all_to_all_single(send, recv, group=group)
 
+    y_ref = dispatch_combine().float()
+    errs = {}
+
+    def checked(name):
+        """dispatch_combine, after checking once that it gives the plain exchange's output (identity experts)."""
+        err = ((dispatch_combine().float() - y_ref).abs().max() / y_ref.abs().max().clamp_min(1e-30)).item()
+        errs[name] = err
+        if not err <= 1e-2:
+            raise AssertionError(f"dispatch+combine ({name}): max relative error {err:.2e} vs the all_to_all path")
+        return dispatch_combine
+
     ms_disp = _timeit(dispatch_combine, dev, a.reps)
     ms_raw = _timeit(raw, dev, a.reps)
     nbytes = 2 * send.numel() * send.element_size()  # there and back, per rank
@@ -306,21 +334,75 @@ def dispatch_vs_raw(a, base) -> dict:
     }
     # the per-expert exchange: rows land in local-expert order, no regroup
     disp.exchange = "per_expert"
-    out["dispatch_combine_per_expert_ms"] = _timeit(dispatch_combine, dev, a.reps)
+    out["dispatch_combine_per_expert_ms"] = _timeit(checked("per_expert"), dev, a.reps)
+    # the pipelined exchange: C chunks, each chunk's local passes overlapping its neighbours' all-to-alls
+    disp.exchange = "pipelined"
+    out["dispatch_combine_pipelined_ms"] = {}
+    for c in a.chunks:
+        disp.chunks = c
+        out["dispatch_combine_pipelined_ms"][c] = _timeit(checked(f"pipelined/{c}"), dev, a.reps)
     disp.exchange = "all_to_all"
     if dev.type == "cuda":  # the same with the Triton permute / unpermute kernels (kernels.permute=true)
-        from kernels.permute import permute as k_permute, stable_order as k_order, unpermute as k_unpermute
+        from kernels.permute import (RowOps, permute as k_permute, stable_order as k_order,
+                                     unpermute as k_unpermute)
+        disp.row_ops = RowOps
+        disp.exchange = "pipelined"
+        out["dispatch_combine_triton_pipelined_ms"] = {}
+        for c in a.chunks:
+            disp.chunks = c
+            out["dispatch_combine_triton_pipelined_ms"][c] = _timeit(checked(f"triton pipelined/{c}"), dev, a.reps)
+        disp.exchange = "all_to_all"
         disp.permute_fn, disp.unpermute_fn, disp.order_fn = k_permute, k_unpermute, k_order
-        ms_k = _timeit(dispatch_combine, dev, a.reps)
+        ms_k = _timeit(checked("triton"), dev, a.reps)
         out["dispatch_combine_triton_ms"] = ms_k
         disp.exchange = "per_expert"
-        out["dispatch_combine_triton_per_expert_ms"] = _timeit(dispatch_combine, dev, a.reps)
+        out["dispatch_combine_triton_per_expert_ms"] = _timeit(checked("triton per_expert"), dev, a.reps)
         disp.exchange = "all_to_all"
         out["parts_triton_ms"] = {
             "permute": _timeit(lambda: k_permute(x, ids, E), dev, a.reps),
             "unpermute": _timeit(lambda: k_unpermute(send, st.sorted_idx, w), dev, a.reps),
+            # the pipelined exchange's routing: counting sort, counts all-to-all, host sync, placement index
+            f"pipelined_route_{a.chunks[0]}_chunks": _timeit(
+                lambda: build_route(ids, E, E, W, a.chunks[0], group, disp.meter, RowOps, lambda n: _null()),
+                dev, a.reps),
+            "all_to_all_counts_and_sync": _timeit(lambda: _counts_exchange(ids, E, group), dev, a.reps),
         }
+    out["max_rel_err_vs_all_to_all"] = errs
+    if a.profile and dev.type == "cuda":
+        out["profile"] = {}
+        for name, exchange in (("all_to_all", "all_to_all"), (f"pipelined{a.chunks[0]}", "pipelined")):
+            disp.exchange, disp.chunks = exchange, a.chunks[0]
+            out["profile"][name] = _profile(dispatch_combine, base, a, f"dispatch_{name}")
+        disp.exchange = "all_to_all"
     return out
+
+
+def _counts_exchange(ids, E, group):
+    """The all_to_all exchange's counts step alone: histogram, all-to-all of the counts, host sync."""
+    import torch
+    import torch.distributed as dist
+    counts = torch.zeros(E, dtype=torch.int64, device=ids.device).scatter_add_(0, ids.reshape(-1),
+                                                                                torch.ones_like(ids.reshape(-1)))
+    recv = torch.empty_like(counts)
+    dist.all_to_all_single(recv, counts, group=group)
+    return torch.cat([counts, recv]).tolist()
+
+
+def _profile(fn, base, a, tag: str, reps: int = 5) -> str:
+    """torch.profiler over ``reps`` calls of ``fn`` (after a warm-up): returns rank 0's table of the top GPU
+    ops and writes its Chrome trace to ``<out>/<tag>_rank<r>.trace.json.gz``."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    _sync(base.device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+            _sync(base.device)
+    os.makedirs(a.out, exist_ok=True)
+    if base.rank == 0:
+        prof.export_chrome_trace(os.path.join(a.out, f"{tag}_rank0.trace.json.gz"))
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60)
+    return f"per {reps} calls\n{table}"
 
 
 def overlap_gain(a, base) -> dict:
@@ -449,6 +531,8 @@ def main(argv=None) -> int:
                       f"overhead {d['overhead_ms']:.2f} ms ({d['dispatch_combine_ms'] / d['raw_a2a_ms']:.2f}x raw)",
                       flush=True)
                 print("  local passes alone (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in d["parts_ms"].items()))
+                print("  outputs vs the all_to_all path (max relative error): "
+                      + ", ".join(f"{k} {v:.1e}" for k, v in d["max_rel_err_vs_all_to_all"].items()))
                 r = d["dispatch_combine_per_expert_ms"] / d["raw_a2a_ms"]
                 print(f"  per-expert exchange (no regroup): {d['dispatch_combine_per_expert_ms']:.2f} ms ({r:.2f}x raw)",
                       flush=True)
@@ -460,6 +544,14 @@ def main(argv=None) -> int:
                     r = d["dispatch_combine_triton_per_expert_ms"] / d["raw_a2a_ms"]
                     print(f"  Triton permute/unpermute + per-expert exchange: "
                           f"{d['dispatch_combine_triton_per_expert_ms']:.2f} ms ({r:.2f}x raw)", flush=True)
+                for name, table in d.get("profile", {}).items():
+                    print(f"\n  profile, Triton row passes, {name}: {table}", flush=True)
+                for key, what in (("dispatch_combine_pipelined_ms", "PyTorch row passes"),
+                                  ("dispatch_combine_triton_pipelined_ms", "Triton row passes")):
+                    if key in d:
+                        print(f"  pipelined exchange, {what}: " + ", ".join(
+                            f"{c} chunks {ms:.2f} ms ({ms / d['raw_a2a_ms']:.2f}x raw)" for c, ms in d[key].items()),
+                            flush=True)
         if "overlap" in a.sections and base.world_size > 1:
             o = info["overlap"] = overlap_gain(a, base)
             if main_rank:

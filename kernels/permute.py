@@ -48,7 +48,7 @@ from ._utils import (new_empty, new_empty_like, check_device, check_dtype, inter
                      num_warps_for)
 
 __all__ = ["permute", "unpermute", "permute_ref", "unpermute_ref", "routing_map", "stable_order", "routing_map_ref",
-           "inverse_index", "PermuteFunction", "UnpermuteFunction"]
+           "inverse_index", "PermuteFunction", "UnpermuteFunction", "RowOps"]
 
 
 @triton.jit
@@ -176,6 +176,31 @@ def _rm_place_kernel(IDS, COUNTS, TPE, ROW_OF, SIDX, M, E, C: tl.constexpr, E_PA
         start += tl.histogram(e, E_PAD, mask=m)
 
 
+@triton.jit
+def _placement_kernel(CNT, PLACE, S, EP, NC, EL, S_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """Program a (an arrival segment (c, s, e), a = (c*EP + s)*EL + e, count CNT[s, c, e] of the
+    [EP, NC, EL] counts): place[arrival start + j] = expert-major start + j for j < count. The arrival
+    start sums the counts of the segments before a in (c, s, e) order, the expert-major start those before
+    it in (e, c, s) order (S_BLOCK segments at a time)."""
+    a = tl.program_id(0)
+    ca, sa, ea = a // (EP * EL), (a // EL) % EP, a % EL
+    key_a = (ea * NC + ca) * EP + sa
+    arr_start = tl.zeros([S_BLOCK], dtype=tl.int64)
+    em_start = tl.zeros([S_BLOCK], dtype=tl.int64)
+    for i0 in range(0, S, S_BLOCK):
+        i = i0 + tl.arange(0, S_BLOCK)
+        c, s, e = i // (EP * EL), (i // EL) % EP, i % EL
+        cnt = tl.load(CNT + (s * NC + c) * EL + e, mask=i < S, other=0).to(tl.int64)
+        arr_start += tl.where(i < a, cnt, 0)
+        em_start += tl.where((e * NC + c) * EP + s < key_a, cnt, 0)
+    arr0 = tl.sum(arr_start)
+    em0 = tl.sum(em_start)
+    n = tl.load(CNT + (sa * NC + ca) * EL + ea)
+    for j0 in range(0, n, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        tl.store(PLACE + arr0 + j, em0 + j, mask=j < n)
+
+
 #: Tunables (H200 measurements in benchmarks/bench_kernels.py): column block of the row-copy
 #: kernels (grid N x cdiv(D, BLOCK_D)) and of the per-token tile kernel of unpermute's backward;
 #: routing map: positions per chunk (one program of the count and place kernels; powers of two),
@@ -276,60 +301,146 @@ def inverse_index(sorted_index: torch.Tensor) -> torch.Tensor:
     return row_of
 
 
-def permute_fwd(x: torch.Tensor, row_of: torch.Tensor, K: int) -> torch.Tensor:
+def _rowmajor(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-1] == 0 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _dst(name: str, t: torch.Tensor, dense: bool = False) -> torch.Tensor:
+    """An output written in place: its rows must be contiguous (``dense``: the whole tensor), as a copy would
+    not be written back."""
+    if not (t.is_contiguous() if dense else t.shape[-1] <= 1 or t.stride(-1) == 1):
+        raise ValueError(f"{name} must be {'contiguous' if dense else 'row-major (stride(-1) == 1)'}, "
+                         f"got strides {t.stride()}")
+    return t
+
+
+# Launchers. ``row_of`` (int64) and the weights ``w [N, K]`` are read as flat contiguous arrays; x / dy / src rows
+# may be strided (any stride(0), e.g. a chunk of a larger tensor). With ``out=`` (and dys= / dw=) they write into a
+# caller's buffer, touching only the rows named in row_of (resp. the N rows of a per-token output).
+def permute_fwd(x: torch.Tensor, row_of: torch.Tensor, K: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[row_of[n*K + k]] = x[n]`` for x [N, D], row_of [N*K] into ``out [R, D]`` (x.dtype; default a new
+    [N*K, D]); other rows of out are not written. Returns out."""
     N, D = x.shape
-    xs = new_empty((N * K, D), x.dtype, x.device)
-    if xs.numel() == 0:
+    xs = new_empty((N * K, D), x.dtype, x.device) if out is None else _dst("out", out)
+    if N * K * D == 0:
         return xs
+    x = _rowmajor(x)
     BLOCK_D = _block_d(D)
     _permute_fwd_kernel[(N, triton.cdiv(D, BLOCK_D))](
-        x, row_of, xs, D, x.stride(0), xs.stride(0),
+        x, row_of.contiguous(), xs, D, x.stride(0), xs.stride(0),
         K=K, BLOCK_D=BLOCK_D, num_warps=num_warps_for(BLOCK_D, hi=8))
     return xs
 
 
-def permute_bwd(dxs: torch.Tensor, row_of: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    D = dxs.shape[1]
-    dx = new_empty((N, D), dxs.dtype, dxs.device)
-    if dx.numel() == 0:
-        return dx
-    dxs = dxs if dxs.stride(-1) == 1 else dxs.contiguous()
+def _gather_sum(src, row_of, w, N: int, K: int, out):
+    D = src.shape[1]
+    out = new_empty((N, D), src.dtype, src.device) if out is None else _dst("out", out)
+    if out.numel() == 0:
+        return out
+    src = _rowmajor(src)
     BLOCK_D = _block_d(D)
     _gather_sum_kernel[(N, triton.cdiv(D, BLOCK_D))](
-        dxs, row_of, dxs, dx, D, dxs.stride(0), dx.stride(0),  # WGT unused (never read) when not WEIGHTED
-        K=K, BLOCK_D=BLOCK_D, WEIGHTED=False, num_warps=num_warps_for(BLOCK_D, hi=8))
-    return dx
+        src, row_of.contiguous(), src if w is None else w.contiguous(),  # WGT never read when not WEIGHTED
+        out, D, src.stride(0), out.stride(0),
+        K=K, BLOCK_D=BLOCK_D, WEIGHTED=w is not None, num_warps=num_warps_for(BLOCK_D, hi=8))
+    return out
 
 
-def unpermute_fwd(ys: torch.Tensor, row_of: torch.Tensor, w: torch.Tensor, N: int) -> torch.Tensor:
-    K = w.shape[1]
-    D = ys.shape[1]
-    y = new_empty((N, D), ys.dtype, ys.device)
-    if y.numel() == 0:
-        return y
-    BLOCK_D = _block_d(D)
-    _gather_sum_kernel[(N, triton.cdiv(D, BLOCK_D))](
-        ys, row_of, w, y, D, ys.stride(0), y.stride(0),
-        K=K, BLOCK_D=BLOCK_D, WEIGHTED=True, num_warps=num_warps_for(BLOCK_D, hi=8))
-    return y
+def permute_bwd(dxs: torch.Tensor, row_of: torch.Tensor, N: int, K: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[n] = sum_k dxs[row_of[n*K + k]]`` (fp32, k in order, cast on store) for dxs [R, D] into
+    ``out [N, D]`` (any float dtype; default a new one in dxs.dtype). Returns out."""
+    return _gather_sum(dxs, row_of, None, N, K, out)
 
 
-def unpermute_bwd(dy, ys, row_of, w, need_dw: bool):
+def unpermute_fwd(ys: torch.Tensor, row_of: torch.Tensor, w: torch.Tensor, N: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[n] = sum_k w[n, k] * ys[row_of[n*K + k]]`` (fp32, k in order, cast on store) for ys [R, D],
+    w [N, K] into ``out [N, D]`` (any float dtype; default a new one in ys.dtype). Returns out."""
+    return _gather_sum(ys, row_of, w, N, w.shape[1], out)
+
+
+def unpermute_bwd(dy, ys, row_of, w, need_dw: bool, dys: torch.Tensor | None = None,
+                  dw: torch.Tensor | None = None):
+    """``dys[row_of[n*K + k]] = w[n, k] * dy[n]`` and, if ``need_dw``, ``dw[n, k] = <dy[n], ys[row_of[n*K + k]]>``
+    (fp32, cast on store) for dy [N, D], ys [R, D] (read only for dw), w [N, K]. Into ``dys [R, D]`` (default a
+    new tensor like ys; only the N*K named rows written) and ``dw [N, K]`` (contiguous; default a new one in
+    w.dtype). Returns (dys, dw or None)."""
     N, K = w.shape
-    D = ys.shape[1]
-    dys = new_empty_like(ys)
-    dw = new_empty((N, K), w.dtype, w.device) if need_dw else None
+    D = dy.shape[1]
+    dys = new_empty_like(ys) if dys is None else _dst("dys", dys)
+    if need_dw:
+        dw = new_empty((N, K), w.dtype, w.device) if dw is None else _dst("dw", dw, dense=True)
+    else:
+        dw = None
     if N == 0 or D == 0:
         if need_dw:
             dw.zero_()
         return dys, dw
-    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    _unpermute_bwd_kernel[(N,)](dy, ys, row_of, w, dys, dw if need_dw else w,
+    dy, ys = _rowmajor(dy), (_rowmajor(ys) if need_dw else ys)
+    BLOCK_D = _tile_block_d(D, K)
+    _unpermute_bwd_kernel[(N,)](dy, ys, row_of.contiguous(), w.contiguous(), dys, w if dw is None else dw,
                                 D, dy.stride(0), ys.stride(0), dys.stride(0),
-                                K=K, BLOCK_K=next_pow2(K), BLOCK_D=_tile_block_d(D, K),
-                                NEED_DW=need_dw,
-                                num_warps=num_warps_for(next_pow2(K) * _tile_block_d(D, K), hi=8))
+                                K=K, BLOCK_K=next_pow2(K), BLOCK_D=BLOCK_D, NEED_DW=need_dw,
+                                num_warps=num_warps_for(next_pow2(K) * BLOCK_D, hi=8))
     return dys, dw
+
+
+class RowOps:
+    """Triton versions of :class:`moetrain.parallel.row_ops.TorchRowOps` (same semantics, shapes and
+    dtypes; staticmethods): the chunk-local row operations of the pipelined expert-parallel exchange.
+    They take a chunk of n tokens (``x [n, D]``, ``row_of [n*K]`` int64, ``w [n, K]``: slices of full-size
+    tensors, any stride(0)) and read or write rows of a full-size buffer ``[R, D]`` at the rows named in
+    ``row_of``; rows not named there are never written. Outputs are written in place and must be row-major
+    (stride(-1) == 1; ``dw`` contiguous). Sums run over k in order in fp32 and are cast on store."""
+
+    @staticmethod
+    def routing(keys: torch.Tensor, n_bins: int):
+        """Stable counting sort of ``keys [N, K]`` (integers in ``[0, n_bins)``): ``(counts [n_bins] int64,
+        sorted_index [N*K] int64, row_of [N*K] int64)``, :func:`routing_map`'s result. No host sync on CUDA."""
+        return routing_map(keys, n_bins)
+
+    @staticmethod
+    def copy_to_rows(x: torch.Tensor, row_of: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[row_of[i*K + k]] = x[i]`` for ``x [n, D]``, ``row_of [n*K]``, ``out [R, D]`` (x.dtype),
+        ``K = row_of.numel() // n``. Writes only those n*K rows of out."""
+        n = x.shape[0]
+        if n:
+            permute_fwd(x, row_of, row_of.numel() // n, out=out)
+
+    @staticmethod
+    def sum_rows(src: torch.Tensor, row_of: torch.Tensor, w: torch.Tensor | None, out: torch.Tensor) -> None:
+        """``out[i] = sum_k [w[i, k] *] src[row_of[i*K + k]]`` for ``src [R, D]``, ``w [n, K]`` or None,
+        ``out [n, D]`` (any float dtype, e.g. fp32 from a bf16 src). Writes all of out; src is only read."""
+        n = out.shape[0]
+        if n:
+            _gather_sum(src, row_of, w, n, row_of.numel() // n, out)
+
+    @staticmethod
+    def sum_rows_bwd(dy: torch.Tensor, ys: torch.Tensor, row_of: torch.Tensor, w: torch.Tensor,
+                     dys: torch.Tensor, dw: torch.Tensor | None) -> None:
+        """Backward of the weighted :meth:`sum_rows`: ``dys[row_of[i*K + k]] = w[i, k] * dy[i]`` (dys.dtype; only
+        those n*K rows of ``dys [R, D]`` written) and, if ``dw [n, K]`` (contiguous) is given,
+        ``dw[i, k] = <dy[i], ys[row_of[i*K + k]]>`` (fp32, cast on store). ``dy [n, D]``, ``ys [R, D]`` (read only
+        for dw), ``w [n, K]``."""
+        unpermute_bwd(dy, ys, row_of, w, dw is not None, dys=dys, dw=dw)
+
+
+    @staticmethod
+    def placement(counts: torch.Tensor, M: int) -> torch.Tensor:
+        """``place [M]`` int64: the expert-major row of every received row. ``counts [ep, C, E_local]``
+        (integers, on the device; ``M`` their host sum) count the rows that arrive from source rank s in
+        chunk c for local expert e; rows arrive in (c, s, e) segments and go to (e, c, s) order. One launch,
+        one program per segment; no host sync."""
+        ep, C, El = counts.shape
+        S = ep * C * El
+        place = new_empty((M,), torch.int64, counts.device)
+        if M == 0:
+            return place
+        S_BLOCK = max(16, min(next_pow2(S), 2048))
+        _placement_kernel[(S,)](counts.contiguous(), place, S, ep, C, El, S_BLOCK=S_BLOCK, BLOCK=1024,
+                                num_warps=num_warps_for(S_BLOCK, hi=8))
+        return place
 
 
 class PermuteFunction(torch.autograd.Function):
@@ -369,10 +480,6 @@ class UnpermuteFunction(torch.autograd.Function):
         need_dw = ctx.needs_input_grad[2]
         dys, dw = unpermute_bwd(dy, ys, row_of, w, need_dw)
         return (dys if ctx.needs_input_grad[0] else None), None, dw
-
-
-def _rowmajor(t: torch.Tensor) -> torch.Tensor:
-    return t if t.shape[-1] == 0 or t.stride(-1) == 1 else t.contiguous()
 
 
 def permute(x: torch.Tensor, topk_ids: torch.Tensor, n_experts: int):

@@ -86,7 +86,7 @@ def apply_kernels(model: nn.Module, kcfg, device: Optional[torch.device] = None)
     if triton_unavailable(device):
         return {}
     from kernels.mla_attention import mla_attention
-    from kernels.permute import permute, stable_order, unpermute
+    from kernels.permute import RowOps, permute, stable_order, unpermute
     from kernels.rope import rope
     from kernels.swiglu import swiglu
 
@@ -108,6 +108,8 @@ def apply_kernels(model: nn.Module, kcfg, device: Optional[torch.device] = None)
             dispatcher.permute_fn, dispatcher.unpermute_fn = permute, unpermute
             if hasattr(dispatcher, "order_fn"):  # the expert-parallel dispatcher's regroup sort
                 dispatcher.order_fn = stable_order
+            if hasattr(dispatcher, "row_ops"):  # ... and its pipelined exchange's chunk passes
+                dispatcher.row_ops = RowOps
             changed["permute"] += 1
     if kcfg.rmsnorm:
         for name, module in list(model.named_modules()):

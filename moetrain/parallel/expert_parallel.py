@@ -24,7 +24,9 @@ the same scheme)::
 
 With ``exchange="per_expert"`` (``parallel.ep_exchange``) the token exchange is one batched send/receive
 per (rank, local expert) chunk that lands the rows in local-expert order, so the reorder and its undo
-disappear (:mod:`moetrain.parallel.token_exchange`).
+disappear (:mod:`moetrain.parallel.token_exchange`). With ``exchange="pipelined"`` the tokens go in
+``chunks`` chunks whose permute / placement / weighted sum run while a neighbouring chunk's all-to-all is in
+flight (:mod:`moetrain.parallel.pipelined_exchange`); the shared experts then run after the dispatch.
 
 Both all-to-alls are autograd Functions whose backward is the reverse all-to-all of the gradient, so the
 expert weights' local gradients sum the contributions of every rank of the ``"ep"`` group. With overlap on,
@@ -64,6 +66,9 @@ from torch import nn
 from moetrain.model.dispatch import inverse_permutation, permute, unpermute
 from moetrain.model.moe import MoE
 from moetrain.model.transformer import load_stats
+from moetrain.parallel.pipelined_exchange import (ChunkRoute, SendBuffer, build_route, pipelined_combine,
+                                                  pipelined_dispatch)
+from moetrain.parallel.row_ops import TorchRowOps
 from moetrain.parallel.token_exchange import EXCHANGES, ChunkPlan, SplitPlan
 
 __all__ = [
@@ -345,7 +350,8 @@ class A2AState:
     local expert (None when no reorder is needed) and ``inv_order`` its inverse; ``tokens_per_expert``
     ``[E_local]`` int64; ``sorted_idx`` ``[N*K]`` from :func:`permute`; ``n_kept`` host int (copies sent,
     ``N*K`` minus the dropped); ``plan`` the dispatch's exchange plan (:class:`SplitPlan` or
-    :class:`ChunkPlan`; the combine runs its reverse).
+    :class:`ChunkPlan`, whose reverse the combine runs; or the pipelined exchange's :class:`ChunkRoute`,
+    with ``recv`` already expert-major and no ``sorted_idx``).
     """
 
     recv: torch.Tensor
@@ -376,7 +382,10 @@ class AllToAllDispatcher:
         meter: where all-to-all time/bytes go (default the module's :data:`A2A_METER`).
         exchange: ``"all_to_all"`` (one ``all_to_all_single``, then the received rows are regrouped by local
             expert) | ``"per_expert"`` (one batched send/receive per (rank, local expert) chunk, received
-            straight in local-expert order: no regroup pass); see :mod:`moetrain.parallel.token_exchange`.
+            straight in local-expert order: no regroup pass); see :mod:`moetrain.parallel.token_exchange` |
+            ``"pipelined"`` (``chunks`` all-to-alls, each overlapping the local passes of its neighbours;
+            see :mod:`moetrain.parallel.pipelined_exchange`; ``overlap`` does not apply).
+        chunks: token chunks of the ``"pipelined"`` exchange (``parallel.ep_chunks``, >= 1).
         autocast_comm: on CUDA under autocast, fp32 ``x`` is cast to the autocast dtype before the
             permute (half the all-to-all bytes; the routed experts' GEMMs take that dtype under autocast
             anyway, and ``GroupedExperts`` then uses its ``torch._grouped_mm`` path). The output of
@@ -386,7 +395,8 @@ class AllToAllDispatcher:
     with ``n_experts + 1`` bins when capacity is on: bin ``E`` holds the dropped copies), ``order_fn``
     (``(keys [M] int64, n_bins) -> (order, inverse)``, the stable sort of the received rows by local
     expert; default :func:`stable_order`, swapped for the Triton counting sort with ``kernels.permute``),
-    ``n_local`` (``E_local``), ``ep_rank``, ``dropped`` / ``assigned`` (host ints, token copies dropped /
+    ``row_ops`` (the pipelined exchange's chunk-local passes: :class:`TorchRowOps`, swapped for
+    ``kernels.permute.RowOps`` with ``kernels.permute``), ``n_local`` (``E_local``), ``ep_rank``, ``dropped`` / ``assigned`` (host ints, token copies dropped /
     routed by training forwards since :func:`moe_telemetry` last read them).
 
     Shapes: ``x [N, D]`` (any float dtype the backend can send), ``topk_ids [N, K]`` int64,
@@ -399,7 +409,7 @@ class AllToAllDispatcher:
 
     def __init__(self, n_experts: int, group=None, capacity_factor: float = 0.0,
                  capacity_policy: str = "probs", overlap: bool = True, meter: Optional[A2AMeter] = None,
-                 autocast_comm: bool = True, exchange: str = "all_to_all"):
+                 autocast_comm: bool = True, exchange: str = "all_to_all", chunks: int = 2):
         self.n_experts = n_experts
         self.group = group
         self.ep = dist.get_world_size(group) if group is not None else 1
@@ -412,7 +422,10 @@ class AllToAllDispatcher:
             raise ValueError(f"capacity_policy={capacity_policy!r}: must be one of {', '.join(CAPACITY_POLICIES)}")
         if exchange not in EXCHANGES:
             raise ValueError(f"ep_exchange={exchange!r}: must be one of {', '.join(EXCHANGES)}")
+        if int(chunks) != chunks or chunks < 1:
+            raise ValueError(f"ep_chunks={chunks}: must be an integer >= 1")
         self.exchange = exchange
+        self.chunks = int(chunks)
         self.n_local = n_experts // self.ep
         self.capacity_factor = float(capacity_factor)
         self.capacity_policy = capacity_policy
@@ -422,13 +435,15 @@ class AllToAllDispatcher:
         self.permute_fn = permute
         self.unpermute_fn = unpermute
         self.order_fn = stable_order
+        self.row_ops = TorchRowOps
         self.dropped = 0
         self.assigned = 0
 
     def __repr__(self) -> str:
         return (f"AllToAllDispatcher(E={self.n_experts}, ep={self.ep}, rank={self.ep_rank}, "
                 f"E_local={self.n_local}, capacity_factor={self.capacity_factor}, "
-                f"policy={self.capacity_policy}, overlap={self.overlap}, exchange={self.exchange})")
+                f"policy={self.capacity_policy}, overlap={self.overlap}, exchange={self.exchange}"
+                f"{f', chunks={self.chunks}' if self.exchange == 'pipelined' else ''})")
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> A2AState:
         """Permute token copies by expert, exchange counts, launch the token all-to-all (see class doc)."""
@@ -443,10 +458,18 @@ class AllToAllDispatcher:
             keep = capacity_keep_mask(topk_ids, topk_weights, E, cap, self.capacity_policy)
             ids = torch.where(keep, topk_ids, torch.full_like(topk_ids, E))
             n_bins = E + 1
-        expert_x, counts, sorted_idx = self.permute_fn(x, ids, n_bins)
-        send_counts = counts[:E]
         tracking = torch.is_grad_enabled()
         meter = self.meter if tracking else _NULL_METER
+        if ep > 1 and self.exchange == "pipelined":
+            x = x.contiguous()
+            send = SendBuffer(x, K, self.row_ops)
+            route = build_route(ids, n_bins, E, ep, self.chunks, self.group, meter, self.row_ops,
+                                lambda nbytes: meter.measure(x.device, nbytes), prefetch=send.prefetch)
+            self._count(tracking, N * K, sum(route.kept))
+            recv = pipelined_dispatch(x, route, send)
+            return A2AState(recv, route.tokens_per_expert, None, topk_weights, dtype, N * K, sum(route.kept), route)
+        expert_x, counts, sorted_idx = self.permute_fn(x, ids, n_bins)
+        send_counts = counts[:E]
         if ep == 1:
             if n_bins > E:  # capacity on one rank: one host sync for the number of copies kept
                 n_kept = int(send_counts.sum().item())
@@ -497,6 +520,8 @@ class AllToAllDispatcher:
     def combine(self, expert_y: torch.Tensor, state: A2AState) -> torch.Tensor:
         """``expert_y [M, D]`` (rows in ``wait``'s order) -> ``[N, D]`` weighted by ``topk_weights``,
         in the dtype of x. Dropped copies contribute zero."""
+        if isinstance(state.plan, ChunkRoute):
+            return pipelined_combine(expert_y, state.topk_weights, state.plan, state.dtype)
         y = expert_y
         if self.ep > 1:
             if state.inv_order is not None:
@@ -566,7 +591,8 @@ def apply_capacity(model: nn.Module, capacity_factor: float, capacity_policy: st
 
 
 def apply_ep(model: nn.Module, ctx, capacity_factor: float = 0.0, capacity_policy: str = "probs",
-             overlap: bool = True, bucket_mb: float = 25.0, exchange: str = "all_to_all") -> Callable[[], None]:
+             overlap: bool = True, bucket_mb: float = 25.0, exchange: str = "all_to_all",
+             chunks: int = 2) -> Callable[[], None]:
     """Shards the routed experts over the ``"ep"`` mesh dim and installs :class:`AllToAllDispatcher`.
 
     In place, before the optimizer is built: every ``MoE.experts.w{1,2,3}`` ``[E, ...]`` is replaced by a
@@ -581,8 +607,8 @@ def apply_ep(model: nn.Module, ctx, capacity_factor: float = 0.0, capacity_polic
         model: a plain model (e.g. ``Transformer``) whose MoE layers hold full ``[E, ...]`` experts,
             identical on every rank (same seed).
         ctx: ``DistContext`` with ``ep``, ``dp`` and (when distributed) ``mesh`` from ``build_mesh``.
-        exchange: the dispatchers' token exchange, ``"all_to_all"`` | ``"per_expert"`` (see
-            :class:`AllToAllDispatcher`).
+        exchange: the dispatchers' token exchange, ``"all_to_all"`` | ``"per_expert"`` | ``"pipelined"``
+            (see :class:`AllToAllDispatcher`); chunks: the pipelined exchange's token chunks.
     Returns:
         ``grad_sync()``: a :class:`moetrain.parallel.grad_sync.GradSync` to call once per optimizer step
         after the last backward (dense grads averaged over the world, expert grads summed over the
@@ -614,7 +640,7 @@ def apply_ep(model: nn.Module, ctx, capacity_factor: float = 0.0, capacity_polic
         experts.n_experts = El
         old = moe.dispatcher
         moe.dispatcher = AllToAllDispatcher(E, ep_group if ep > 1 else None, capacity_factor,
-                                            capacity_policy, overlap, exchange=exchange)
+                                            capacity_policy, overlap, exchange=exchange, chunks=chunks)
         moe.dispatcher.permute_fn = getattr(old, "permute_fn", permute)
         moe.dispatcher.unpermute_fn = getattr(old, "unpermute_fn", unpermute)
     if ep > 1:

@@ -54,7 +54,8 @@ def parallelize(model: torch.nn.Module, cfg: DictConfig, ctx: DistContext):
         # experts sharded over "ep", AllToAllDispatcher; grad_sync replaces DDP (dense grads averaged over the
         # world, expert grads summed over the "dp" group / world size)
         grad_sync = apply_ep(model, ctx, capacity_factor=capacity, capacity_policy=policy,
-                             exchange=cfg.parallel.get("ep_exchange", "all_to_all"))
+                             exchange=cfg.parallel.get("ep_exchange", "pipelined"),
+                             chunks=int(cfg.parallel.get("ep_chunks", 2)))
     elif capacity > 0:
         from moetrain.parallel.expert_parallel import apply_capacity
         apply_capacity(model, capacity, policy)  # ep = 1: the same per-rank capacity rule, no communication

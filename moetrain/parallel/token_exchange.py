@@ -30,8 +30,8 @@ import torch.distributed as dist
 
 __all__ = ["ChunkPlan", "SplitPlan", "EXCHANGES"]
 
-#: ``parallel.ep_exchange`` values.
-EXCHANGES = ("all_to_all", "per_expert")
+#: ``parallel.ep_exchange`` values (``pipelined``: :mod:`moetrain.parallel.pipelined_exchange`).
+EXCHANGES = ("all_to_all", "per_expert", "pipelined")
 
 
 class SplitPlan:

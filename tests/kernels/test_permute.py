@@ -17,6 +17,7 @@ import kernels.permute as PM  # noqa: E402
 from kernels.permute import (  # noqa: E402
     permute, permute_ref, routing_map, routing_map_ref, unpermute, unpermute_ref,
 )
+from moetrain.parallel.row_ops import TorchRowOps  # noqa: E402
 
 
 # dtype -> (atol, rtol)
@@ -321,3 +322,172 @@ def test_stable_order_matches_torch_sort(M, n_bins):
     order, inv = PM.stable_order(keys, n_bins)
     ref_order, ref_inv = torch_stable_order(keys, n_bins)
     assert torch.equal(order, ref_order) and torch.equal(inv, ref_inv)
+
+
+# ------------------------------------------------- RowOps: chunk-local row ops vs moetrain's TorchRowOps
+def _mid(m, D, dtype, fill=None, device=DEVICE):
+    """[m, D] view in the middle of a larger tensor (a data-pointer offset and stride(0) = D + 3): random, or
+    filled with ``fill`` (NaN: poisoned outputs)."""
+    big = (torch.randn(m + 2, D + 3, device=device) if fill is None
+           else torch.full((m + 2, D + 3), fill, device=device)).to(dtype)
+    return big[1:m + 1, 2:D + 2]
+
+
+def _row_chunk(n, K, D, dtype, n0=3, N=None, device=DEVICE):
+    """A chunk of n tokens from token n0 of N, as the pipelined exchange passes it: x / dy / w / row_of are slices
+    of full-size tensors (x and dy strided wider than D), the [R = N*K, D] buffers are views with an offset too, and
+    row_of is a slice of a random permutation of the R rows (so most rows belong to other chunks)."""
+    N = n0 + n + 4 if N is None else N
+    R, t = N * K, slice(n0, n0 + n)
+    return dict(n=n, K=K, R=R, t=t, x=_mid(N, D, dtype, device=device)[t], dy=_mid(N, D, dtype, device=device)[t],
+                row_of=torch.randperm(R, device=device)[n0 * K:(n0 + n) * K],
+                w=(torch.rand(N, K, device=device) + 0.5)[t], src=_mid(R, D, dtype, device=device))
+
+
+def _assert_rows(got, want, rows, tol, what):
+    """got == want (finite, within tol) on ``rows``; every other row of got is still NaN (never written)."""
+    named = torch.zeros(got.shape[0], dtype=torch.bool, device=got.device)
+    named[rows] = True
+    assert torch.isnan(got[~named].float()).all(), f"{what}: a row not named in row_of was written"
+    assert_close_finite(got[named], want[named], tol, what)
+
+
+def _check_copy_to_rows(c):
+    out = _mid(c["R"], c["x"].shape[1], c["x"].dtype, float("nan"), c["x"].device)
+    want = out.clone()
+    PM.RowOps.copy_to_rows(c["x"], c["row_of"], out)
+    TorchRowOps.copy_to_rows(c["x"], c["row_of"], want)
+    _assert_rows(out, want, c["row_of"], (0.0, 0.0), "copy_to_rows")
+
+
+def _check_sum_rows(c, weighted, out_dtype):
+    w = c["w"] if weighted else None
+    y = _mid(c["t"].stop + 4, c["src"].shape[1], out_dtype, float("nan"), c["src"].device)  # the chunk: y[t]
+    want = y.clone()
+    PM.RowOps.sum_rows(c["src"], c["row_of"], w, y[c["t"]])
+    TorchRowOps.sum_rows(c["src"], c["row_of"], w, want[c["t"]])
+    assert y.dtype == out_dtype
+    _assert_rows(y, want, c["t"], TOL[out_dtype], f"sum_rows(w={'given' if weighted else 'None'})")
+
+
+def _check_sum_rows_bwd(c, need_dw, dw_tol=TOL[torch.float32]):
+    dy, ys = c["dy"], c["src"]
+    dys = _mid(c["R"], dy.shape[1], dy.dtype, float("nan"), dy.device)
+    dw = torch.full((c["t"].stop + 4, c["K"]), float("nan"), device=dy.device)  # the chunk: dw[t]
+    want_dys, want_dw = dys.clone(), dw.clone()
+    PM.RowOps.sum_rows_bwd(dy, ys, c["row_of"], c["w"], dys, dw[c["t"]] if need_dw else None)
+    TorchRowOps.sum_rows_bwd(dy, ys, c["row_of"], c["w"], want_dys, want_dw[c["t"]] if need_dw else None)
+    _assert_rows(dys, want_dys, c["row_of"], TOL[dy.dtype], "sum_rows_bwd dys")
+    _assert_rows(dw, want_dw, c["t"] if need_dw else [], dw_tol, "sum_rows_bwd dw")
+
+
+ROW_CASES = list(itertools.product([0, 1, 5], [1, 3], [5, 33]))  # (n, K, D): D not a multiple of the block
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,K,D", ROW_CASES)
+def test_row_ops_copy_to_rows(n, K, D, dtype):
+    torch.manual_seed(n * 100 + K * 10 + D)
+    _check_copy_to_rows(_row_chunk(n, K, D, dtype))
+
+
+@pytest.mark.parametrize("weighted", [True, False], ids=["w", "no_w"])
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("n,K,D", ROW_CASES)
+def test_row_ops_sum_rows(n, K, D, dtype, out_dtype, weighted):
+    torch.manual_seed(n * 100 + K * 10 + D)
+    _check_sum_rows(_row_chunk(n, K, D, dtype), weighted, out_dtype)
+
+
+@pytest.mark.parametrize("need_dw", [True, False], ids=["dw", "no_dw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,K,D", ROW_CASES)
+def test_row_ops_sum_rows_bwd(n, K, D, dtype, need_dw):
+    torch.manual_seed(n * 100 + K * 10 + D)
+    _check_sum_rows_bwd(_row_chunk(n, K, D, dtype), need_dw)
+
+
+@pytest.mark.parametrize("n_bins", [4 * 257, 1000])
+def test_row_ops_routing(n_bins):
+    """The pipelined exchange's C * n_bins keys: 4 * 257 > 1024 bins takes routing_map's torch.sort fallback,
+    1000 the counting sort (1024 padded bins); both equal TorchRowOps.routing, repeated keys in stable order."""
+    g = torch.Generator().manual_seed(n_bins)
+    keys = torch.randint(0, n_bins, (37, 3), generator=g)
+    keys[::3, 1] = n_bins - 1  # a key shared by 13 positions: the order among them must stay stable
+    keys = keys.to(DEVICE)
+    got, want = PM.RowOps.routing(keys, n_bins), TorchRowOps.routing(keys, n_bins)
+    for name, a, b in zip(("counts", "sorted_index", "row_of"), got, want):
+        assert a.dtype == torch.int64 and torch.equal(a, b), name
+    assert got[0].shape == (n_bins,) and got[0][-1].item() >= 13
+
+
+def _placement_brute_force(counts):
+    """Arrival row j (segments in (chunk, source rank, local expert) order) -> its row in (local expert,
+    chunk, source rank) order, by listing every row."""
+    ep, C, El = counts.shape
+    arrival = [(e, c, s, j) for c in range(C) for s in range(ep) for e in range(El) for j in range(counts[s, c, e])]
+    em = sorted(arrival)
+    where = {r: i for i, r in enumerate(em)}
+    return torch.tensor([where[r] for r in arrival], dtype=torch.int64)
+
+
+@pytest.mark.parametrize("ep,C,El,zeros", [(2, 1, 1, False), (2, 3, 4, True), (4, 2, 3, False), (3, 5, 2, True),
+                                           (4, 9, 80, True)])
+def test_row_ops_placement(ep, C, El, zeros):
+    """The pipelined exchange's placement index: TorchRowOps and the Triton kernel against a brute-force listing;
+    segments with zero rows; (4, 9, 80) has 2880 segments, more than the kernel's 2048 per block."""
+    g = torch.Generator().manual_seed(ep * 100 + C * 10 + El)
+    counts = torch.randint(0, 4 if El > 10 else 7, (ep, C, El), generator=g)
+    if zeros:
+        counts[0] = 0          # a source rank that sends nothing
+        counts[:, :, -1] = 0   # an expert that gets nothing
+    M = int(counts.sum())
+    want = _placement_brute_force(counts)
+    assert torch.equal(TorchRowOps.placement(counts, M), want)
+    place = PM.RowOps.placement(counts.to(DEVICE), M)
+    assert place.dtype == torch.int64 and torch.equal(place.cpu(), want)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_placement_real_size():
+    """The placement kernel at ep=8, 4 chunks, 32 local experts and ~98k rows against TorchRowOps."""
+    counts = torch.randint(0, 800, (8, 4, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    M = int(counts.sum())
+    assert torch.equal(PM.RowOps.placement(counts, M), TorchRowOps.placement(counts, M))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_row_ops_real_size():
+    """RowOps compiled at a pipelined-exchange size: a chunk of 4096 of 16384 tokens, top-6, D = 2048, bf16 (the
+    [98304, 2048] buffers); every op, weights and dw given and not, a bf16 src summed into fp32."""
+    torch.manual_seed(0)
+    c = _row_chunk(4096, 6, 2048, torch.bfloat16, n0=8192, N=16384, device="cuda")
+    _check_copy_to_rows(c)
+    for weighted, out_dtype in [(True, torch.bfloat16), (False, torch.bfloat16), (True, torch.float32)]:
+        _check_sum_rows(c, weighted, out_dtype)
+    for need_dw in (True, False):
+        _check_sum_rows_bwd(c, need_dw, dw_tol=(1e-3, 1e-3))  # 2048-term fp32 dots: summation order differs
+
+
+@pytest.mark.parametrize("D,dtype", [(8, torch.bfloat16), (12, torch.float32), (6, torch.bfloat16), (1, torch.float32)])
+@pytest.mark.parametrize("K", [1, 3])
+def test_torch_row_ops_word_view(D, dtype, K):
+    """TorchRowOps moves rows as int64 words when the row bytes allow it (D=8 bf16, D=12 fp32) and element by
+    element otherwise (D=6 bf16: 12 bytes; D=1): both give the rows of an explicit loop, others untouched."""
+    g = torch.Generator().manual_seed(D * 10 + K)
+    n, R = 5, 40
+    x = torch.randn(n, D, generator=g).to(dtype)
+    row_of = torch.randperm(R, generator=g)[:n * K]
+    out = torch.full((R, D), float("nan"), dtype=dtype)
+    TorchRowOps.copy_to_rows(x, row_of, out)
+    want = torch.full((R, D), float("nan"), dtype=dtype)
+    for i in range(n * K):
+        want[row_of[i]] = x[i // K]
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.nan_to_num(), want.nan_to_num())
+    if K == 1:  # the inverse: a plain gather
+        back = torch.empty(n, D, dtype=dtype)
+        TorchRowOps.sum_rows(out, row_of, None, back)
+        assert torch.equal(back, x)

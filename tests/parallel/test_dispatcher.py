@@ -119,9 +119,10 @@ def test_meter_reports_per_step_and_resets():
 @pytest.mark.parametrize("world", [2, 4])
 def test_all_to_all_dispatcher_edge_cases(world):
     out = run_workers(workers.run_dispatcher_edge_cases, world, timeout=180)
-    for exchange in ("all_to_all", "per_expert"):
-        assert out[world - 1][f"only_rank0_experts/True/{exchange}"] == 0  # the last rank received nothing
-        assert out[0][f"only_rank0_experts/True/{exchange}"] > 0
+    for overlap, exchange in ((True, "all_to_all"), (True, "per_expert"), (False, "pipelined"),
+                              (False, "pipelined_triton")):
+        assert out[world - 1][f"only_rank0_experts/{overlap}/{exchange}"] == 0  # the last rank received nothing
+        assert out[0][f"only_rank0_experts/{overlap}/{exchange}"] > 0
 
 
 @pytest.mark.timeout(200)

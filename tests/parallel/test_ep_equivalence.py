@@ -28,6 +28,12 @@ CASES_2 = [
     {"name": "per_expert_exchange_capacity", "exchange": "per_expert", "capacity_factor": 0.75},
     {"name": "per_expert_exchange_zero_tokens_no_overlap", "exchange": "per_expert", "overlap": False,
      "skew": {0: 5.0, 1: 5.0, 2: 5.0, 3: 5.0}},
+    {"name": "pipelined_exchange_capacity_adamw", "exchange": "pipelined", "chunks": 3, "capacity_factor": 0.75,
+     "optim": "adamw"},
+    {"name": "pipelined_exchange_zero_tokens_accum", "exchange": "pipelined", "chunks": 2, "accum": 2,
+     "skew": {0: 5.0, 1: 5.0, 2: 5.0, 3: 5.0}, "model": {"bias_update_speed": 0.05}},
+    {"name": "pipelined_exchange_more_chunks_than_tokens_top1", "exchange": "pipelined", "chunks": 64,
+     "model": {"n_activated_experts": 1}},
 ]
 
 CASES_4 = [
@@ -40,6 +46,8 @@ CASES_4 = [
      "model": {"n_activated_experts": 1, "n_shared_experts": 0}},
     {"name": "per_expert_exchange_sigmoid_accum_adamw", "exchange": "per_expert", "accum": 2, "optim": "adamw",
      "model": {"score_func": "sigmoid"}},
+    {"name": "pipelined_exchange_group_limited_capacity", "exchange": "pipelined", "chunks": 3,
+     "capacity_factor": 0.5, "model": {"score_func": "sigmoid", "n_expert_groups": 4, "n_limited_groups": 2}},
 ]
 
 

@@ -56,5 +56,8 @@ def test_capacity_and_ep_config_errors():
         load_config(None, ["parallel.capacity_factor=-1"])
     with pytest.raises(ConfigError, match="parallel.ep_exchange"):
         load_config(None, ["parallel.ep_exchange=p2p"])
+    with pytest.raises(ConfigError, match="parallel.ep_chunks"):
+        load_config(None, ["parallel.ep_exchange=pipelined", "parallel.ep_chunks=0"])
+    assert load_config(None, ["parallel.ep_exchange=pipelined", "parallel.ep_chunks=8"]).parallel.ep_chunks == 8
     cfg = load_config(None, ["parallel.capacity_factor=1.25", "parallel.capacity_policy=position"])
     assert cfg.parallel.capacity_factor == 1.25

@@ -79,8 +79,8 @@ def run_equivalence_case(rank: int, world: int, dp: int, ep: int, case: dict) ->
     """One case: EP model on this rank vs the single-process reference, for ``case['steps']`` steps.
 
     case keys: name, model (ModelArgs overrides), steps, accum, capacity_factor, capacity_policy,
-    overlap, exchange ("all_to_all" | "per_expert"), skew ({expert: bias} applied to every gate), max_norm,
-    optim ("sgd" | "adamw").
+    overlap, exchange ("all_to_all" | "per_expert" | "pipelined"), chunks (pipelined), skew ({expert: bias}
+    applied to every gate), max_norm, optim ("sgd" | "adamw").
     """
     name = case["name"]
     args = tiny_args(**case.get("model", {}))
@@ -97,7 +97,8 @@ def run_equivalence_case(rank: int, world: int, dp: int, ep: int, case: dict) ->
     if cf > 0:
         apply_capacity(ref, cf, policy)
     grad_sync = apply_ep(model, ctx, capacity_factor=cf, capacity_policy=policy,
-                         overlap=case.get("overlap", True), exchange=case.get("exchange", "all_to_all"))
+                         overlap=case.get("overlap", True), exchange=case.get("exchange", "all_to_all"),
+                         chunks=case.get("chunks", 4))
     # SGD + momentum keeps EP-vs-reference differences at float noise (~3e-7 of a tensor's scale) and is
     # linear in the gradients (a gradient-scale bug shows in the parameters). Adam normalises tiny
     # gradients, which amplifies that noise to ~1e-5 (eps=1e-6) .. 1e-4 (eps=1e-8): looser tolerance.
@@ -205,7 +206,7 @@ def run_dispatcher_edge_cases(rank: int, world: int) -> dict:
     }
     for cname, make in cases.items():
         for overlap, exchange in ((True, "all_to_all"), (False, "all_to_all"), (True, "per_expert"),
-                                  (False, "per_expert")):
+                                  (False, "per_expert"), (False, "pipelined"), (False, "pipelined_triton")):
             g = torch.Generator().manual_seed(10 * rank + 1)
             n, ids = make(7 + rank, g)
             k = 1 if cname == "all_to_expert_5" else K
@@ -215,7 +216,10 @@ def run_dispatcher_edge_cases(rank: int, world: int) -> dict:
                        if n else torch.zeros(0, k, dtype=torch.int64))
             x = torch.randn(n, D, generator=g, requires_grad=True)
             w = torch.rand(n, k, generator=g, requires_grad=True)
-            disp = AllToAllDispatcher(E, group, overlap=overlap, exchange=exchange)
+            disp = AllToAllDispatcher(E, group, overlap=overlap, exchange=exchange.removesuffix("_triton"), chunks=3)
+            if exchange == "pipelined_triton":  # the Triton row passes (interpreted on CPU)
+                from kernels.permute import RowOps
+                disp.row_ops = RowOps
             st = disp.dispatch(x, ids, w)
             if overlap and st.pending is None:
                 raise AssertionError(f"{cname}: overlap=True but no pending all-to-all after dispatch")
