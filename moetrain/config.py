@@ -166,6 +166,7 @@ CHOICES = {
     "model.score_func": ("softmax", "sigmoid"),
     "cost.gpu_type": ("auto", *GPU_SPECS),
 }
+MAX_EP_CHUNKS = 64
 POSITIVE = ("train.steps", "train.batch_size", "train.seq_len", "train.log_every", "train.eval_batches",
             "parallel.ep", "parallel.ep_chunks", "train.lr")
 NON_NEGATIVE = ("train.micro_batch_size", "train.warmup_steps", "train.eval_every", "train.weight_decay",
@@ -253,6 +254,9 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     if cfg.parallel.fsdp and cfg.parallel.engine != "native":
         raise ConfigError(f"parallel.fsdp=true: needs parallel.engine=native (got {cfg.parallel.engine}); "
                           f"set parallel.fsdp=false to use ZeRO")
+    if cfg.parallel.ep_chunks > MAX_EP_CHUNKS:
+        raise ConfigError(f"parallel.ep_chunks={cfg.parallel.ep_chunks}: at most {MAX_EP_CHUNKS} (each chunk costs "
+                          f"two all-to-all launches per MoE layer and pass; 2-3 measured best)")
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be > 0")

@@ -59,5 +59,7 @@ def test_capacity_and_ep_config_errors():
     with pytest.raises(ConfigError, match="parallel.ep_chunks"):
         load_config(None, ["parallel.ep_exchange=pipelined", "parallel.ep_chunks=0"])
     assert load_config(None, ["parallel.ep_exchange=pipelined", "parallel.ep_chunks=8"]).parallel.ep_chunks == 8
+    with pytest.raises(ConfigError, match="parallel.ep_chunks=65: at most 64"):
+        load_config(None, ["parallel.ep_chunks=65"])
     cfg = load_config(None, ["parallel.capacity_factor=1.25", "parallel.capacity_policy=position"])
     assert cfg.parallel.capacity_factor == 1.25
