@@ -396,8 +396,9 @@ class AllToAllDispatcher:
     (``(keys [M] int64, n_bins) -> (order, inverse)``, the stable sort of the received rows by local
     expert; default :func:`stable_order`, swapped for the Triton counting sort with ``kernels.permute``),
     ``row_ops`` (the pipelined exchange's chunk-local passes: :class:`TorchRowOps`, swapped for
-    ``kernels.permute.RowOps`` with ``kernels.permute``), ``n_local`` (``E_local``), ``ep_rank``, ``dropped`` / ``assigned`` (host ints, token copies dropped /
-    routed by training forwards since :func:`moe_telemetry` last read them).
+    ``kernels.permute.RowOps`` with ``kernels.permute``), ``n_local`` (``E_local``), ``ep_rank``,
+    ``dropped`` / ``assigned`` (host ints, token copies dropped / routed by training forwards since
+    :func:`moe_telemetry` last read them).
 
     Shapes: ``x [N, D]`` (any float dtype the backend can send), ``topk_ids [N, K]`` int64,
     ``topk_weights [N, K]``; ``wait`` -> ``([M, D] rows sorted by local expert, [E_local] int64)``;

@@ -26,7 +26,8 @@ Expert-major order here: local expert 0's rows from (chunk 0, source rank 0), (c
 order inside an expert changes the order of the weight-gradient sums only.
 
 The local passes go through ``row_ops`` (:class:`moetrain.parallel.row_ops.TorchRowOps`, or
-``kernels.permute.RowOps`` with ``kernels.permute=true``). Works on gloo (CPU) and NCCL; every rank must run the same number of chunks.
+``kernels.permute.RowOps`` with ``kernels.permute=true``). Works on gloo (CPU) and NCCL; every rank must
+run the same number of chunks.
 """
 from __future__ import annotations
 
