@@ -1,0 +1,136 @@
+"""How fast can token rows cross NVLink without NCCL? A probe for issue 3's next step (GPU only, 2+ ranks).
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench_p2p.py [--mb 201] [--reps 20] [--backend NVSHMEM]
+
+The dispatch target (<= 1.25x a raw all_to_all_single) is limited by what surrounds NCCL's transfer: a host
+sync for the split sizes and the local passes. A DeepEP-style dispatch would have each rank's kernel write
+its rows straight into the peers' receive buffers (symmetric memory), placed and in expert order, with no
+host sync. This probe measures the transport such a kernel would use against NCCL, for the bytes one rank
+sends to the others in the benchmark of bench_ep.py (16384 tokens x top-6 x 2048 bf16 over 2 ranks: ~201 MB
+leave each rank each way):
+
+  nccl      dist.all_to_all_single with equal splits of the whole buffer (what bench_ep.py calls raw)
+  p2p_copy  symmetric memory (torch.distributed._symmetric_memory, --backend CUDA or NVSHMEM): each rank copies its
+            rows for every peer into that peer's buffer with one copy_ per peer (SM copy kernels writing
+            over NVLink), then a barrier; the rows for itself are copied locally
+  vdev      torch.ops.symm_mem.all_to_all_vdev (split sizes on the device), with --backend NVSHMEM
+
+Rank 0 prints ms and GB/s (bytes leaving one rank / time) per method; every method's result is checked
+against NCCL's before it is timed. Sets NCCL_NVLS_ENABLE=0 and the multicast switches off like bench_ep.py.
+Not part of CI.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["NCCL_NVLS_ENABLE"] = "0"
+os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+
+def _time(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        dist.barrier()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mb", type=float, default=201.0, help="MB each rank sends to the others (default %(default)s)")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--backend", choices=["CUDA", "NVSHMEM"], default="CUDA", help="symmetric-memory backend")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_p2p: needs CUDA GPUs", file=sys.stderr)
+        return 2
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = torch.device("cuda", torch.cuda.current_device())  # an index: NVSHMEM's allocator needs one
+    D = 2048
+    rows_per_peer = int(a.mb * 1e6 / (D * 2) / max(world - 1, 1))
+    n = rows_per_peer * world
+    x = torch.randn(n, D, device=dev, dtype=torch.bfloat16) + rank
+    ref = torch.empty_like(x)
+    dist.all_to_all_single(ref, x)
+    res = {}
+
+    def nccl():
+        dist.all_to_all_single(ref, x)
+
+    res["nccl"] = _time(nccl, a.reps)
+    group_name = dist.group.WORLD.group_name
+    import torch.distributed._symmetric_memory as symm_mem
+    if a.backend != "CUDA":  # CUDA is the default (torch 2.11 has no allocation backend named "CUDA" to set)
+        symm_mem.set_backend(a.backend)
+    try:
+        buf = symm_mem.empty((n, D), dtype=torch.bfloat16, device=dev)
+        hdl = symm_mem.rendezvous(buf, group_name)
+        peers = {r: hdl.get_buffer(r, (n, D), torch.bfloat16) for r in range(world)}
+
+        def p2p_copy():
+            hdl.barrier(channel=0)  # the peers have finished reading their buffers
+            for j in range(world):
+                r = (rank + j) % world  # every rank starts with a different peer
+                peers[r][rank * rows_per_peer:(rank + 1) * rows_per_peer].copy_(
+                    x[r * rows_per_peer:(r + 1) * rows_per_peer])
+            hdl.barrier(channel=0)  # every peer's rows have landed here
+
+        p2p_copy()
+        torch.cuda.synchronize()
+        if not torch.equal(buf, ref):
+            raise AssertionError("p2p_copy: received rows differ from NCCL's")
+        res["p2p_copy"] = _time(p2p_copy, a.reps)
+    except Exception as e:  # noqa: BLE001 - a probe: report and go on
+        res["p2p_copy"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    try:
+        if a.backend != "NVSHMEM":
+            raise RuntimeError("needs --backend NVSHMEM")
+        inp = symm_mem.empty((n, D), dtype=torch.bfloat16, device=dev)
+        out = symm_mem.empty((n, D), dtype=torch.bfloat16, device=dev)
+        splits = symm_mem.empty(world, dtype=torch.int64, device=dev)
+        so = symm_mem.empty((2, world), dtype=torch.int64, device=dev)
+        inp.copy_(x)
+        splits.fill_(rows_per_peer)
+
+        def vdev():
+            torch.ops.symm_mem.all_to_all_vdev(inp, out, splits, so, group_name)
+
+        vdev()
+        torch.cuda.synchronize()
+        if not torch.equal(out, ref):
+            raise AssertionError("vdev: received rows differ from NCCL's")
+        res["vdev"] = _time(vdev, a.reps)
+    except Exception as e:  # noqa: BLE001
+        res["vdev"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    if rank == 0:
+        sent = rows_per_peer * (world - 1) * D * 2
+        print(f"{world} ranks, {sent / 1e6:.0f} MB leave each rank ({n} rows x {D} bf16 in all), "
+              f"symmetric-memory backend {a.backend}")
+        for k, v in res.items():
+            if isinstance(v, str):
+                print(f"  {k:<9} {v}")
+            else:
+                print(f"  {k:<9} {v:7.3f} ms  {sent / v / 1e6:7.1f} GB/s  ({v / res['nccl']:.2f}x nccl)")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
