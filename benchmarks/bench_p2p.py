@@ -15,6 +15,15 @@ leave each rank each way):
             over NVLink), then a barrier; the rows for itself are copied locally
   vdev      torch.ops.symm_mem.all_to_all_vdev (split sizes on the device), with --backend NVSHMEM
 
+and, with --backend CUDA, a prototype of the fused dispatch (forward only, not used by the trainer):
+
+  fused_dispatch   bench_ep.py's routing (16384 tokens x top-6 of 64 experts, 2048 bf16): counts all-gathered,
+                   each copy's destination (rank, expert-major row) computed on the device, then ONE Triton
+                   kernel reads every token once and stores its K copies straight into the destination ranks'
+                   symmetric receive buffers, between two barriers; checked equal to the pipelined exchange's
+                   expert-major rows (chunks=1) and timed against that dispatch alone and a raw all_to_all of
+                   the same rows one way
+
 Rank 0 prints ms and GB/s (bytes leaving one rank / time) per method; every method's result is checked
 against NCCL's before it is timed. Sets NCCL_NVLS_ENABLE=0 and the multicast switches off like bench_ep.py.
 Not part of CI.
@@ -34,6 +43,78 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@triton.jit
+def _push_rows_kernel(X, DEST_RANK, DEST_ROW, DELTA, BUF, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (t, db): token t's column block goes to its K destinations: rank DEST_RANK[t*K+k]'s receive buffer
+    (this rank's BUF + DELTA[rank] elements: the peer's mapping) at row DEST_ROW[t*K+k]."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = cols < D
+    x = tl.load(X + t * D + cols, mask=m)
+    for k in tl.static_range(K):
+        r = tl.load(DEST_RANK + t * K + k)
+        row = tl.load(DEST_ROW + t * K + k)
+        delta = tl.load(DELTA + r)
+        tl.store(BUF + delta + row * D + cols, x, mask=m)
+
+
+def fused_dispatch_probe(a, rank: int, world: int, dev, group_name: str, reps: int) -> dict:
+    """The fused-dispatch prototype (see the module docstring); returns ms and the check."""
+    import torch.distributed._symmetric_memory as symm_mem
+    from kernels.permute import RowOps
+    from moetrain.parallel.expert_parallel import A2AMeter, AllToAllDispatcher
+
+    N, K, E, D = 16384, 6, 64, 2048
+    El = E // world
+    g = torch.Generator().manual_seed(100 + rank)
+    ids = torch.rand(N, E, generator=g).topk(K, dim=-1)[1].to(dev)
+    w = torch.rand(N, K, generator=g).to(dev)
+    x = torch.randn(N, D, device=dev, dtype=torch.bfloat16)
+    disp = AllToAllDispatcher(E, dist.group.WORLD, meter=A2AMeter(), exchange="pipelined", chunks=1)
+    disp.row_ops = RowOps
+
+    def pipelined_dispatch():
+        with torch.no_grad():
+            return disp.wait(disp.dispatch(x, ids, w))[0]
+
+    em_ref = pipelined_dispatch()
+    buf = symm_mem.empty((world * N * K, D), dtype=torch.bfloat16, device=dev)
+    hdl = symm_mem.rendezvous(buf, group_name)
+    delta = torch.tensor([(p - buf.data_ptr()) // buf.element_size() for p in hdl.buffer_ptrs], dtype=torch.int64,
+                         device=dev)
+    c_all = torch.empty(world, E, dtype=torch.int64, device=dev)
+
+    def fused():
+        counts, _, row_of = RowOps.routing(ids, E)
+        dist.all_gather_into_tensor(c_all, counts)
+        total = c_all.sum(0).view(world, El)
+        em_start = (torch.cumsum(total, 1) - total).reshape(-1)            # [E]: first row of expert g on its rank
+        src_off = c_all[:rank].sum(0)                                      # rows of g from the ranks before this one
+        first = torch.cumsum(counts, 0) - counts                           # this rank's first sorted row of g
+        flat = ids.reshape(-1)
+        dest_row = em_start[flat] + src_off[flat] + row_of - first[flat]
+        dest_rank = flat // El
+        hdl.barrier(channel=0)       # every peer is done with its receive buffer
+        _push_rows_kernel[(N, triton.cdiv(D, 1024))](x, dest_rank, dest_row, delta, buf, D, K=K, BLOCK_D=1024,
+                                                     num_warps=4)
+        hdl.barrier(channel=0)       # every peer's rows have landed here
+        return total[rank].sum()
+
+    M = int(fused())
+    torch.cuda.synchronize()
+    ok = M == em_ref.shape[0] and torch.equal(buf[:M], em_ref)
+    send = torch.randn(N * K, D, device=dev, dtype=torch.bfloat16)
+    recv = torch.empty_like(send)
+    out = {"rows_received": M, "equal_to_pipelined": bool(ok),
+           "fused_ms": _time(fused, reps), "pipelined_dispatch_ms": _time(pipelined_dispatch, reps),
+           "raw_a2a_one_way_ms": _time(lambda: dist.all_to_all_single(recv, send), reps)}
+    return out
 
 
 def _time(fn, reps: int) -> float:
@@ -119,6 +200,12 @@ def main(argv=None) -> int:
         res["vdev"] = _time(vdev, a.reps)
     except Exception as e:  # noqa: BLE001
         res["vdev"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    fused = None
+    if a.backend == "CUDA":
+        try:
+            fused = fused_dispatch_probe(a, rank, world, dev, group_name, a.reps)
+        except Exception as e:  # noqa: BLE001
+            fused = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
     if rank == 0:
         sent = rows_per_peer * (world - 1) * D * 2
         print(f"{world} ranks, {sent / 1e6:.0f} MB leave each rank ({n} rows x {D} bf16 in all), "
@@ -128,6 +215,15 @@ def main(argv=None) -> int:
                 print(f"  {k:<9} {v}")
             else:
                 print(f"  {k:<9} {v:7.3f} ms  {sent / v / 1e6:7.1f} GB/s  ({v / res['nccl']:.2f}x nccl)")
+        if isinstance(fused, dict):
+            raw = fused["raw_a2a_one_way_ms"]
+            print(f"fused dispatch prototype (16384 x top-6 of 64 experts x 2048 bf16; {fused['rows_received']} rows "
+                  f"received here; equal to the pipelined exchange's rows: {fused['equal_to_pipelined']}):\n"
+                  f"  fused {fused['fused_ms']:.3f} ms ({fused['fused_ms'] / raw:.2f}x raw), pipelined dispatch "
+                  f"(Triton rows, 1 chunk) {fused['pipelined_dispatch_ms']:.3f} ms "
+                  f"({fused['pipelined_dispatch_ms'] / raw:.2f}x raw), raw all_to_all one way {raw:.3f} ms")
+        elif fused is not None:
+            print(f"fused dispatch prototype {fused}")
     dist.destroy_process_group()
     return 0
 
