@@ -20,7 +20,8 @@ Sections, in order (rank 0 prints a table and writes <out>/bench_ep_<date>.json)
                   (bytes sent by one rank / time); with the PyTorch and (GPU) the Triton permute, and with
                   each exchange (all_to_all: one all_to_all_single + regroup by local expert; per_expert:
                   batched send/recv per (rank, local expert) chunk, no regroup; pipelined: --chunks all-to-alls
-                  whose local passes overlap the neighbouring chunks' transfers).
+                  whose local passes overlap the neighbouring chunks' transfers; symmetric (GPU): one kernel
+                  stores / reads the copies in the peers' symmetric-memory buffers).
   4. overlap      one MoE layer (with its shared experts) forward + backward with the token all-to-all
                   overlapped with the shared experts (async, the default; forward and backward) vs waited at
                   once; then the forward segment dispatch -> shared experts -> wait alone, against its ceiling
@@ -67,7 +68,7 @@ def _parse_args(argv=None):
     t.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
     t.add_argument("--reps", type=int, default=20, help="repetitions of the dispatch / overlap timings")
     t.add_argument("--exchanges", nargs="+", default=["all_to_all", "per_expert", "pipelined"],
-                   choices=["all_to_all", "per_expert", "pipelined"],
+                   choices=["all_to_all", "per_expert", "pipelined", "symmetric"],
                    help="token exchanges the equivalence and throughput sections run at ep>1")
     t.add_argument("--chunks", type=int, nargs="+", default=[2, 4, 8],
                    help="token chunks of the pipelined exchange timed by the dispatch section (the first one is "
@@ -351,6 +352,8 @@ def dispatch_vs_raw(a, base) -> dict:
         for c in a.chunks:
             disp.chunks = c
             out["dispatch_combine_triton_pipelined_ms"][c] = _timeit(checked(f"triton pipelined/{c}"), dev, a.reps)
+        disp.exchange = "symmetric"  # symmetric memory: one kernel each way, no all-to-all
+        out["dispatch_combine_symmetric_ms"] = _timeit(checked("symmetric"), dev, a.reps)
         disp.exchange = "all_to_all"
         disp.permute_fn, disp.unpermute_fn, disp.order_fn = k_permute, k_unpermute, k_order
         ms_k = _timeit(checked("triton"), dev, a.reps)
@@ -544,6 +547,10 @@ def main(argv=None) -> int:
                     r = d["dispatch_combine_triton_per_expert_ms"] / d["raw_a2a_ms"]
                     print(f"  Triton permute/unpermute + per-expert exchange: "
                           f"{d['dispatch_combine_triton_per_expert_ms']:.2f} ms ({r:.2f}x raw)", flush=True)
+                if "dispatch_combine_symmetric_ms" in d:
+                    ms = d["dispatch_combine_symmetric_ms"]
+                    print(f"  symmetric-memory exchange (Triton routing): {ms:.2f} ms ({ms / d['raw_a2a_ms']:.2f}x raw)",
+                          flush=True)
                 for name, table in d.get("profile", {}).items():
                     print(f"\n  profile, Triton row passes, {name}: {table}", flush=True)
                 for key, what in (("dispatch_combine_pipelined_ms", "PyTorch row passes"),

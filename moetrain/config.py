@@ -91,6 +91,8 @@ class ParallelConfig:
                                      # | all_to_all (one all_to_all_single, then a regroup by local expert; the
                                      # shared experts overlap it) | per_expert (batched send/recv per rank and
                                      # local expert, received in expert order: no regroup; 1-2 experts per GPU)
+                                     # | symmetric (CUDA + NCCL: one kernel stores / reads the token copies in
+                                     # the peers' symmetric-memory buffers; no all-to-all, no regroup)
     ep_chunks: int = 2               # token chunks of ep_exchange=pipelined
 
 
@@ -159,7 +161,7 @@ CHOICES = {
     "parallel.engine": ("native", "deepspeed"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.capacity_policy": ("probs", "position"),
-    "parallel.ep_exchange": ("all_to_all", "per_expert", "pipelined"),
+    "parallel.ep_exchange": ("all_to_all", "per_expert", "pipelined", "symmetric"),
     "precision.dtype": ("auto", "bf16", "fp32"),
     "precision.fp8": ("none", "tensorwise", "rowwise", "blockwise"),
     "logging.wandb": ("disabled", "offline", "online"),

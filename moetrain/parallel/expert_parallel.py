@@ -102,7 +102,8 @@ class A2AMeter:
     ran), the combine all-to-all and both backward all-to-alls. On CUDA it is measured with CUDA events on
     the current stream (no extra synchronisation; read at :meth:`report`), on CPU with ``perf_counter``.
     Bytes are those handed to ``all_to_all_single`` (tokens and counts, including the rows a rank sends
-    to itself), forward and backward. Forwards without grad (evaluation) are not counted.
+    to itself), forward and backward; with the symmetric exchange, the rows pushed or pulled per phase (whose
+    time is the phase's barriers, copies and kernel). Forwards without grad (evaluation) are not counted.
 
     ``steps`` is advanced by :class:`moetrain.parallel.grad_sync.GradSync` (once per optimizer step), so
     :meth:`report` gives per-step averages since the previous report.
@@ -384,7 +385,9 @@ class AllToAllDispatcher:
             expert) | ``"per_expert"`` (one batched send/receive per (rank, local expert) chunk, received
             straight in local-expert order: no regroup pass); see :mod:`moetrain.parallel.token_exchange` |
             ``"pipelined"`` (``chunks`` all-to-alls, each overlapping the local passes of its neighbours;
-            see :mod:`moetrain.parallel.pipelined_exchange`; ``overlap`` does not apply).
+            see :mod:`moetrain.parallel.pipelined_exchange`; ``overlap`` does not apply) | ``"symmetric"``
+            (CUDA + NCCL only: token copies stored into / read from the peers' symmetric-memory buffers by
+            one kernel each way, :mod:`moetrain.parallel.symm_exchange`; ``overlap`` does not apply).
         chunks: token chunks of the ``"pipelined"`` exchange (``parallel.ep_chunks``, >= 1).
         autocast_comm: on CUDA under autocast, fp32 ``x`` is cast to the autocast dtype before the
             permute (half the all-to-all bytes; the routed experts' GEMMs take that dtype under autocast
@@ -461,6 +464,13 @@ class AllToAllDispatcher:
             n_bins = E + 1
         tracking = torch.is_grad_enabled()
         meter = self.meter if tracking else _NULL_METER
+        if ep > 1 and self.exchange == "symmetric":
+            from moetrain.parallel.symm_exchange import build_symm_route, symm_dispatch
+            route = build_symm_route(ids, n_bins, E, self.group, self.ep_rank, self.row_ops, x.dtype, x.shape[1],
+                                     meter)
+            self._count(tracking, N * K, route.sent)
+            recv = symm_dispatch(x, route)
+            return A2AState(recv, route.tokens_per_expert, None, topk_weights, dtype, N * K, route.sent, route)
         if ep > 1 and self.exchange == "pipelined":
             x = x.contiguous()
             send = SendBuffer(x, K, self.row_ops)
@@ -523,6 +533,9 @@ class AllToAllDispatcher:
         in the dtype of x. Dropped copies contribute zero."""
         if isinstance(state.plan, ChunkRoute):
             return pipelined_combine(expert_y, state.topk_weights, state.plan, state.dtype)
+        if self.exchange == "symmetric" and self.ep > 1:
+            from moetrain.parallel.symm_exchange import symm_combine
+            return symm_combine(expert_y, state.topk_weights, state.plan, state.dtype)
         y = expert_y
         if self.ep > 1:
             if state.inv_order is not None:

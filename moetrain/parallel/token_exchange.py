@@ -30,8 +30,9 @@ import torch.distributed as dist
 
 __all__ = ["ChunkPlan", "SplitPlan", "EXCHANGES"]
 
-#: ``parallel.ep_exchange`` values (``pipelined``: :mod:`moetrain.parallel.pipelined_exchange`).
-EXCHANGES = ("all_to_all", "per_expert", "pipelined")
+#: ``parallel.ep_exchange`` values (``pipelined``: :mod:`moetrain.parallel.pipelined_exchange`; ``symmetric``:
+#: :mod:`moetrain.parallel.symm_exchange`, CUDA + NCCL only).
+EXCHANGES = ("all_to_all", "per_expert", "pipelined", "symmetric")
 
 
 class SplitPlan:

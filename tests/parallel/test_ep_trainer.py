@@ -63,3 +63,19 @@ def test_capacity_and_ep_config_errors():
         load_config(None, ["parallel.ep_chunks=65"])
     cfg = load_config(None, ["parallel.capacity_factor=1.25", "parallel.capacity_policy=position"])
     assert cfg.parallel.capacity_factor == 1.25
+
+
+def test_symmetric_exchange_needs_cuda_and_nccl():
+    """parallel.ep_exchange=symmetric on CPU / gloo: a one-line UnavailableFeature naming the fix (the trainer turns
+    it into exit code 2), raised before any expert is sharded."""
+    import types
+
+    import torch
+
+    from moetrain.config import load_config
+    from moetrain.parallel.parallelize import UnavailableFeature, parallelize
+    cfg = load_config(None, ["parallel.ep=2", "parallel.ep_exchange=symmetric"])
+    ctx = types.SimpleNamespace(ep=2, dp=1, device=torch.device("cpu"), backend="gloo", distributed=True)
+    with pytest.raises(UnavailableFeature, match="ep_exchange=symmetric needs CUDA GPUs and the NCCL backend.*"
+                                                 "pipelined"):
+        parallelize(torch.nn.Linear(2, 2), cfg, ctx)
