@@ -26,7 +26,9 @@ With ``exchange="per_expert"`` (``parallel.ep_exchange``) the token exchange is 
 per (rank, local expert) chunk that lands the rows in local-expert order, so the reorder and its undo
 disappear (:mod:`moetrain.parallel.token_exchange`). With ``exchange="pipelined"`` the tokens go in
 ``chunks`` chunks whose permute / placement / weighted sum run while a neighbouring chunk's all-to-all is in
-flight (:mod:`moetrain.parallel.pipelined_exchange`); the shared experts then run after the dispatch.
+flight (:mod:`moetrain.parallel.pipelined_exchange`); the shared experts then run after the dispatch. With
+``exchange="symmetric"`` (CUDA + NCCL) no all-to-all runs: one kernel stores every token copy straight into
+the peers' symmetric-memory buffers and the combine pulls them back (:mod:`moetrain.parallel.symm_exchange`).
 
 Both all-to-alls are autograd Functions whose backward is the reverse all-to-all of the gradient, so the
 expert weights' local gradients sum the contributions of every rank of the ``"ep"`` group. With overlap on,
@@ -351,8 +353,8 @@ class A2AState:
     local expert (None when no reorder is needed) and ``inv_order`` its inverse; ``tokens_per_expert``
     ``[E_local]`` int64; ``sorted_idx`` ``[N*K]`` from :func:`permute`; ``n_kept`` host int (copies sent,
     ``N*K`` minus the dropped); ``plan`` the dispatch's exchange plan (:class:`SplitPlan` or
-    :class:`ChunkPlan`, whose reverse the combine runs; or the pipelined exchange's :class:`ChunkRoute`,
-    with ``recv`` already expert-major and no ``sorted_idx``).
+    :class:`ChunkPlan`, whose reverse the combine runs; or the pipelined exchange's :class:`ChunkRoute` /
+    the symmetric exchange's ``SymmRoute``, with ``recv`` already expert-major and no ``sorted_idx``).
     """
 
     recv: torch.Tensor
