@@ -530,4 +530,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A distributed run skips interpreter finalization: process groups still referenced by other modules
+        # (DeepSpeed keeps its groups in module globals) would be destroyed there, and a gloo worker thread that
+        # frees a tensor then needs the GIL of a finalizing interpreter, which aborts the process after a
+        # finished run (seen once in CI: "terminate called without an active exception", exit -6). The run's
+        # files are written and closed, and the process group destroyed, by the time main() returns.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
