@@ -366,7 +366,7 @@ def dispatch_vs_raw(a, base) -> dict:
             "unpermute": _timeit(lambda: k_unpermute(send, st.sorted_idx, w), dev, a.reps),
             # the pipelined exchange's routing: counting sort, counts all-to-all, host sync, placement index
             f"pipelined_route_{a.chunks[0]}_chunks": _timeit(
-                lambda: build_route(ids, E, E, W, a.chunks[0], group, disp.meter, RowOps, lambda n: _null()),
+                lambda: build_route(ids, E, E, W, a.chunks[0], group, disp.meter, RowOps),
                 dev, a.reps),
             "all_to_all_counts_and_sync": _timeit(lambda: _counts_exchange(ids, E, group), dev, a.reps),
         }

@@ -18,8 +18,9 @@ leave each rank each way):
 and, with --backend CUDA, a prototype of the fused dispatch (forward only, not used by the trainer):
 
   fused_dispatch   bench_ep.py's routing (16384 tokens x top-6 of 64 experts, 2048 bf16): counts all-gathered,
-                   each copy's destination (rank, expert-major row) computed on the device, then ONE Triton
-                   kernel reads every token once and stores its K copies straight into the destination ranks'
+                   each copy's destination (rank, expert-major row) computed on the device
+                   (moetrain.parallel.symm_exchange.destinations), then ONE Triton kernel (kernels.p2p.push_rows)
+                   reads every token once and stores its K copies straight into the destination ranks'
                    symmetric receive buffers, between two barriers; checked equal to the pipelined exchange's
                    expert-major rows (chunks=1) and timed against that dispatch alone and a raw all_to_all of
                    the same rows one way
@@ -43,32 +44,17 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@triton.jit
-def _push_rows_kernel(X, DEST_RANK, DEST_ROW, DELTA, BUF, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (t, db): token t's column block goes to its K destinations: rank DEST_RANK[t*K+k]'s receive buffer
-    (this rank's BUF + DELTA[rank] elements: the peer's mapping) at row DEST_ROW[t*K+k]."""
-    t = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    m = cols < D
-    x = tl.load(X + t * D + cols, mask=m)
-    for k in tl.static_range(K):
-        r = tl.load(DEST_RANK + t * K + k)
-        row = tl.load(DEST_ROW + t * K + k)
-        delta = tl.load(DELTA + r)
-        tl.store(BUF + delta + row * D + cols, x, mask=m)
 
 
 def fused_dispatch_probe(a, rank: int, world: int, dev, group_name: str, reps: int) -> dict:
     """The fused-dispatch prototype (see the module docstring); returns ms and the check."""
     import torch.distributed._symmetric_memory as symm_mem
+    from kernels.p2p import push_rows
     from kernels.permute import RowOps
     from moetrain.parallel.expert_parallel import A2AMeter, AllToAllDispatcher
+    from moetrain.parallel.symm_exchange import destinations
 
     N, K, E, D = 16384, 6, 64, 2048
     El = E // world
@@ -93,18 +79,11 @@ def fused_dispatch_probe(a, rank: int, world: int, dev, group_name: str, reps: i
     def fused():
         counts, _, row_of = RowOps.routing(ids, E)
         dist.all_gather_into_tensor(c_all, counts)
-        total = c_all.sum(0).view(world, El)
-        em_start = (torch.cumsum(total, 1) - total).reshape(-1)            # [E]: first row of expert g on its rank
-        src_off = c_all[:rank].sum(0)                                      # rows of g from the ranks before this one
-        first = torch.cumsum(counts, 0) - counts                           # this rank's first sorted row of g
-        flat = ids.reshape(-1)
-        dest_row = em_start[flat] + src_off[flat] + row_of - first[flat]
-        dest_rank = flat // El
+        rank_of, row_of_dest = destinations(ids, row_of, counts, c_all, rank, E)
         hdl.barrier(channel=0)       # every peer is done with its receive buffer
-        _push_rows_kernel[(N, triton.cdiv(D, 1024))](x, dest_rank, dest_row, delta, buf, D, K=K, BLOCK_D=1024,
-                                                     num_warps=4)
+        push_rows(x, None, rank_of, row_of_dest, delta, buf)
         hdl.barrier(channel=0)       # every peer's rows have landed here
-        return total[rank].sum()
+        return c_all.sum(0).view(world, El)[rank].sum()
 
     M = int(fused())
     torch.cuda.synchronize()

@@ -477,7 +477,7 @@ class AllToAllDispatcher:
             x = x.contiguous()
             send = SendBuffer(x, K, self.row_ops)
             route = build_route(ids, n_bins, E, ep, self.chunks, self.group, meter, self.row_ops,
-                                lambda nbytes: meter.measure(x.device, nbytes), prefetch=send.prefetch)
+                                prefetch=send.prefetch)
             self._count(tracking, N * K, sum(route.kept))
             recv = pipelined_dispatch(x, route, send)
             return A2AState(recv, route.tokens_per_expert, None, topk_weights, dtype, N * K, sum(route.kept), route)

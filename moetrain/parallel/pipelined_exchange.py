@@ -116,11 +116,11 @@ def chunk_bounds(N: int, C: int) -> list:
 
 
 def build_route(ids: torch.Tensor, n_bins: int, n_experts: int, ep: int, chunks: int, group, meter,
-                row_ops, measure: Callable, prefetch: Optional[Callable] = None) -> ChunkRoute:
+                row_ops, prefetch: Optional[Callable] = None) -> ChunkRoute:
     """Routes ``ids [N, K]`` (int64 in ``[0, n_bins)``; bins ``>= n_experts`` are dropped copies, never sent)
     over ``chunks`` chunks of consecutive tokens (:func:`chunk_bounds`): one counting sort, one all-to-all
-    of the counts, one host sync. ``measure(nbytes)`` is the meter's context manager for the counts
-    exchange; ``prefetch(row_of, bounds)``, if given, is called while the counts are in flight."""
+    of the counts, one host sync. ``meter`` (an ``A2AMeter``) times the counts exchange here and every chunk's
+    transfer later; ``prefetch(row_of, bounds)``, if given, is called while the counts are in flight."""
     N, K = ids.shape
     E, El, C = n_experts, n_experts // ep, chunks
     dev = ids.device
@@ -129,7 +129,7 @@ def build_route(ids: torch.Tensor, n_bins: int, n_experts: int, ep: int, chunks:
     counts, _, row_of = row_ops.routing(keys, C * n_bins)
     send_counts = counts.view(C, n_bins)[:, :E].reshape(C, ep, El).transpose(0, 1).contiguous()  # [ep, C, El]
     recv_counts = torch.empty_like(send_counts)
-    with measure(2 * send_counts.numel() * send_counts.element_size()):
+    with meter.measure(dev, 2 * send_counts.numel() * send_counts.element_size()):
         work = dist.all_to_all_single(recv_counts, send_counts, group=group, async_op=True)
         if prefetch is not None:  # device work that needs no split sizes runs during the counts exchange
             prefetch(row_of, bounds)
