@@ -12,6 +12,9 @@ methods), then timed with triton.testing.do_bench (median). TFLOP/s = 2 M N K / 
   fp8_blockwise   kernels.fp8_gemm.fp8_gemm_blockwise (1x128 x 128x128, DeepSeek-V3 §3.3), GEMM only
   fp8_block_q     the same plus quantising both operands (quant_1x128 + quant_128x128): the forward's cost
   fp8_wgrad       kernels.fp8_gemm.fp8_gemm_1x128_1x128 (both 1x128 per row), fp32 out
+  fp8_block_cublas / fp8_block_q_cublas / fp8_wgrad_cublas
+                  the same GEMMs on cuBLAS's block-scaled torch._scaled_mm (moetrain.precision.fp8_cublas;
+                  skipped, with the reason printed, where its one-time check did not pass)
   grouped_*       ("G" shapes: E experts over M rows, odd per-expert counts) bf16 torch._grouped_mm vs
                   kernels.fp8_gemm.fp8_gemm_grouped (no host sync), its wgrad, and the blockwise GEMM looped
                   over experts
@@ -81,6 +84,9 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("bench_fp8: needs a CUDA GPU")
     dev = torch.device("cuda")
+    from moetrain.precision import fp8_cublas
+    cublas_ok, cublas_detail = fp8_cublas.status(dev)
+    print(f"cuBLAS block-scaled GEMMs: {'usable' if cublas_ok else 'NOT usable'}: {cublas_detail}", flush=True)
     torch.manual_seed(0)
     e4m3 = torch.float8_e4m3fn
     rows = []
@@ -143,12 +149,32 @@ def main(argv=None):
                         b, sb = quant_128x128(w)
                         return fp8_gemm_blockwise(a, sa, b, sb)
                     record(spec, "fp8_block_q", bench(fq), flops, _rel(fq(), ref), "incl. quantisation")
-            if want("fp8_wgrad"):
+            if want("fp8_wgrad") or want("fp8_wgrad_cublas"):
                 # the wgrad form with the same FLOPs: C[M, N] = A[M, K] B[N, K]^T, both 1x128 per row
                 _, _, at, ats = quant_1x128_with_transpose(x.t().contiguous())
                 _, _, bt, bts = quant_1x128_with_transpose(w.t().contiguous())
-                f = lambda: fp8_gemm_1x128_1x128(at, ats, bt, bts, out_dtype=torch.bfloat16)  # noqa
-                record(spec, "fp8_wgrad", bench(f), flops, _rel(f(), ref))
+                if want("fp8_wgrad"):
+                    f = lambda: fp8_gemm_1x128_1x128(at, ats, bt, bts, out_dtype=torch.bfloat16)  # noqa
+                    record(spec, "fp8_wgrad", bench(f), flops, _rel(f(), ref))
+                if want("fp8_wgrad_cublas") and cublas_ok:
+                    f = lambda: fp8_cublas.fp8_gemm_1x128_1x128(at, ats, bt, bts, out_dtype=torch.bfloat16)  # noqa
+                    record(spec, "fp8_wgrad_cublas", bench(f), flops, _rel(f(), ref), "cuBLAS 1x128 x 1x128")
+            if (want("fp8_block_cublas") or want("fp8_block_q_cublas")) and cublas_ok:
+                # cuBLAS's block-scaled GEMM (torch._scaled_mm, 1x128 x 128x128), checked like the Triton one
+                xq, xs = quant_1x128(x)
+                wq, ws = quant_128x128(w)
+                y = fp8_cublas.fp8_gemm_blockwise(xq, xs, wq, ws)
+                err_ref = _rel(y, fp8_gemm_blockwise_ref(xq, xs, wq, ws, out_dtype=torch.float32))
+                assert err_ref < 1e-2, f"cuBLAS blockwise GEMM wrong vs the dequantised reference: {err_ref}"
+                if want("fp8_block_cublas"):
+                    record(spec, "fp8_block_cublas", bench(lambda: fp8_cublas.fp8_gemm_blockwise(xq, xs, wq, ws)),
+                           flops, _rel(y, ref), f"vs_dequant_ref {err_ref:.1e}")
+                if want("fp8_block_q_cublas"):
+                    def fqc():
+                        a, sa = quant_1x128(x)
+                        b, sb = quant_128x128(w)
+                        return fp8_cublas.fp8_gemm_blockwise(a, sa, b, sb)
+                    record(spec, "fp8_block_q_cublas", bench(fqc), flops, _rel(fqc(), ref), "incl. quantisation")
         else:
             g = torch.Generator().manual_seed(1)
             cuts = torch.sort(torch.randint(0, M + 1, (groups - 1,), generator=g)).values.tolist()
@@ -213,7 +239,8 @@ def main(argv=None):
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = os.path.join(args.out, f"bench_fp8_{stamp}.json")
     info = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), device=torch.cuda.get_device_name(),
-                torch=torch.__version__, triton=triton.__version__, rows=rows)
+                torch=torch.__version__, triton=triton.__version__, rows=rows,
+                cublas_blockwise=dict(usable=cublas_ok, detail=cublas_detail))
     if sweep_rows:
         info["sweep"] = sweep_rows
     with open(path, "w") as fh:

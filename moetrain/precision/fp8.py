@@ -7,10 +7,13 @@ Recipes (``Fp8Config.recipe``):
                   channel forward; W per input channel, grad per token / per channel backward: every operand
                   is requantised along the dim its GEMM reduces over), ``torch._scaled_mm`` rowwise.
 ``"blockwise"``   DeepSeek-V3 §3.3 fine-grained quantisation: activations and grad_out 1x128 tiles, weights
-                  128x128 blocks, all E4M3; block-scaled Triton GEMMs with FP32 promotion every 128 K
-                  (``kernels.fp8_gemm``): forward y = x W^T, dgrad dX = G W (W's blocks reused transposed),
-                  wgrad dW = G^T X with G^T and X^T quantised 1x128 along tokens (X^T is quantised in the
-                  forward, in the same pass as X, and saved in FP8).
+                  128x128 blocks, all E4M3; block-scaled GEMMs with FP32 promotion every 128 K: forward
+                  y = x W^T, dgrad dX = G W (W's blocks reused transposed), wgrad dW = G^T X with G^T and X^T
+                  quantised 1x128 along tokens (X^T is quantised in the forward, in the same pass as X, and
+                  saved in FP8). Quantisation and the routed experts' grouped GEMMs are Triton kernels
+                  (``kernels.fp8_quant``, ``kernels.fp8_gemm``); the dense GEMMs are cuBLAS's block-scaled
+                  ``torch._scaled_mm`` where it passed its check on this GPU (``moetrain.precision.fp8_cublas``:
+                  Hopper, dims multiples of 128), else the Triton GEMMs.
 
 Scales are dequantisation multipliers ``amax / fp8_max`` in float32 (``kernels.fp8_quant`` conventions:
 amax == 0 -> scale 1, tiny amax clamped to 1e-12, non-finite input -> NaN scale, which propagates).
@@ -19,6 +22,9 @@ Numerics of the backends (chosen per call from the device, ``Fp8Config.backend="
   * ``scaled_mm``  (tensorwise/rowwise, CUDA with compute capability >= 8.9): ``torch._scaled_mm``.
     Rows / the reduction dim are zero-padded to multiples of 16 where _scaled_mm needs it (token counts).
     Routed experts on sm90: ``torch._scaled_grouped_mm`` (``moetrain.precision.fp8_grouped``; grad_out E4M3).
+    Blockwise on CUDA sm90 when ``fp8_cublas.status`` passed: cuBLAS block-scaled GEMMs for the dense linears
+    (Triton quantisation, Triton grouped GEMMs for the routed experts). ``MOETRAIN_FP8_CUBLAS=0`` in the
+    environment keeps blockwise on ``triton`` (benchmarking).
   * ``triton``     (blockwise, CUDA, or CPU when kernels/ was imported with TRITON_INTERPRET=1).
   * ``emulate``    (anything else, e.g. CPU tests): quantise to the same fp8 values with the same scales,
     dequantise, matmul in fp32 -- identical to the scaled GEMMs up to accumulation order.
@@ -61,7 +67,7 @@ from moetrain.model.moe import GroupedExperts
 
 __all__ = [
     "RECIPES", "GRAD_DTYPES", "Fp8Config", "Fp8Linear", "Fp8GroupedExperts", "apply_fp8",
-    "fp8_linear", "resolve_backend",
+    "fp8_linear", "resolve_backend", "describe_backend",
 ]
 
 RECIPES = ("tensorwise", "rowwise", "blockwise")
@@ -95,9 +101,6 @@ class Fp8Config:
             raise ValueError(f"fp8 grad_dtype must be one of {tuple(GRAD_DTYPES)}, got {self.grad_dtype!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"fp8 backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.recipe == "blockwise" and self.backend == "scaled_mm":
-            raise ValueError("fp8 blockwise recipe has no scaled_mm backend (torch has no blockwise _scaled_mm); "
-                             "use backend 'auto', 'triton' or 'emulate'")
         if self.recipe != "blockwise" and self.backend == "triton":
             raise ValueError(f"fp8 {self.recipe} recipe has no triton backend; use 'auto', 'scaled_mm' or 'emulate'")
 
@@ -132,9 +135,13 @@ def resolve_backend(cfg: Fp8Config, device: torch.device) -> str:
         return cfg.backend
     if cfg.recipe == "blockwise":
         k = _kernels()
-        if k is not None and (device.type == "cuda" or k[0].INTERPRETED):
-            return "triton"
-        return "emulate"
+        if k is None or not (device.type == "cuda" or k[0].INTERPRETED):
+            return "emulate"
+        if device.type == "cuda" and os.environ.get("MOETRAIN_FP8_CUBLAS", "1") != "0":
+            from moetrain.precision import fp8_cublas
+            if fp8_cublas.available(device):
+                return "scaled_mm"
+        return "triton"
     return "scaled_mm" if _scaled_mm_ok(device) else "emulate"
 
 
@@ -286,6 +293,27 @@ class _ScaledLinearFn(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
+def describe_backend(cfg: Fp8Config, device: torch.device) -> str:
+    """One line for the run log: which GEMMs run where for ``cfg`` on ``device`` (runs the cuBLAS check)."""
+    backend = resolve_backend(cfg, device)
+    if cfg.recipe == "blockwise":
+        if backend == "scaled_mm":
+            from moetrain.precision import fp8_cublas
+            return (f"dense GEMMs on cuBLAS block-scaled {fp8_cublas.status(device)[1].split(';')[0]} where N, K "
+                    "are multiples of 128 (else Triton); routed experts on Triton grouped GEMMs")
+        if backend == "triton":
+            why = ""
+            if device.type == "cuda":
+                from moetrain.precision import fp8_cublas
+                ok, detail = fp8_cublas.status(device)
+                why = (" (cuBLAS block-scaled GEMMs off: MOETRAIN_FP8_CUBLAS=0)" if ok
+                       else f" (cuBLAS block-scaled GEMMs not used: {detail})")
+            return "Triton block-scaled GEMMs" + why
+        return "emulated (dequantise + fp32 matmul: no FP8 speed-up on this device)"
+    return {"scaled_mm": "torch._scaled_mm", "emulate": "emulated (dequantise + fp32 matmul: no FP8 speed-up "
+            "on this device)"}.get(backend, backend)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # blockwise (DeepSeek-V3): Triton kernels or their pure-torch references
 # ----------------------------------------------------------------------------------------------------------
@@ -294,6 +322,10 @@ def _block_ops(backend: str):
     if k is None:
         raise RuntimeError("fp8 blockwise needs the Triton kernels in kernels/ (import failed: is triton installed?)")
     q, g = k
+    if backend == "scaled_mm":  # cuBLAS block-scaled GEMMs (each falls back to Triton for shapes it does not take)
+        from moetrain.precision import fp8_cublas as c
+        return dict(q1=q.quant_1x128, q1t=q.quant_1x128_with_transpose, qb=q.quant_128x128,
+                    fwd=c.fp8_gemm_blockwise, dgrad=c.fp8_gemm_dgrad, wgrad=c.fp8_gemm_1x128_1x128)
     if backend == "triton":
         return dict(q1=q.quant_1x128, q1t=q.quant_1x128_with_transpose, qb=q.quant_128x128,
                     fwd=g.fp8_gemm_blockwise, dgrad=g.fp8_gemm_dgrad, wgrad=g.fp8_gemm_1x128_1x128)
@@ -504,7 +536,7 @@ class Fp8GroupedExperts(GroupedExperts):
                              f"expected {E} experts")
         cfg = self.fp8_config
         backend = resolve_backend(cfg, x.device)
-        if cfg.recipe == "blockwise" and self.grouped_kernels and backend == "triton":
+        if cfg.recipe == "blockwise" and self.grouped_kernels and backend in ("triton", "scaled_mm"):
             y = self._forward_grouped(x, tokens_per_expert)
         elif self._scaled_grouped_ok(x, backend):
             y = self._forward_scaled_grouped(x, tokens_per_expert)

@@ -1,0 +1,197 @@
+"""DeepSeek-V3 block-scaled FP8 GEMMs on cuBLAS, through ``torch._scaled_mm`` (dense linears, Hopper).
+
+cuBLAS 12.9 added FP8 GEMMs whose operands carry 1x128 or 128x128 block scales, applied in FP32 at every
+128-wide K step (the promotion of DeepSeek-V3 §3.3), on sm90 only; torch exposes them through ``_scaled_mm``
+(pytorch PRs #158037 and #166752; ``torch.nn.functional.scaled_mm`` with explicit recipes where present). This
+module converts the scales of :mod:`kernels.fp8_quant` (row-major) into the layouts cuBLAS reads and checks,
+once per device, that the result equals the dequantised reference before anything uses it.
+
+Layouts, for ``C[M, N] = A[M, K] @ B[K, N]`` with B column-major (the ``.t()`` of a row-major ``[N, K]``),
+``Kb = K / 128``, ``L4 = Kb`` rounded up to a multiple of 4 (cuBLAS reads 4 K-blocks at a time):
+
+    1x128 x 128x128   scale_a [M, Kb] stride (1, M)      scale_b [L4, N / 128] stride (1, L4)
+    1x128 x 1x128     scale_a [M, Kb] stride (1, M)      scale_b [N, Kb] stride (1, N)
+
+The three GEMMs of a blockwise linear ``y = x W^T`` (x [M, K], W [N, K]):
+
+    forward  y  [M, N] = x(1x128 along K) @ W^T(128x128)                  :func:`fp8_gemm_blockwise`
+    dgrad    dx [M, K] = g(1x128 along N) @ W(128x128, the forward's blocks)  :func:`fp8_gemm_dgrad`
+    wgrad    dW [N, K] = g^T(1x128 along M) @ x(1x128 along M)              :func:`fp8_gemm_1x128_1x128`
+
+Each has the signature of its Triton twin in :mod:`kernels.fp8_gemm` and falls back to it for a shape cuBLAS
+does not take here (any of M, N, K not a multiple of 128) or when the check failed (:func:`status` says why).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["status", "available", "check_forms", "fp8_gemm_blockwise", "fp8_gemm_dgrad", "fp8_gemm_1x128_1x128",
+           "scale_a_layout", "scale_b_block_layout", "scale_b_row_layout"]
+
+TILE = 128
+_STATUS: dict = {}   # device str -> (form or None, detail)
+
+
+def scale_a_layout(s: torch.Tensor) -> torch.Tensor:
+    """``s [R, Kb]`` (1x128 scales, any strides) -> the same values with stride (1, R) (R-major)."""
+    return s.t().contiguous().t()
+
+
+def scale_b_row_layout(s: torch.Tensor) -> torch.Tensor:
+    """1x128 scales of the B operand ``[N, Kb]`` -> stride (1, N), as cuBLAS reads them (same as A's)."""
+    return scale_a_layout(s)
+
+
+def scale_b_block_layout(s: torch.Tensor, pad: bool = True) -> torch.Tensor:
+    """128x128 scales ``s [N / 128, Kb]`` (output blocks x K blocks, row-major as ``quant_128x128`` writes them)
+    -> ``[L4, N / 128]`` with stride (1, L4): K blocks zero-padded to a multiple of 4 (cuBLAS's layout; with
+    ``pad=False`` ``[Kb, N / 128]`` stride (1, Kb), the form some torch builds check for instead)."""
+    nb, kb = s.shape
+    l4 = -(-kb // 4) * 4 if pad else kb
+    padded = s.new_zeros((nb, l4))
+    padded[:, :kb] = s
+    return padded.t()
+
+
+def _v1(a, b, sa, sb, out_dtype, _recipe_b):
+    return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+
+
+def _v2(a, b, sa, sb, out_dtype, recipe_b):
+    st = F.ScalingType
+    rb = st.BlockWise128x128 if recipe_b == "128x128" else st.BlockWise1x128
+    return F.scaled_mm(a, b, sa, st.BlockWise1x128, sb, rb, output_dtype=out_dtype)
+
+
+# call forms tried in this order by the one-time check: (name, function, scale_b padded to 4 K-blocks)
+_FORMS = (("torch._scaled_mm", _v1, True), ("torch._scaled_mm", _v1, False),
+          ("torch.nn.functional.scaled_mm", _v2, True), ("torch.nn.functional.scaled_mm", _v2, False))
+
+
+def _shapes_ok(*dims: int) -> bool:
+    return all(d > 0 and d % TILE == 0 for d in dims)
+
+
+# ``form`` = (name, function, pad) from _FORMS; a [M, K] row-major fp8, B passed as the column-major [K, N]
+def _fwd(a, a_s, b, b_s, out_dtype, form):
+    _, fn, pad = form
+    return fn(a, b.t(), scale_a_layout(a_s), scale_b_block_layout(b_s, pad), out_dtype, "128x128")
+
+
+def _dgrad(g, g_s, w, w_s, out_dtype, form):
+    # B = W [N (contracted), K]: a column-major copy; its 128x128 blocks seen from the K side are w_s^T
+    _, fn, pad = form
+    return fn(g, w.t().contiguous().t(), scale_a_layout(g_s), scale_b_block_layout(w_s.t(), pad), out_dtype,
+              "128x128")
+
+
+def _wgrad(a, a_s, b, b_s, out_dtype, form):
+    _, fn, _ = form
+    return fn(a, b.t(), scale_a_layout(a_s), scale_b_row_layout(b_s), out_dtype, "1x128")
+
+
+def _probe(device: torch.device):
+    """(form, detail): the first of :data:`_FORMS` that :func:`check_forms` accepts on ``device``, else (None, why)."""
+    if device.type != "cuda":
+        return None, "needs a CUDA device"
+    cap = torch.cuda.get_device_capability(device)
+    if cap != (9, 0):
+        return None, f"cuBLAS block-scaled FP8 GEMMs run on sm90 only (this GPU is sm{cap[0]}{cap[1]})"
+    return check_forms(_FORMS, device)
+
+
+def check_forms(forms, device: torch.device):
+    """The first call form whose forward (bf16 out), dgrad (bf16) and wgrad (fp32) equal the dequantised
+    reference on a small problem (M=256, N=384, K=640: 5 K-blocks, so the padding to 4 is exercised):
+    ``(form, detail)``, or ``(None, why each failed)``. ``forms``: ``(name, fn, pad)`` tuples, ``fn(a [M, K],
+    b [K, N] column-major, scale_a, scale_b, out_dtype, recipe_b)``."""
+    from kernels import fp8_gemm as tg
+    from kernels import fp8_quant as q
+    gen = torch.Generator(device=device).manual_seed(0)
+    M, N, K = 256, 384, 640
+    x = torch.randn(M, K, device=device, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(N, K, device=device, generator=gen) * 0.05).to(torch.bfloat16)
+    g = torch.randn(M, N, device=device, generator=gen).to(torch.bfloat16)
+    xq, xs, xtq, xts = q.quant_1x128_with_transpose(x)
+    wq, ws = q.quant_128x128(w)
+    gq, gs, gtq, gts = q.quant_1x128_with_transpose(g)
+    f32, bf16 = torch.float32, torch.bfloat16
+    cases = (("forward", _fwd, (xq, xs, wq, ws), bf16, tg.fp8_gemm_blockwise_ref(xq, xs, wq, ws, f32)),
+             ("dgrad", _dgrad, (gq, gs, wq, ws), bf16, tg.fp8_gemm_dgrad_ref(gq, gs, wq, ws, f32)),
+             ("wgrad", _wgrad, (gtq, gts, xtq, xts), f32, tg.fp8_gemm_1x128_1x128_ref(gtq, gts, xtq, xts)))
+    why = []
+    for form in forms:
+        name, fn, pad = form
+        label = f"{name} (scale_b {'padded' if pad else 'unpadded'})"
+        if fn is _v2 and not (hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")):
+            why.append(f"{label}: absent")
+            continue
+        try:
+            for case, gemm, args, out_dtype, ref in cases:
+                out = gemm(*args, out_dtype, form).float()
+                err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+                tol = 1e-2 if out_dtype == torch.bfloat16 else 1e-3
+                if not err <= tol:
+                    raise ValueError(f"{case} differs from the dequantised reference (max relative error {err:.1e})")
+        except Exception as e:  # noqa: BLE001 - any failure means: do not use this form
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            why.append(f"{label}: {type(e).__name__}: {msg}")
+            continue
+        return form, f"{label}; forward, dgrad and wgrad equal the dequantised reference"
+    return None, "; ".join(why)
+
+
+def status(device: torch.device) -> tuple[bool, str]:
+    """``(usable, detail)`` for ``device``: whether the cuBLAS block-scaled GEMMs passed the one-time check
+    (run on first use, cached per device), with the call form used or why not."""
+    key = str(torch.device(device))
+    if key not in _STATUS:
+        _STATUS[key] = _probe(torch.device(device))
+    form, detail = _STATUS[key]
+    return form is not None, detail
+
+
+def available(device: torch.device) -> bool:
+    """True when :func:`status` says the cuBLAS path is usable on ``device``."""
+    return status(device)[0]
+
+
+def _form(t: torch.Tensor) -> Optional[tuple]:
+    return _STATUS.get(str(t.device), (None, ""))[0] if available(t.device) else None
+
+
+def fp8_gemm_blockwise(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.Tensor, b_scales: torch.Tensor,
+                       out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``C[M, N] = A @ B^T``, A ``[M, K]`` e4m3 with 1x128 scales ``[M, K/128]``, B ``[N, K]`` e4m3 with 128x128
+    scales ``[N/128, K/128]`` (fp32, as ``kernels.fp8_quant`` writes them); ``out_dtype`` result. cuBLAS when
+    usable and M, N, K are multiples of 128, else ``kernels.fp8_gemm.fp8_gemm_blockwise``."""
+    form = _form(a_fp8)
+    if form is None or not _shapes_ok(a_fp8.shape[0], b_fp8.shape[0], a_fp8.shape[1]):
+        from kernels.fp8_gemm import fp8_gemm_blockwise as triton_gemm
+        return triton_gemm(a_fp8, a_scales, b_fp8, b_scales, out_dtype)
+    return _fwd(a_fp8, a_scales, b_fp8, b_scales, out_dtype, form)
+
+
+def fp8_gemm_dgrad(g_fp8: torch.Tensor, g_scales: torch.Tensor, w_fp8: torch.Tensor, w_scales: torch.Tensor,
+                   out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``dX[M, K] = G[M, N] @ W[N, K]``: G 1x128 along N (``[M, N/128]``), W with the forward's 128x128 scales
+    ``[N/128, K/128]``. cuBLAS or ``kernels.fp8_gemm.fp8_gemm_dgrad`` (as :func:`fp8_gemm_blockwise`)."""
+    form = _form(g_fp8)
+    if form is None or not _shapes_ok(g_fp8.shape[0], w_fp8.shape[1], g_fp8.shape[1]):
+        from kernels.fp8_gemm import fp8_gemm_dgrad as triton_gemm
+        return triton_gemm(g_fp8, g_scales, w_fp8, w_scales, out_dtype)
+    return _dgrad(g_fp8, g_scales, w_fp8, w_scales, out_dtype, form)
+
+
+def fp8_gemm_1x128_1x128(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.Tensor, b_scales: torch.Tensor,
+                         out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``C[M, N] = A @ B^T`` with both operands 1x128 along K (``[M, K/128]``, ``[N, K/128]``): the weight
+    gradient ``dW = G^T X`` with tokens as K. cuBLAS or ``kernels.fp8_gemm.fp8_gemm_1x128_1x128``."""
+    form = _form(a_fp8)
+    if form is None or not _shapes_ok(a_fp8.shape[0], b_fp8.shape[0], a_fp8.shape[1]):
+        from kernels.fp8_gemm import fp8_gemm_1x128_1x128 as triton_gemm
+        return triton_gemm(a_fp8, a_scales, b_fp8, b_scales, out_dtype)
+    return _wgrad(a_fp8, a_scales, b_fp8, b_scales, out_dtype, form)
