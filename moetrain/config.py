@@ -92,7 +92,8 @@ class ParallelConfig:
                                      # shared experts overlap it) | per_expert (batched send/recv per rank and
                                      # local expert, received in expert order: no regroup; 1-2 experts per GPU)
                                      # | symmetric (CUDA + NCCL: one kernel stores / reads the token copies in
-                                     # the peers' symmetric-memory buffers; no all-to-all, no regroup)
+                                     # the peers' symmetric-memory buffers; no all-to-all, no regroup; CPU +
+                                     # gloo: the same through buffers in /dev/shm)
     ep_chunks: int = 2               # token chunks of ep_exchange=pipelined
 
 

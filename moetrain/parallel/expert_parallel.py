@@ -27,8 +27,9 @@ per (rank, local expert) chunk that lands the rows in local-expert order, so the
 disappear (:mod:`moetrain.parallel.token_exchange`). With ``exchange="pipelined"`` the tokens go in
 ``chunks`` chunks whose permute / placement / weighted sum run while a neighbouring chunk's all-to-all is in
 flight (:mod:`moetrain.parallel.pipelined_exchange`); the shared experts then run after the dispatch. With
-``exchange="symmetric"`` (CUDA + NCCL) no all-to-all runs: one kernel stores every token copy straight into
-the peers' symmetric-memory buffers and the combine pulls them back (:mod:`moetrain.parallel.symm_exchange`).
+``exchange="symmetric"`` (CUDA + NCCL; on CPU + gloo through /dev/shm) no all-to-all runs: one kernel stores every
+token copy straight into the peers' symmetric-memory buffers and the combine pulls them back
+(:mod:`moetrain.parallel.symm_exchange`).
 
 Both all-to-alls are autograd Functions whose backward is the reverse all-to-all of the gradient, so the
 expert weights' local gradients sum the contributions of every rank of the ``"ep"`` group. With overlap on,
@@ -388,8 +389,9 @@ class AllToAllDispatcher:
             straight in local-expert order: no regroup pass); see :mod:`moetrain.parallel.token_exchange` |
             ``"pipelined"`` (``chunks`` all-to-alls, each overlapping the local passes of its neighbours;
             see :mod:`moetrain.parallel.pipelined_exchange`; ``overlap`` does not apply) | ``"symmetric"``
-            (CUDA + NCCL only: token copies stored into / read from the peers' symmetric-memory buffers by
-            one kernel each way, :mod:`moetrain.parallel.symm_exchange`; ``overlap`` does not apply).
+            (CUDA + NCCL, or CPU + gloo: token copies stored into / read from the peers' symmetric-memory
+            buffers, one kernel each way on GPUs, :mod:`moetrain.parallel.symm_exchange`; ``overlap`` does not
+            apply).
         chunks: token chunks of the ``"pipelined"`` exchange (``parallel.ep_chunks``, >= 1).
         autocast_comm: on CUDA under autocast, fp32 ``x`` is cast to the autocast dtype before the
             permute (half the all-to-all bytes; the routed experts' GEMMs take that dtype under autocast

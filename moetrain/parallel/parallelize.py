@@ -53,8 +53,8 @@ def parallelize(model: torch.nn.Module, cfg: DictConfig, ctx: DistContext):
             raise UnavailableFeature(f"parallel.ep={ctx.ep}: expert parallelism is not available ({e})") from None
         # experts sharded over "ep", AllToAllDispatcher; grad_sync replaces DDP (dense grads averaged over the
         # world, expert grads summed over the "dp" group / world size)
-        if cfg.parallel.get("ep_exchange") == "symmetric" and (ctx.device.type != "cuda" or ctx.backend != "nccl"):
-            raise UnavailableFeature("parallel.ep_exchange=symmetric needs CUDA GPUs and the NCCL backend (symmetric "
+        if cfg.parallel.get("ep_exchange") == "symmetric" and ctx.device.type == "cuda" and ctx.backend != "nccl":
+            raise UnavailableFeature("parallel.ep_exchange=symmetric on GPUs needs the NCCL backend (symmetric "
                                      "memory); use parallel.ep_exchange=pipelined here")
         grad_sync = apply_ep(model, ctx, capacity_factor=capacity, capacity_policy=policy,
                              exchange=cfg.parallel.get("ep_exchange", "pipelined"),

@@ -34,6 +34,11 @@ CASES_2 = [
      "skew": {0: 5.0, 1: 5.0, 2: 5.0, 3: 5.0}, "model": {"bias_update_speed": 0.05}},
     {"name": "pipelined_exchange_more_chunks_than_tokens_top1", "exchange": "pipelined", "chunks": 64,
      "model": {"n_activated_experts": 1}},
+    {"name": "symmetric_exchange_capacity_adamw", "exchange": "symmetric", "capacity_factor": 0.75, "optim": "adamw"},
+    {"name": "symmetric_exchange_zero_tokens_accum_bias", "exchange": "symmetric", "accum": 2,
+     "skew": {0: 5.0, 1: 5.0, 2: 5.0, 3: 5.0}, "model": {"bias_update_speed": 0.05}},
+    {"name": "symmetric_exchange_all_to_one_expert_top1", "exchange": "symmetric", "skew": {5: 5.0},
+     "model": {"n_activated_experts": 1}},
 ]
 
 CASES_4 = [
@@ -48,6 +53,10 @@ CASES_4 = [
      "model": {"score_func": "sigmoid"}},
     {"name": "pipelined_exchange_group_limited_capacity", "exchange": "pipelined", "chunks": 3,
      "capacity_factor": 0.5, "model": {"score_func": "sigmoid", "n_expert_groups": 4, "n_limited_groups": 2}},
+    {"name": "symmetric_exchange_sigmoid_capacity_accum", "exchange": "symmetric", "capacity_factor": 0.5,
+     "accum": 2, "model": {"score_func": "sigmoid", "n_expert_groups": 4, "n_limited_groups": 2}},
+    {"name": "symmetric_exchange_ranks_1_3_zero_tokens", "exchange": "symmetric",
+     "skew": {0: 5.0, 1: 5.0, 4: 5.0, 5: 5.0}},
 ]
 
 

@@ -79,8 +79,8 @@ def run_equivalence_case(rank: int, world: int, dp: int, ep: int, case: dict) ->
     """One case: EP model on this rank vs the single-process reference, for ``case['steps']`` steps.
 
     case keys: name, model (ModelArgs overrides), steps, accum, capacity_factor, capacity_policy,
-    overlap, exchange ("all_to_all" | "per_expert" | "pipelined"), chunks (pipelined), skew ({expert: bias}
-    applied to every gate), max_norm, optim ("sgd" | "adamw").
+    overlap, exchange ("all_to_all" | "per_expert" | "pipelined" | "symmetric"), chunks (pipelined), skew
+    ({expert: bias} applied to every gate), max_norm, optim ("sgd" | "adamw").
     """
     name = case["name"]
     args = tiny_args(**case.get("model", {}))
