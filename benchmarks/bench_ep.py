@@ -299,6 +299,12 @@ def dispatch_vs_raw(a, base) -> dict:
             ex, _ = disp.wait(st)
             return disp.combine(ex, st)
 
+    def train_fwd():
+        with torch.enable_grad():
+            st = disp.dispatch(x.detach().requires_grad_(), ids, w.detach().requires_grad_())
+            ex, _ = disp.wait(st)
+            return disp.combine(ex, st)
+
     send = torch.randn(N * K, D, device=dev, dtype=dt)
     recv = torch.empty_like(send)
 
@@ -352,8 +358,12 @@ def dispatch_vs_raw(a, base) -> dict:
         for c in a.chunks:
             disp.chunks = c
             out["dispatch_combine_triton_pipelined_ms"][c] = _timeit(checked(f"triton pipelined/{c}"), dev, a.reps)
+        # the forward as training runs it (grad on: the combines keep the pulled rows for the weights' gradient)
+        disp.chunks = a.chunks[0]
+        out["dispatch_combine_triton_pipelined_train_fwd_ms"] = _timeit(train_fwd, dev, a.reps)
         disp.exchange = "symmetric"  # symmetric memory: one kernel each way, no all-to-all
         out["dispatch_combine_symmetric_ms"] = _timeit(checked("symmetric"), dev, a.reps)
+        out["dispatch_combine_symmetric_train_fwd_ms"] = _timeit(train_fwd, dev, a.reps)
         disp.exchange = "all_to_all"
         disp.permute_fn, disp.unpermute_fn, disp.order_fn = k_permute, k_unpermute, k_order
         ms_k = _timeit(checked("triton"), dev, a.reps)
@@ -551,6 +561,11 @@ def main(argv=None) -> int:
                     ms = d["dispatch_combine_symmetric_ms"]
                     print(f"  symmetric-memory exchange (Triton routing): {ms:.2f} ms ({ms / d['raw_a2a_ms']:.2f}x raw)",
                           flush=True)
+                    for key, what in (("dispatch_combine_symmetric_train_fwd_ms", "symmetric"),
+                                      ("dispatch_combine_triton_pipelined_train_fwd_ms", "pipelined (Triton rows)")):
+                        ms = d[key]
+                        print(f"  training forward (grad on), {what}: {ms:.2f} ms ({ms / d['raw_a2a_ms']:.2f}x raw)",
+                              flush=True)
                 for name, table in d.get("profile", {}).items():
                     print(f"\n  profile, Triton row passes, {name}: {table}", flush=True)
                 for key, what in (("dispatch_combine_pipelined_ms", "PyTorch row passes"),

@@ -6,7 +6,9 @@ maps every peer's buffer into each process): ``peer row j = BUF + DELTA[peer] + 
 ``DELTA[peer] = (peer buffer address - this rank's buffer address) / element size``. The tests run the
 kernels in one process with ``DELTA`` pointing into segments of one tensor (a simulated group).
 
-    push: BUF_{r}[row[t, k]] = [w[t, k] *] x[t]                  r = rank[t, k]  (skipped where r < 0)
+    push: BUF_{r}[row[t, k]] = [w[t, k] *] x[t]                  r = rank[t, k]  (skipped where r < 0 or
+                                                                  row >= the buffer's rows)
+          routed: r, row computed from the expert ids in the kernel (push_rows_routed) and written out
     pull: out[t] = sum_k [w[t, k] *] BUF_{r}[row[t, k]]        (fp32, k in order; r < 0 contributes 0)
           and, if asked, rows[t*K + k] = BUF_{r}[row[t, k]] (0 where r < 0)
 
@@ -25,22 +27,31 @@ import triton.language as tl
 
 from ._utils import num_warps_for
 
-__all__ = ["push_rows", "pull_sum", "push_rows_ref", "pull_sum_ref"]
+__all__ = ["push_rows", "push_rows_routed", "pull_sum", "push_rows_ref", "pull_sum_ref"]
 
 BLOCK_D = 1024
 
 
 @triton.jit
-def _push_kernel(X, W, RANK, ROW, DELTA, BUF, D, stride_x, K: tl.constexpr, BLOCK: tl.constexpr,
-                 WEIGHTED: tl.constexpr):
+def _push_kernel(X, W, RANK, ROW, IDS, ROW_OF, BASE, DELTA, BUF, D, stride_x, n_experts, e_local, cap,
+                 K: tl.constexpr, BLOCK: tl.constexpr, WEIGHTED: tl.constexpr, ROUTED: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < D
     x = tl.load(X + t * stride_x + cols, mask=m, other=0.0)
     for k in tl.static_range(K):
-        r = tl.load(RANK + t * K + k)
-        if r >= 0:
+        if ROUTED:  # the destination from the expert id: rank g // E_local, row base[g] + row_of (module doc)
+            g = tl.load(IDS + t * K + k).to(tl.int64)
+            kept = g < n_experts
+            r = tl.where(kept, g // e_local, -1)
+            row = tl.load(BASE + tl.where(kept, g, 0)) + tl.load(ROW_OF + t * K + k)
+            if tl.program_id(1) == 0:
+                tl.store(RANK + t * K + k, r)
+                tl.store(ROW + t * K + k, row)
+        else:
+            r = tl.load(RANK + t * K + k)
             row = tl.load(ROW + t * K + k)
+        if (r >= 0) & (row < cap):
             delta = tl.load(DELTA + r)
             if WEIGHTED:
                 v = (tl.load(W + t * K + k).to(tl.float32) * x.to(tl.float32)).to(BUF.dtype.element_ty)
@@ -78,7 +89,8 @@ def _launch_shape(D: int):
 
 def push_rows(x: torch.Tensor, w: Optional[torch.Tensor], rank: torch.Tensor, row: torch.Tensor,
               delta: torch.Tensor, buf: torch.Tensor) -> None:
-    """``BUF_{rank[t,k]}[row[t,k]] = [w[t,k] *] x[t]`` (see the module docstring; ``w`` None: unweighted)."""
+    """``BUF_{rank[t,k]}[row[t,k]] = [w[t,k] *] x[t]`` (see the module docstring; ``w`` None: unweighted); rows
+    ``>= buf.shape[0]`` are not stored."""
     N, K = rank.shape
     D = buf.shape[1]
     if N == 0 or D == 0:
@@ -86,8 +98,34 @@ def push_rows(x: torch.Tensor, w: Optional[torch.Tensor], rank: torch.Tensor, ro
     if x.stride(1) != 1:
         x = x.contiguous()
     block, nb, warps = _launch_shape(D)
-    _push_kernel[(N, nb)](x, x if w is None else w.contiguous(), rank.contiguous(), row.contiguous(), delta, buf,
-                          D, x.stride(0), K=K, BLOCK=block, WEIGHTED=w is not None, num_warps=warps)
+    rank, row = rank.contiguous(), row.contiguous()
+    _push_kernel[(N, nb)](x, x if w is None else w.contiguous(), rank, row, rank, row, row, delta, buf,
+                          D, x.stride(0), 0, 1, buf.shape[0], K=K, BLOCK=block, WEIGHTED=w is not None,
+                          ROUTED=False, num_warps=warps)
+
+
+def push_rows_routed(x: torch.Tensor, ids: torch.Tensor, row_of: torch.Tensor, base: torch.Tensor, n_experts: int,
+                     e_local: int, delta: torch.Tensor, buf: torch.Tensor):
+    """:func:`push_rows` with the destinations computed in the kernel from the expert ids: copy (t, k) of expert
+    ``g = ids[t, k]`` goes to rank ``g // e_local``, row ``base[g] + row_of[t*K + k]`` (``g >= n_experts``:
+    dropped, rank -1). Returns ``(rank, row)`` ``[N, K]`` int64, as :func:`push_rows` / :func:`pull_sum` take them;
+    rows ``>= buf.shape[0]`` are not stored (the caller grows the buffer and pushes again).
+
+    ``ids [N, K]`` any integer dtype, ``row_of [N*K]`` int64 (the copy's position in this rank's stable sort of
+    the ids), ``base [n_experts]`` int64 (``moetrain.parallel.symm_exchange.route_table``)."""
+    N, K = ids.shape
+    D = buf.shape[1]
+    rank = torch.empty((N, K), dtype=torch.int64, device=ids.device)
+    row = torch.empty((N, K), dtype=torch.int64, device=ids.device)
+    if N == 0:
+        return rank, row
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    block, nb, warps = _launch_shape(max(D, 1))
+    _push_kernel[(N, nb)](x, x, rank, row, ids.contiguous(), row_of.contiguous(), base.contiguous(), delta, buf,
+                          D, x.stride(0), int(n_experts), int(e_local), buf.shape[0], K=K, BLOCK=block,
+                          WEIGHTED=False, ROUTED=True, num_warps=warps)
+    return rank, row
 
 
 def pull_sum(buf: torch.Tensor, w: Optional[torch.Tensor], rank: torch.Tensor, row: torch.Tensor,

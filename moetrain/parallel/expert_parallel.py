@@ -472,8 +472,8 @@ class AllToAllDispatcher:
             from moetrain.parallel.symm_exchange import build_symm_route, symm_dispatch
             route = build_symm_route(ids, n_bins, E, self.group, self.ep_rank, self.row_ops, x.dtype, x.shape[1],
                                      meter)
+            recv = symm_dispatch(x, route)  # learns the row counts on the host after queuing its push
             self._count(tracking, N * K, route.sent)
-            recv = symm_dispatch(x, route)
             return A2AState(recv, route.tokens_per_expert, None, topk_weights, dtype, N * K, route.sent, route)
         if ep > 1 and self.exchange == "pipelined":
             x = x.contiguous()

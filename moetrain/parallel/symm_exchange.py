@@ -12,19 +12,24 @@ equivalence tests cover it.
 
 Per MoE forward (rank ``me``, ``E_local`` experts per rank)::
 
-    routing      stable counting sort of the copies by expert; counts [E] all-gathered -> c [ep, E]
+    routing      stable counting sort of the copies by expert; counts [E] all-gathered -> c [ep, E]; the
+                 received / sent row counts start their copy to the host (no wait)
     destination  copy (t, k) of expert g on rank r = g // E_local, local expert e:
                  row = (rows of r's experts before e) + (rows of g from ranks before me) + (its rank among
                  this rank's copies of g): expert-major, then source rank, then token order (as the other
-                 exchanges)
-    dispatch     barrier; push x rows to (rank, row); barrier; copy this rank's M rows out of its buffer
-    combine      barrier; copy the expert outputs into the buffer; barrier; pull + weighted sum per token
+                 exchanges); ``base[g]`` (:func:`route_table`) holds all but the last term, the push kernel
+                 adds it and writes (rank, row) out for the combine
+    dispatch     barrier; push x rows to (rank, row); barrier; then the host waits for the counts (the GPU is
+                 still pushing); copy this rank's M rows out of its buffer
+    combine      copy the expert outputs into the buffer; barrier; pull + weighted sum per token
     backward     combine: barrier; push w * dy rows; barrier; copy out (dw from the pulled rows, kept)
-                 dispatch: barrier; copy the gradient rows in; barrier; pull + sum per token
+                 dispatch: copy the gradient rows in; barrier; pull + sum per token
 
-One buffer per (group, dtype, D) is shared by all layers and grows (collectively: every rank sees the same
-counts) when a step needs more rows; each phase starts with a barrier, so no rank writes into a buffer a
-peer still reads. One host sync per dispatch (the received row count, for the copy-out).
+One buffer per (group, dtype, D) is shared by all layers. A push phase starts with a barrier (no peer still reads a
+buffer it writes) and ends with one; a copy-in needs one only after a pull (:meth:`SymmBuffer.begin_local_write`):
+three barriers per dispatch + combine. The push skips rows past the buffer's capacity; when the counts, known on the
+host after the push is queued, say it was too small, every rank (all see the same counts) grows it and pushes again,
+so the one host sync per dispatch does not stall the GPU.
 """
 from __future__ import annotations
 
@@ -36,7 +41,37 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["SymmRoute", "SymmBuffer", "destinations", "build_symm_route", "symm_dispatch", "symm_combine"]
+__all__ = ["SymmRoute", "SymmBuffer", "route_table", "rank_and_row", "destinations", "build_symm_route",
+           "symm_dispatch", "symm_combine"]
+
+
+def route_table(counts: torch.Tensor, c_all: torch.Tensor, me: int) -> torch.Tensor:
+    """``base [E]`` int64 such that copy (t, k) of expert ``g`` lands in row ``base[g] + row_of[t*K + k]`` of rank
+    ``g // E_local``'s buffer: (rows of that rank's experts before g) + (rows of g from the ranks before me) - (this
+    rank's copies sorted before its first copy of g).
+
+    Args:
+        counts: ``[n_bins]`` this rank's copies per bin (bins ``>= E``: dropped). c_all: ``[ep, E]`` every rank's
+        ``counts[:E]``. me: this rank's index in the group.
+    """
+    ep, E = c_all.shape
+    total = c_all.sum(0).view(ep, E // ep)
+    em_start = (torch.cumsum(total, 1) - total).reshape(-1)          # first row of expert g on its rank
+    src_off = c_all[:me].sum(0)                                       # rows of g sent by the ranks before me
+    first = torch.cumsum(counts[:E], 0) - counts[:E]                  # this rank's first sorted copy of each g
+    return em_start + src_off - first
+
+
+def rank_and_row(ids: torch.Tensor, row_of: torch.Tensor, base: torch.Tensor, e_local: int):
+    """``(rank [N, K], row [N, K])`` int64 from :func:`route_table`'s ``base`` (rank -1 for dropped copies, ids
+    ``>= len(base)``); what ``kernels.p2p.push_rows_routed`` computes inside its kernel."""
+    E = base.numel()
+    flat = ids.reshape(-1).to(torch.int64)
+    kept = flat < E
+    g = torch.where(kept, flat, torch.zeros_like(flat))
+    row = base[g] + row_of
+    rank = torch.where(kept, g // e_local, torch.full_like(g, -1))
+    return rank.view(ids.shape), row.view(ids.shape)
 
 
 def destinations(ids: torch.Tensor, row_of: torch.Tensor, counts: torch.Tensor, c_all: torch.Tensor, me: int,
@@ -50,17 +85,7 @@ def destinations(ids: torch.Tensor, row_of: torch.Tensor, counts: torch.Tensor, 
         every rank's ``counts[:E]``. me: this rank's index in the group.
     """
     ep, E = c_all.shape
-    El = E // ep
-    flat = ids.reshape(-1)
-    kept = flat < E
-    g = torch.where(kept, flat, torch.zeros_like(flat))
-    total = c_all.sum(0).view(ep, El)
-    em_start = (torch.cumsum(total, 1) - total).reshape(-1)          # first row of expert g on its rank
-    src_off = c_all[:me].sum(0)                                       # rows of g sent by the ranks before me
-    first = torch.cumsum(counts, 0) - counts                          # this rank's first sorted copy of each bin
-    row = em_start[g] + src_off[g] + row_of - first[g]
-    rank = torch.where(kept, g // El, torch.full_like(g, -1))
-    return rank.view_as(ids), row.view_as(ids)
+    return rank_and_row(ids, row_of, route_table(counts, c_all, me), E // ep)
 
 
 class SymmBuffer:
@@ -80,6 +105,7 @@ class SymmBuffer:
         self.capacity = 0
         self.tensor = self.handle = self.delta = None
         self.peers = None  # CPU: every rank's buffer, in group rank order
+        self.readers = False  # a pull phase may still be reading the buffers (no barrier since)
 
     @classmethod
     def get(cls, group, dtype, D, device) -> "SymmBuffer":
@@ -106,12 +132,34 @@ class SymmBuffer:
             self.peers = _map_shared(self.group, capacity, self.D, self.dtype)
             self.tensor = self.peers[dist.get_rank(self.group)]
         self.capacity = capacity
+        self.readers = False
 
     def barrier(self) -> None:
         if self.peers is None:
             self.handle.barrier(channel=0)
         else:
             dist.barrier(group=self.group)
+
+    # The phases. A push phase writes into the peers' buffers: it starts with a barrier (a peer may still read its
+    # buffer: a pull, or its copy-out) and ends with one (the rows are complete). A pull phase first writes this
+    # rank's own buffer (copy-in), which needs a barrier only if a pull may still be reading it (a push phase
+    # ended with a barrier, after which nobody touches a peer's buffer), then publishes it with a barrier.
+    def begin_push(self) -> None:
+        self.barrier()
+
+    def end_push(self) -> None:
+        self.barrier()
+        self.readers = False
+
+    def begin_local_write(self) -> None:
+        if self.readers:
+            self.barrier()
+            self.readers = False
+
+    def publish(self) -> None:
+        """After the copy-in, before the pull; the pull that follows makes the buffers read (``readers``)."""
+        self.barrier()
+        self.readers = True
 
     def push(self, x: torch.Tensor, w, rank: torch.Tensor, row: torch.Tensor) -> None:
         """``BUF_{rank[t,k]}[row[t,k]] = [w[t,k] *] x[t]`` (copies with rank < 0 skipped; fp32 product)."""
@@ -120,9 +168,20 @@ class SymmBuffer:
             push_rows(x, w, rank, row, self.delta, self.tensor)
             return
         for r, buf in enumerate(self.peers):
-            t, k = (rank == r).nonzero(as_tuple=True)
+            t, k = ((rank == r) & (row < self.capacity)).nonzero(as_tuple=True)
             v = x[t] if w is None else x[t].float() * w[t, k].float().unsqueeze(1)
             buf[row[t, k]] = v.to(buf.dtype)
+
+    def push_routed(self, x: torch.Tensor, ids: torch.Tensor, row_of: torch.Tensor, base: torch.Tensor,
+                    e_local: int):
+        """:meth:`push` with the destinations from the expert ids (:func:`rank_and_row`, computed inside the
+        kernel on CUDA); returns them ``(rank, row)``. Rows past the capacity are not stored."""
+        if self.peers is None:
+            from kernels.p2p import push_rows_routed
+            return push_rows_routed(x, ids, row_of, base, base.numel(), e_local, self.delta, self.tensor)
+        rank, row = rank_and_row(ids, row_of, base, e_local)
+        self.push(x, None, rank, row)
+        return rank, row
 
     def pull_sum(self, w, rank: torch.Tensor, row: torch.Tensor, out: torch.Tensor, rows=None) -> None:
         """``out[t] = sum_k [w[t,k] *] BUF_{rank[t,k]}[row[t,k]]`` (fp32, k in order; rank < 0 adds 0); with
@@ -160,22 +219,57 @@ def _map_shared(group, capacity: int, D: int, dtype: torch.dtype) -> list:
     return peers
 
 
+class _HostInts:
+    """A small int64 device tensor copied to the host without waiting: ``get()`` waits only for that copy."""
+
+    def __init__(self, t: torch.Tensor):
+        self.event = None
+        if t.is_cuda:
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = t
+
+    def get(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 @dataclass
 class SymmRoute:
-    """One MoE forward's destinations (:func:`destinations`), this rank's received and sent row counts (host
-    ints), its tokens per local expert and the group's buffer."""
+    """One MoE forward's routing: the copies' expert ids and sorted positions, :func:`route_table`'s ``base``, the
+    received / sent row counts (on their way to the host), this rank's tokens per local expert and the group's
+    buffer. The dispatch fills in the destinations (``rank``, ``row``) and, after its push is queued, the host
+    counts (``M`` rows received here, ``sent``, ``received`` per rank)."""
 
-    rank: torch.Tensor
-    row: torch.Tensor
-    M: int
-    sent: int
+    ids: torch.Tensor
+    row_of: torch.Tensor
+    base: torch.Tensor
+    e_local: int
+    me: int
+    counts_host: _HostInts
     tokens_per_expert: torch.Tensor
     buffer: SymmBuffer
     meter: object = None
+    rank: torch.Tensor = None
+    row: torch.Tensor = None
+    M: int = -1
+    sent: int = -1
+    received: list = None
 
-    def measure(self, nbytes: int):
+    def resolve(self) -> None:
+        """The one host sync of the dispatch: every rank's received rows and this rank's sent rows."""
+        if self.M < 0:
+            host = self.counts_host.get()
+            self.received, self.sent = host[:-1], int(host[-1])
+            self.M = int(self.received[self.me])
+
+    def measure(self, nbytes: int = 0):
         """The meter's context for one transfer phase (barriers, copies and the push / pull kernel)."""
-        return self.meter.measure(self.row.device, nbytes)
+        return self.meter.measure(self.ids.device, nbytes)
 
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
@@ -186,21 +280,20 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
 
 def build_symm_route(ids: torch.Tensor, n_bins: int, n_experts: int, group, me: int, row_ops, dtype: torch.dtype,
                      D: int, meter) -> SymmRoute:
-    """Routing, the counts all-gather and the destinations; one host sync (every rank's received rows, to size
-    the shared buffer and this rank's copy-out). ``meter``: an ``A2AMeter`` for the all-gather and every
-    transfer phase of the dispatch and combine, forward and backward (time on the stream, bytes pushed/pulled)."""
+    """Routing (a stable counting sort of the copies by expert), the counts all-gather and :func:`route_table`,
+    all on the device; the received / sent counts start their copy to the host, which the dispatch waits for only
+    after its push is queued. ``meter``: an ``A2AMeter`` for the all-gather and every transfer phase of the dispatch
+    and combine, forward and backward (time on the stream, bytes pushed / pulled)."""
     ep = dist.get_world_size(group)
     counts, _, row_of = row_ops.routing(ids, n_bins)
     c_all = torch.empty(ep, n_experts, dtype=torch.int64, device=ids.device)
     with meter.measure(ids.device, c_all.numel() * c_all.element_size()):
         _all_gather(c_all.view(-1), counts[:n_experts].contiguous(), group)
-        per_rank = c_all.sum(0).view(ep, -1)
-        host = torch.cat([per_rank.sum(1), c_all[me].sum().view(1)]).tolist()  # the one host sync
-    received, sent = host[:ep], int(host[ep])
-    rank, row = destinations(ids, row_of, counts, c_all, me, n_experts)
+    per_rank = c_all.sum(0).view(ep, -1)
+    host = _HostInts(torch.cat([per_rank.sum(1), c_all[me].sum().view(1)]))
+    base = route_table(counts, c_all, me)
     buf = SymmBuffer.get(group, dtype, D, ids.device)
-    buf.ensure(max(received))
-    return SymmRoute(rank, row, int(received[me]), sent, per_rank[me], buf, meter)
+    return SymmRoute(ids, row_of, base, n_experts // ep, me, host, per_rank[me], buf, meter)
 
 
 class _SymmDispatch(torch.autograd.Function):
@@ -208,10 +301,21 @@ class _SymmDispatch(torch.autograd.Function):
     def forward(ctx, x, route):
         ctx.route, ctx.N = route, x.shape[0]
         b = route.buffer
-        with route.measure(route.sent * x.shape[1] * x.element_size()):
-            b.barrier()
-            b.push(x, None, route.rank, route.row)
-            b.barrier()
+        if b.capacity == 0:  # first use: learn the sizes before pushing
+            route.resolve()
+            b.ensure(max(route.received))
+        with route.measure():
+            b.begin_push()
+            route.rank, route.row = b.push_routed(x, route.ids, route.row_of, route.base, route.e_local)
+            b.end_push()
+            route.resolve()  # the host sync, while the push runs
+            need = max(route.received)
+            if need > b.capacity:  # rows past the capacity were not stored: grow (every rank sees the same counts)
+                b.ensure(need)
+                b.begin_push()
+                b.push(x, None, route.rank, route.row)
+                b.end_push()
+        route.meter.add_bytes(route.sent * x.shape[1] * b.tensor.element_size())
         return b.tensor[:route.M].clone()
 
     @staticmethod
@@ -220,9 +324,9 @@ class _SymmDispatch(torch.autograd.Function):
         b = route.buffer
         dx = g.new_empty((ctx.N, g.shape[1]))
         with route.measure(route.sent * g.shape[1] * b.tensor.element_size()):
-            b.barrier()
+            b.begin_local_write()
             b.tensor[:route.M].copy_(g)
-            b.barrier()
+            b.publish()
             b.pull_sum(None, route.rank, route.row, dx)
         return dx, None
 
@@ -234,11 +338,12 @@ class _SymmCombine(torch.autograd.Function):
         N, K = route.rank.shape
         w = topk_weights.contiguous()
         y = expert_y.new_empty((N, expert_y.shape[1]), dtype=out_dtype)
-        ys = expert_y.new_empty((N * K, expert_y.shape[1]), dtype=b.dtype)
+        # the pulled rows, kept for the routing weights' gradient (not needed without one)
+        ys = expert_y.new_empty((N * K, expert_y.shape[1]), dtype=b.dtype) if ctx.needs_input_grad[1] else None
         with route.measure(route.sent * expert_y.shape[1] * b.tensor.element_size()):
-            b.barrier()
+            b.begin_local_write()
             b.tensor[:route.M].copy_(expert_y)
-            b.barrier()
+            b.publish()
             b.pull_sum(w, route.rank, route.row, y, ys)
         ctx.route = route
         ctx.save_for_backward(ys, w)
@@ -251,12 +356,12 @@ class _SymmCombine(torch.autograd.Function):
         N, K = w.shape
         b = route.buffer
         dw = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and ys is not None:
             dw = (ys.view(N, K, ys.shape[1]).float() * g.float().unsqueeze(1)).sum(-1).to(w.dtype)
         with route.measure(route.sent * g.shape[1] * b.tensor.element_size()):
-            b.barrier()
+            b.begin_push()
             b.push(g, w, route.rank, route.row)
-            b.barrier()
+            b.end_push()
         g_y = b.tensor[:route.M].clone()
         return (g_y if ctx.needs_input_grad[0] else None), dw, None, None
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests.kernels.common import DEVICE, assert_close_finite, gpu, poison_outputs  # noqa: F401
-from kernels.p2p import pull_sum, pull_sum_ref, push_rows, push_rows_ref
+from kernels.p2p import pull_sum, pull_sum_ref, push_rows, push_rows_ref, push_rows_routed
 from moetrain.parallel.row_ops import TorchRowOps
-from moetrain.parallel.symm_exchange import destinations
+from moetrain.parallel.symm_exchange import destinations, route_table
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
 
@@ -74,6 +74,38 @@ def test_destinations_and_push_give_each_rank_its_rows(world, N, K, E, drop):
         M = want[r].shape[0]
         assert torch.equal(big[r * cap:r * cap + M], want[r]), f"rank {r}: received rows"
         assert big[r * cap + M:(r + 1) * cap].isnan().all(), f"rank {r}: rows past the received ones were written"
+
+
+@pytest.mark.parametrize("world,N,K,E,drop,short", [(2, 7, 2, 8, False, 0), (4, 5, 3, 8, True, 0),
+                                                    (3, 6, 2, 6, True, 4), (2, 0, 2, 4, False, 0)])
+def test_routed_push_computes_the_destinations_in_the_kernel(world, N, K, E, drop, short):
+    """push_rows_routed: the (rank, row) it writes out equal ``destinations``; the rows it stores equal push_rows';
+    with a buffer ``short`` rows too small, the rows past its end are left alone and the others still land."""
+    D = 6
+    ids = _routing(world, N, K, E, drop, seed=world * 10 + N)
+    xs = [torch.randn(N, D) for _ in range(world)]
+    n_bins = E + 1
+    c_all = torch.stack([torch.bincount(i.reshape(-1), minlength=n_bins)[:E] for i in ids])
+    need = int(c_all.view(world, world, -1).sum(2).sum(0).max()) if N else 0
+    cap = max(need - short, 1)
+    big, deltas = _group(world, cap, D, torch.float32)
+    big_ref, _ = _group(world, cap, D, torch.float32)
+    for me in range(world):
+        counts, _, row_of = TorchRowOps.routing(ids[me], n_bins)
+        base = route_table(counts, c_all, me)
+        rank, row = push_rows_routed(xs[me].to(DEVICE), ids[me].to(DEVICE), row_of.to(DEVICE), base.to(DEVICE), E,
+                                     E // world, deltas[me], big[me * cap:])
+        want_rank, want_row = destinations(ids[me], row_of, counts, c_all, me, E)
+        assert torch.equal(rank.cpu(), want_rank) and torch.equal(row.cpu(), want_row)
+        push_rows(xs[me].to(DEVICE), None, want_rank.to(DEVICE), want_row.to(DEVICE), deltas[me], big_ref[me * cap:])
+    assert torch.equal(big.cpu().isnan(), big_ref.cpu().isnan())
+    assert torch.equal(big.cpu().nan_to_num(), big_ref.cpu().nan_to_num())
+    want = _expected(world, ids, xs, E)  # each rank's segment: its rows up to the capacity, nothing spilled over
+    for r in range(world):
+        M = min(want[r].shape[0], cap)
+        assert torch.equal(big.cpu()[r * cap:r * cap + M], want[r][:M]), f"rank {r}: rows within the buffer"
+        assert big.cpu()[r * cap + M:(r + 1) * cap].isnan().all(), f"rank {r}: rows past the received ones"
+    assert (max(w.shape[0] for w in want) > cap) == (short > 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

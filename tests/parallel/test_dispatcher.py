@@ -120,9 +120,14 @@ def test_meter_reports_per_step_and_resets():
 def test_all_to_all_dispatcher_edge_cases(world):
     out = run_workers(workers.run_dispatcher_edge_cases, world, timeout=180)
     for overlap, exchange in ((True, "all_to_all"), (True, "per_expert"), (False, "pipelined"),
-                              (False, "pipelined_triton")):
+                              (False, "pipelined_triton"), (False, "symmetric")):
         assert out[world - 1][f"only_rank0_experts/{overlap}/{exchange}"] == 0  # the last rank received nothing
         assert out[0][f"only_rank0_experts/{overlap}/{exchange}"] > 0
+    # the symmetric exchange's buffer: sized at first use, then grown (and the rows pushed again) for many tokens
+    assert out[0]["rank0_sends_nothing/symmetric_capacity"][0] == 0
+    first = out[0]["rank0_sends_nothing/symmetric_capacity"][1]
+    before, after = out[0]["many_tokens/symmetric_capacity"]
+    assert 0 < first <= before < after
 
 
 @pytest.mark.timeout(200)

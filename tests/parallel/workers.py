@@ -190,6 +190,11 @@ def _scaled_experts(x, tpe, lo):
     return x * scale.unsqueeze(1)
 
 
+def _symm_capacity(group, D: int) -> int:
+    from moetrain.parallel.symm_exchange import SymmBuffer
+    return SymmBuffer.get(group, torch.float32, D, torch.device("cpu")).capacity
+
+
 def run_dispatcher_edge_cases(rank: int, world: int) -> dict:
     """Zero tokens sent by a rank, zero tokens received by a rank, all tokens to one expert, overlap on
     and off; forward and gradients vs the closed form ``y = sum_k w_k (id_k + 1) x``."""
@@ -203,10 +208,12 @@ def run_dispatcher_edge_cases(rank: int, world: int) -> dict:
                                                             for _ in range(n)]) if n else None),
         "all_to_expert_5": lambda n, g: (n, None),
         "random": lambda n, g: (n, None),
+        "many_tokens": lambda n, g: (5 * n, None),  # symmetric: more rows than its buffer holds -> grow, push again
     }
     for cname, make in cases.items():
         for overlap, exchange in ((True, "all_to_all"), (False, "all_to_all"), (True, "per_expert"),
-                                  (False, "per_expert"), (False, "pipelined"), (False, "pipelined_triton")):
+                                  (False, "per_expert"), (False, "pipelined"), (False, "pipelined_triton"),
+                                  (False, "symmetric")):
             g = torch.Generator().manual_seed(10 * rank + 1)
             n, ids = make(7 + rank, g)
             k = 1 if cname == "all_to_expert_5" else K
@@ -220,7 +227,10 @@ def run_dispatcher_edge_cases(rank: int, world: int) -> dict:
             if exchange == "pipelined_triton":  # the Triton row passes (interpreted on CPU)
                 from kernels.permute import RowOps
                 disp.row_ops = RowOps
+            cap0 = _symm_capacity(group, D) if exchange == "symmetric" else None
             st = disp.dispatch(x, ids, w)
+            if cap0 is not None:
+                results[f"{cname}/symmetric_capacity"] = (cap0, _symm_capacity(group, D))
             if overlap and st.pending is None:
                 raise AssertionError(f"{cname}: overlap=True but no pending all-to-all after dispatch")
             ex, tpe = disp.wait(st)
