@@ -444,6 +444,7 @@ class AllToAllDispatcher:
         self.unpermute_fn = unpermute
         self.order_fn = stable_order
         self.row_ops = TorchRowOps
+        self._symm_buffers: dict = {}  # exchange="symmetric": this layer's dispatch buffer (freed with the layer)
         self.dropped = 0
         self.assigned = 0
 
@@ -471,7 +472,7 @@ class AllToAllDispatcher:
         if ep > 1 and self.exchange == "symmetric":
             from moetrain.parallel.symm_exchange import build_symm_route, symm_dispatch
             route = build_symm_route(ids, n_bins, E, self.group, self.ep_rank, self.row_ops, x.dtype, x.shape[1],
-                                     meter)
+                                     meter, self._symm_buffers)
             recv = symm_dispatch(x, route)  # learns the row counts on the host after queuing its push
             self._count(tracking, N * K, route.sent)
             return A2AState(recv, route.tokens_per_expert, None, topk_weights, dtype, N * K, route.sent, route)

@@ -19,17 +19,21 @@ Per MoE forward (rank ``me``, ``E_local`` experts per rank)::
                  this rank's copies of g): expert-major, then source rank, then token order (as the other
                  exchanges); ``base[g]`` (:func:`route_table`) holds all but the last term, the push kernel
                  adds it and writes (rank, row) out for the combine
-    dispatch     barrier; push x rows to (rank, row); barrier; then the host waits for the counts (the GPU is
-                 still pushing); copy this rank's M rows out of its buffer
-    combine      copy the expert outputs into the buffer; barrier; pull + weighted sum per token
-    backward     combine: barrier; push w * dy rows; barrier; copy out (dw from the pulled rows, kept)
-                 dispatch: copy the gradient rows in; barrier; pull + sum per token
+    dispatch     barrier; push x rows to (rank, row) of the layer's dispatch buffers; barrier; then the host
+                 waits for the counts (the GPU is still pushing); this rank's M rows are returned as a view of
+                 its buffer (no copy: they stay there for the experts' backward)
+    combine      copy the expert outputs into the group's combine buffer; barrier; pull + weighted sum per token
+    backward     combine: barrier; push w * dy rows into the combine buffers; barrier; the gradient rows are a
+                 view of this rank's (dw from the pulled rows, kept)
+                 dispatch: copy the gradient rows into the layer's buffer; barrier; pull + sum per token
 
-One buffer per (group, dtype, D) is shared by all layers. A push phase starts with a barrier (no peer still reads a
-buffer it writes) and ends with one; a copy-in needs one only after a pull (:meth:`SymmBuffer.begin_local_write`):
-three barriers per dispatch + combine. The push skips rows past the buffer's capacity; when the counts, known on the
-host after the push is queued, say it was too small, every rank (all see the same counts) grows it and pushes again,
-so the one host sync per dispatch does not stall the GPU.
+Buffers: one dispatch buffer per MoE layer (its rows are that layer's saved expert input, so a second forward of
+the layer before its backward is refused, :meth:`SymmRoute.check_rows_valid`) and one combine buffer per (group,
+dtype, D). A push phase starts with a barrier (no peer still reads a buffer it writes) and ends with one; a copy-in
+needs one only when a pull may still be reading (:meth:`SymmBuffer.begin_local_write`): three barriers per
+dispatch + combine. The push skips rows past the buffer's capacity; when the counts, known on the host after the
+push is queued, say it was too small, every rank (all see the same counts) grows it and pushes again, so the one
+host sync per dispatch does not stall the GPU.
 """
 from __future__ import annotations
 
@@ -88,9 +92,24 @@ def destinations(ids: torch.Tensor, row_of: torch.Tensor, counts: torch.Tensor, 
     return rank_and_row(ids, row_of, route_table(counts, c_all, me), E // ep)
 
 
+class _GroupState:
+    """Per group: whether a pull may still be reading any of its buffers (no barrier since). Any barrier of the
+    group orders every rank's earlier work, whichever buffer it was called on."""
+
+    _all: dict = {}
+
+    def __init__(self):
+        self.readers = False
+
+    @classmethod
+    def of(cls, group) -> "_GroupState":
+        return cls._all.setdefault(id(group), cls())
+
+
 class SymmBuffer:
-    """A buffer ``[capacity, D]`` of every rank of one group that each rank can read and write, shared by every MoE
-    layer on that group.
+    """A buffer ``[capacity, D]`` of every rank of one group that each rank can read and write: one per MoE layer for
+    its dispatch (the received rows stay there for the experts' backward), one shared by all layers for the combine
+    (:func:`build_symm_route`).
 
     On CUDA: a ``torch.distributed._symmetric_memory`` allocation; :mod:`kernels.p2p` addresses the peers'
     buffers through this rank's mappings of them (``delta``), barriers run on the device. On CPU (gloo): every rank's
@@ -105,10 +124,12 @@ class SymmBuffer:
         self.capacity = 0
         self.tensor = self.handle = self.delta = None
         self.peers = None  # CPU: every rank's buffer, in group rank order
-        self.readers = False  # a pull phase may still be reading the buffers (no barrier since)
+        self.state = _GroupState.of(group)
+        self.generation = 0  # push phases so far (a dispatch's rows are valid while it has not moved on)
 
     @classmethod
     def get(cls, group, dtype, D, device) -> "SymmBuffer":
+        """The group's shared buffer for (dtype, D, device)."""
         key = (id(group), dtype, D, str(device))
         if key not in cls._cache:
             cls._cache[key] = cls(group, dtype, D, device)
@@ -132,13 +153,13 @@ class SymmBuffer:
             self.peers = _map_shared(self.group, capacity, self.D, self.dtype)
             self.tensor = self.peers[dist.get_rank(self.group)]
         self.capacity = capacity
-        self.readers = False
 
     def barrier(self) -> None:
         if self.peers is None:
             self.handle.barrier(channel=0)
         else:
             dist.barrier(group=self.group)
+        self.state.readers = False
 
     # The phases. A push phase writes into the peers' buffers: it starts with a barrier (a peer may still read its
     # buffer: a pull, or its copy-out) and ends with one (the rows are complete). A pull phase first writes this
@@ -146,20 +167,19 @@ class SymmBuffer:
     # ended with a barrier, after which nobody touches a peer's buffer), then publishes it with a barrier.
     def begin_push(self) -> None:
         self.barrier()
+        self.generation += 1
 
     def end_push(self) -> None:
         self.barrier()
-        self.readers = False
 
     def begin_local_write(self) -> None:
-        if self.readers:
+        if self.state.readers:
             self.barrier()
-            self.readers = False
 
     def publish(self) -> None:
-        """After the copy-in, before the pull; the pull that follows makes the buffers read (``readers``)."""
+        """After the copy-in, before the pull; the pull that follows reads the buffers (``readers``)."""
         self.barrier()
-        self.readers = True
+        self.state.readers = True
 
     def push(self, x: torch.Tensor, w, rank: torch.Tensor, row: torch.Tensor) -> None:
         """``BUF_{rank[t,k]}[row[t,k]] = [w[t,k] *] x[t]`` (copies with rank < 0 skipped; fp32 product)."""
@@ -252,13 +272,23 @@ class SymmRoute:
     me: int
     counts_host: _HostInts
     tokens_per_expert: torch.Tensor
-    buffer: SymmBuffer
+    buffer: SymmBuffer          # this layer's dispatch buffer
+    combine_buffer: SymmBuffer  # the group's shared combine buffer
     meter: object = None
     rank: torch.Tensor = None
     row: torch.Tensor = None
     M: int = -1
     sent: int = -1
     received: list = None
+    generation: int = -1  # the dispatch buffer's generation that holds this route's rows
+
+    def check_rows_valid(self) -> None:
+        """Raises if the dispatch buffer was pushed into again since this route's dispatch (its rows, which the
+        experts' backward reads, are gone)."""
+        if self.buffer.generation != self.generation:
+            raise RuntimeError("parallel.ep_exchange=symmetric: this MoE layer's received rows were replaced by "
+                               "another forward of the layer (or a backward) before this backward; run each "
+                               "forward's backward once before the next forward, or use parallel.ep_exchange=pipelined")
 
     def resolve(self) -> None:
         """The one host sync of the dispatch: every rank's received rows and this rank's sent rows."""
@@ -279,11 +309,12 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
 
 
 def build_symm_route(ids: torch.Tensor, n_bins: int, n_experts: int, group, me: int, row_ops, dtype: torch.dtype,
-                     D: int, meter) -> SymmRoute:
+                     D: int, meter, owner: dict) -> SymmRoute:
     """Routing (a stable counting sort of the copies by expert), the counts all-gather and :func:`route_table`,
     all on the device; the received / sent counts start their copy to the host, which the dispatch waits for only
     after its push is queued. ``meter``: an ``A2AMeter`` for the all-gather and every transfer phase of the dispatch
-    and combine, forward and backward (time on the stream, bytes pushed / pulled)."""
+    and combine, forward and backward (time on the stream, bytes pushed / pulled). ``owner``: a dict kept by the
+    layer (its dispatcher) that holds the layer's dispatch buffer, freed with it."""
     ep = dist.get_world_size(group)
     counts, _, row_of = row_ops.routing(ids, n_bins)
     c_all = torch.empty(ep, n_experts, dtype=torch.int64, device=ids.device)
@@ -292,8 +323,11 @@ def build_symm_route(ids: torch.Tensor, n_bins: int, n_experts: int, group, me: 
     per_rank = c_all.sum(0).view(ep, -1)
     host = _HostInts(torch.cat([per_rank.sum(1), c_all[me].sum().view(1)]))
     base = route_table(counts, c_all, me)
-    buf = SymmBuffer.get(group, dtype, D, ids.device)
-    return SymmRoute(ids, row_of, base, n_experts // ep, me, host, per_rank[me], buf, meter)
+    key = (dtype, D, str(ids.device))
+    if key not in owner:
+        owner[key] = SymmBuffer(group, dtype, D, ids.device)
+    return SymmRoute(ids, row_of, base, n_experts // ep, me, host, per_rank[me], owner[key],
+                     SymmBuffer.get(group, dtype, D, ids.device), meter)
 
 
 class _SymmDispatch(torch.autograd.Function):
@@ -315,14 +349,17 @@ class _SymmDispatch(torch.autograd.Function):
                 b.begin_push()
                 b.push(x, None, route.rank, route.row)
                 b.end_push()
+        route.generation = b.generation
         route.meter.add_bytes(route.sent * x.shape[1] * b.tensor.element_size())
-        return b.tensor[:route.M].clone()
+        return b.tensor[:route.M]  # a view: valid until this layer's next dispatch or its dispatch backward
 
     @staticmethod
     def backward(ctx, g):
         route = ctx.route
         b = route.buffer
         dx = g.new_empty((ctx.N, g.shape[1]))
+        route.check_rows_valid()
+        b.generation += 1  # the gradient rows replace the received ones (a second backward would find them gone)
         with route.measure(route.sent * g.shape[1] * b.tensor.element_size()):
             b.begin_local_write()
             b.tensor[:route.M].copy_(g)
@@ -334,7 +371,8 @@ class _SymmDispatch(torch.autograd.Function):
 class _SymmCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, expert_y, topk_weights, route, out_dtype):
-        b = route.buffer
+        b = route.combine_buffer
+        b.ensure(max(route.received))  # collective: every rank has the same counts
         N, K = route.rank.shape
         w = topk_weights.contiguous()
         y = expert_y.new_empty((N, expert_y.shape[1]), dtype=out_dtype)
@@ -354,7 +392,7 @@ class _SymmCombine(torch.autograd.Function):
         route = ctx.route
         ys, w = ctx.saved_tensors
         N, K = w.shape
-        b = route.buffer
+        b = route.combine_buffer
         dw = None
         if ctx.needs_input_grad[1] and ys is not None:
             dw = (ys.view(N, K, ys.shape[1]).float() * g.float().unsqueeze(1)).sum(-1).to(w.dtype)
@@ -362,7 +400,7 @@ class _SymmCombine(torch.autograd.Function):
             b.begin_push()
             b.push(g, w, route.rank, route.row)
             b.end_push()
-        g_y = b.tensor[:route.M].clone()
+        g_y = b.tensor[:route.M]  # a view, read by the experts' backward before this buffer's next push phase
         return (g_y if ctx.needs_input_grad[0] else None), dw, None, None
 
 

@@ -135,3 +135,11 @@ def test_shared_experts_run_while_the_all_to_all_is_in_flight():
     """Forward and backward: the shared experts overlap the (reverse) token all-to-all only when overlap=True."""
     out = run_workers(workers.run_overlap_order_check, 2, timeout=180)
     assert out == [{"fwd": [True, False], "bwd": [True, False]}] * 2
+
+
+@pytest.mark.timeout(120)
+def test_symmetric_exchange_refuses_stale_rows():
+    out = run_workers(workers.run_symmetric_two_forwards, 2, timeout=100)
+    for r in out:
+        assert "received rows were replaced by another forward" in r["two_forwards"], r
+        assert "received rows were replaced by another forward" in r["second_backward"], r

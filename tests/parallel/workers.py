@@ -190,9 +190,9 @@ def _scaled_experts(x, tpe, lo):
     return x * scale.unsqueeze(1)
 
 
-def _symm_capacity(group, D: int) -> int:
-    from moetrain.parallel.symm_exchange import SymmBuffer
-    return SymmBuffer.get(group, torch.float32, D, torch.device("cpu")).capacity
+def _symm_capacity(disp) -> int:
+    """The capacity of a symmetric-exchange dispatcher's own dispatch buffer (0 before its first dispatch)."""
+    return max([b.capacity for b in disp._symm_buffers.values()], default=0)
 
 
 def run_dispatcher_edge_cases(rank: int, world: int) -> dict:
@@ -202,6 +202,7 @@ def run_dispatcher_edge_cases(rank: int, world: int) -> dict:
     group = dist.new_group(list(range(world)))
     El = E // world
     results = {}
+    symm_disp = AllToAllDispatcher(E, group, overlap=False, exchange="symmetric")  # one layer: its buffer persists
     cases = {
         "rank0_sends_nothing": lambda n, g: (0 if rank == 0 else n, None),
         "only_rank0_experts": lambda n, g: (n, torch.stack([torch.randperm(El, generator=g)[:K]
@@ -223,14 +224,15 @@ def run_dispatcher_edge_cases(rank: int, world: int) -> dict:
                        if n else torch.zeros(0, k, dtype=torch.int64))
             x = torch.randn(n, D, generator=g, requires_grad=True)
             w = torch.rand(n, k, generator=g, requires_grad=True)
-            disp = AllToAllDispatcher(E, group, overlap=overlap, exchange=exchange.removesuffix("_triton"), chunks=3)
+            disp = (symm_disp if exchange == "symmetric" else
+                    AllToAllDispatcher(E, group, overlap=overlap, exchange=exchange.removesuffix("_triton"), chunks=3))
             if exchange == "pipelined_triton":  # the Triton row passes (interpreted on CPU)
                 from kernels.permute import RowOps
                 disp.row_ops = RowOps
-            cap0 = _symm_capacity(group, D) if exchange == "symmetric" else None
+            cap0 = _symm_capacity(disp) if exchange == "symmetric" else None
             st = disp.dispatch(x, ids, w)
             if cap0 is not None:
-                results[f"{cname}/symmetric_capacity"] = (cap0, _symm_capacity(group, D))
+                results[f"{cname}/symmetric_capacity"] = (cap0, _symm_capacity(disp))
             if overlap and st.pending is None:
                 raise AssertionError(f"{cname}: overlap=True but no pending all-to-all after dispatch")
             ex, tpe = disp.wait(st)
@@ -387,3 +389,36 @@ def load_single(ckpt_dir: str, ref_file: str) -> int:
         assert torch.equal(got[k], ref[k]), k
     return len(ref)
 
+
+
+def run_symmetric_two_forwards(rank: int, world: int) -> dict:
+    """The symmetric exchange keeps a layer's received rows in the layer's buffer until its backward: a second
+    forward of the same layer before that backward, or a second backward, must raise (not compute on stale rows)."""
+    E, K, D = 4, 2, 3
+    group = dist.new_group(list(range(world)))
+    disp = AllToAllDispatcher(E, group, overlap=False, exchange="symmetric")
+    g = torch.Generator().manual_seed(rank)
+    out = {}
+
+    def fwd():
+        x = torch.randn(5, D, generator=g, requires_grad=True)
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(5)])
+        st = disp.dispatch(x, ids, torch.rand(5, K, generator=g))
+        ex, _ = disp.wait(st)
+        return disp.combine(ex * 2.0, st)
+
+    y1 = fwd()
+    fwd()
+    try:
+        y1.sum().backward()
+        out["two_forwards"] = "no error"
+    except RuntimeError as e:
+        out["two_forwards"] = str(e)
+    y3 = fwd()
+    y3.sum().backward(retain_graph=True)
+    try:
+        y3.sum().backward()
+        out["second_backward"] = "no error"
+    except RuntimeError as e:
+        out["second_backward"] = str(e)
+    return out
