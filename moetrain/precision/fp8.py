@@ -13,7 +13,7 @@ Recipes (``Fp8Config.recipe``):
                   saved in FP8). Quantisation and the routed experts' grouped GEMMs are Triton kernels
                   (``kernels.fp8_quant``, ``kernels.fp8_gemm``); the dense GEMMs are cuBLAS's block-scaled
                   ``torch._scaled_mm`` where it passed its check on this GPU (``moetrain.precision.fp8_cublas``:
-                  Hopper, dims multiples of 128), else the Triton GEMMs.
+                  Hopper, dims multiples of 128, or of 16 if partial blocks passed too), else the Triton GEMMs.
 
 Scales are dequantisation multipliers ``amax / fp8_max`` in float32 (``kernels.fp8_quant`` conventions:
 amax == 0 -> scale 1, tiny amax clamped to 1e-12, non-finite input -> NaN scale, which propagates).
@@ -299,8 +299,8 @@ def describe_backend(cfg: Fp8Config, device: torch.device) -> str:
     if cfg.recipe == "blockwise":
         if backend == "scaled_mm":
             from moetrain.precision import fp8_cublas
-            return (f"dense GEMMs on cuBLAS block-scaled {fp8_cublas.status(device)[1].split(';')[0]} where N, K "
-                    "are multiples of 128 (else Triton); routed experts on Triton grouped GEMMs")
+            return (f"dense GEMMs on cuBLAS block-scaled {fp8_cublas.status(device)[1]} (other shapes: Triton); "
+                    "routed experts on Triton grouped GEMMs")
         if backend == "triton":
             why = ""
             if device.type == "cuda":

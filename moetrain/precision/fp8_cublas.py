@@ -18,8 +18,9 @@ The three GEMMs of a blockwise linear ``y = x W^T`` (x [M, K], W [N, K]):
     dgrad    dx [M, K] = g(1x128 along N) @ W(128x128, the forward's blocks)  :func:`fp8_gemm_dgrad`
     wgrad    dW [N, K] = g^T(1x128 along M) @ x(1x128 along M)              :func:`fp8_gemm_1x128_1x128`
 
-Each has the signature of its Triton twin in :mod:`kernels.fp8_gemm` and falls back to it for a shape cuBLAS
-does not take here (any of M, N, K not a multiple of 128) or when the check failed (:func:`status` says why).
+Each has the signature of its Triton twin in :mod:`kernels.fp8_gemm` and falls back to it for a shape the check did
+not cover (M, N, K multiples of 128; multiples of 16 where the check at partial blocks passed too) or when the check
+failed (:func:`status` says why).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ __all__ = ["status", "available", "check_forms", "fp8_gemm_blockwise", "fp8_gemm
            "scale_a_layout", "scale_b_block_layout", "scale_b_row_layout"]
 
 TILE = 128
-_STATUS: dict = {}   # device str -> (form or None, detail)
+_STATUS: dict = {}   # device str -> (form or None, takes dims that are multiples of 16 only, detail)
 
 
 def scale_a_layout(s: torch.Tensor) -> torch.Tensor:
@@ -71,8 +72,11 @@ _FORMS = (("torch._scaled_mm", _v1, True), ("torch._scaled_mm", _v1, False),
           ("torch.nn.functional.scaled_mm", _v2, True), ("torch.nn.functional.scaled_mm", _v2, False))
 
 
-def _shapes_ok(*dims: int) -> bool:
-    return all(d > 0 and d % TILE == 0 for d in dims)
+def _shapes_ok(t: torch.Tensor, *dims: int) -> bool:
+    """Whether the checked cuBLAS path takes these dims on ``t``'s device: multiples of 128, or of 16 where the
+    check at partial blocks passed."""
+    ragged = _STATUS.get(str(t.device), (None, False, ""))[1]
+    return all(d > 0 and d % (16 if ragged else TILE) == 0 for d in dims)
 
 
 # ``form`` = (name, function, pad) from _FORMS; a [M, K] row-major fp8, B passed as the column-major [K, N]
@@ -94,24 +98,20 @@ def _wgrad(a, a_s, b, b_s, out_dtype, form):
 
 
 def _probe(device: torch.device):
-    """(form, detail): the first of :data:`_FORMS` that :func:`check_forms` accepts on ``device``, else (None, why)."""
+    """(form, ragged, detail): :func:`check_forms` on ``device`` with :data:`_FORMS`, or (None, False, why)."""
     if device.type != "cuda":
-        return None, "needs a CUDA device"
+        return None, False, "needs a CUDA device"
     cap = torch.cuda.get_device_capability(device)
     if cap != (9, 0):
-        return None, f"cuBLAS block-scaled FP8 GEMMs run on sm90 only (this GPU is sm{cap[0]}{cap[1]})"
+        return None, False, f"cuBLAS block-scaled FP8 GEMMs run on sm90 only (this GPU is sm{cap[0]}{cap[1]})"
     return check_forms(_FORMS, device)
 
 
-def check_forms(forms, device: torch.device):
-    """The first call form whose forward (bf16 out), dgrad (bf16) and wgrad (fp32) equal the dequantised
-    reference on a small problem (M=256, N=384, K=640: 5 K-blocks, so the padding to 4 is exercised):
-    ``(form, detail)``, or ``(None, why each failed)``. ``forms``: ``(name, fn, pad)`` tuples, ``fn(a [M, K],
-    b [K, N] column-major, scale_a, scale_b, out_dtype, recipe_b)``."""
+def _cases(device: torch.device, M: int, N: int, K: int):
+    """Forward (bf16 out), dgrad (bf16) and wgrad (fp32) of a blockwise linear at (M, N, K), with references."""
     from kernels import fp8_gemm as tg
     from kernels import fp8_quant as q
     gen = torch.Generator(device=device).manual_seed(0)
-    M, N, K = 256, 384, 640
     x = torch.randn(M, K, device=device, generator=gen).to(torch.bfloat16)
     w = (torch.randn(N, K, device=device, generator=gen) * 0.05).to(torch.bfloat16)
     g = torch.randn(M, N, device=device, generator=gen).to(torch.bfloat16)
@@ -119,9 +119,33 @@ def check_forms(forms, device: torch.device):
     wq, ws = q.quant_128x128(w)
     gq, gs, gtq, gts = q.quant_1x128_with_transpose(g)
     f32, bf16 = torch.float32, torch.bfloat16
-    cases = (("forward", _fwd, (xq, xs, wq, ws), bf16, tg.fp8_gemm_blockwise_ref(xq, xs, wq, ws, f32)),
-             ("dgrad", _dgrad, (gq, gs, wq, ws), bf16, tg.fp8_gemm_dgrad_ref(gq, gs, wq, ws, f32)),
-             ("wgrad", _wgrad, (gtq, gts, xtq, xts), f32, tg.fp8_gemm_1x128_1x128_ref(gtq, gts, xtq, xts)))
+    return (("forward", _fwd, (xq, xs, wq, ws), bf16, tg.fp8_gemm_blockwise_ref(xq, xs, wq, ws, f32)),
+            ("dgrad", _dgrad, (gq, gs, wq, ws), bf16, tg.fp8_gemm_dgrad_ref(gq, gs, wq, ws, f32)),
+            ("wgrad", _wgrad, (gtq, gts, xtq, xts), f32, tg.fp8_gemm_1x128_1x128_ref(gtq, gts, xtq, xts)))
+
+
+def _run_cases(form, cases) -> None:
+    """Raises unless every case of ``form`` equals its reference (max error relative to the largest entry)."""
+    for case, gemm, args, out_dtype, ref in cases:
+        out = gemm(*args, out_dtype, form).float()
+        err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+        tol = 1e-2 if out_dtype == torch.bfloat16 else 1e-3
+        if not err <= tol:
+            raise ValueError(f"{case} differs from the dequantised reference (max relative error {err:.1e})")
+
+
+def _why(e: Exception) -> str:
+    msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}"
+
+
+def check_forms(forms, device: torch.device):
+    """The first call form whose forward (bf16 out), dgrad (bf16) and wgrad (fp32) equal the dequantised
+    reference on a small problem (M=256, N=384, K=640: 5 K-blocks, so the padding to 4 is exercised), and whether
+    it also does at dims that are multiples of 16 but not of 128 (M=208, N=336, K=592: partial blocks):
+    ``(form, ragged, detail)``, or ``(None, False, why each failed)``. ``forms``: ``(name, fn, pad)`` tuples,
+    ``fn(a [M, K], b [K, N] column-major, scale_a, scale_b, out_dtype, recipe_b)``."""
+    cases = _cases(device, 256, 384, 640)
     why = []
     for form in forms:
         name, fn, pad = form
@@ -130,18 +154,17 @@ def check_forms(forms, device: torch.device):
             why.append(f"{label}: absent")
             continue
         try:
-            for case, gemm, args, out_dtype, ref in cases:
-                out = gemm(*args, out_dtype, form).float()
-                err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-                tol = 1e-2 if out_dtype == torch.bfloat16 else 1e-3
-                if not err <= tol:
-                    raise ValueError(f"{case} differs from the dequantised reference (max relative error {err:.1e})")
+            _run_cases(form, cases)
         except Exception as e:  # noqa: BLE001 - any failure means: do not use this form
-            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            why.append(f"{label}: {type(e).__name__}: {msg}")
+            why.append(f"{label}: {_why(e)}")
             continue
-        return form, f"{label}; forward, dgrad and wgrad equal the dequantised reference"
-    return None, "; ".join(why)
+        try:
+            _run_cases(form, _cases(device, 208, 336, 592))
+            ragged, note = True, "also at dims that are multiples of 16 only"
+        except Exception as e:  # noqa: BLE001
+            ragged, note = False, f"dims multiples of 128 only (partial blocks: {_why(e)})"
+        return form, ragged, f"{label}; forward, dgrad and wgrad equal the dequantised reference, {note}"
+    return None, False, "; ".join(why)
 
 
 def status(device: torch.device) -> tuple[bool, str]:
@@ -150,7 +173,7 @@ def status(device: torch.device) -> tuple[bool, str]:
     key = str(torch.device(device))
     if key not in _STATUS:
         _STATUS[key] = _probe(torch.device(device))
-    form, detail = _STATUS[key]
+    form, _, detail = _STATUS[key]
     return form is not None, detail
 
 
@@ -167,9 +190,9 @@ def fp8_gemm_blockwise(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch
                        out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``C[M, N] = A @ B^T``, A ``[M, K]`` e4m3 with 1x128 scales ``[M, K/128]``, B ``[N, K]`` e4m3 with 128x128
     scales ``[N/128, K/128]`` (fp32, as ``kernels.fp8_quant`` writes them); ``out_dtype`` result. cuBLAS when
-    usable and M, N, K are multiples of 128, else ``kernels.fp8_gemm.fp8_gemm_blockwise``."""
+    usable and M, N, K fit it (module docstring), else ``kernels.fp8_gemm.fp8_gemm_blockwise``."""
     form = _form(a_fp8)
-    if form is None or not _shapes_ok(a_fp8.shape[0], b_fp8.shape[0], a_fp8.shape[1]):
+    if form is None or not _shapes_ok(a_fp8, a_fp8.shape[0], b_fp8.shape[0], a_fp8.shape[1]):
         from kernels.fp8_gemm import fp8_gemm_blockwise as triton_gemm
         return triton_gemm(a_fp8, a_scales, b_fp8, b_scales, out_dtype)
     return _fwd(a_fp8, a_scales, b_fp8, b_scales, out_dtype, form)
@@ -180,7 +203,7 @@ def fp8_gemm_dgrad(g_fp8: torch.Tensor, g_scales: torch.Tensor, w_fp8: torch.Ten
     """``dX[M, K] = G[M, N] @ W[N, K]``: G 1x128 along N (``[M, N/128]``), W with the forward's 128x128 scales
     ``[N/128, K/128]``. cuBLAS or ``kernels.fp8_gemm.fp8_gemm_dgrad`` (as :func:`fp8_gemm_blockwise`)."""
     form = _form(g_fp8)
-    if form is None or not _shapes_ok(g_fp8.shape[0], w_fp8.shape[1], g_fp8.shape[1]):
+    if form is None or not _shapes_ok(g_fp8, g_fp8.shape[0], w_fp8.shape[1], g_fp8.shape[1]):
         from kernels.fp8_gemm import fp8_gemm_dgrad as triton_gemm
         return triton_gemm(g_fp8, g_scales, w_fp8, w_scales, out_dtype)
     return _dgrad(g_fp8, g_scales, w_fp8, w_scales, out_dtype, form)
@@ -191,7 +214,7 @@ def fp8_gemm_1x128_1x128(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: tor
     """``C[M, N] = A @ B^T`` with both operands 1x128 along K (``[M, K/128]``, ``[N, K/128]``): the weight
     gradient ``dW = G^T X`` with tokens as K. cuBLAS or ``kernels.fp8_gemm.fp8_gemm_1x128_1x128``."""
     form = _form(a_fp8)
-    if form is None or not _shapes_ok(a_fp8.shape[0], b_fp8.shape[0], a_fp8.shape[1]):
+    if form is None or not _shapes_ok(a_fp8, a_fp8.shape[0], b_fp8.shape[0], a_fp8.shape[1]):
         from kernels.fp8_gemm import fp8_gemm_1x128_1x128 as triton_gemm
         return triton_gemm(a_fp8, a_scales, b_fp8, b_scales, out_dtype)
     return _wgrad(a_fp8, a_scales, b_fp8, b_scales, out_dtype, form)

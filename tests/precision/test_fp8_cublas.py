@@ -65,18 +65,28 @@ def test_scale_layouts():
     assert a.stride() == (1, 3) and torch.equal(a, s)
 
 
+def _whole_blocks_mm(a, b, sa, sb, out_dtype, recipe_b):
+    """The contract, refusing dims that are not multiples of 128 (a cuBLAS without partial blocks)."""
+    if any(d % 128 for d in (*a.shape, b.shape[1])):
+        raise ValueError("dims must be multiples of 128")
+    return _contract_mm(a, b, sa, sb, out_dtype, recipe_b)
+
+
 def test_check_forms_picks_the_documented_layout_and_rejects_others():
     forms = (("lax", _lax_mm, False), ("contract", _contract_mm, False), ("contract", _contract_mm, True))
-    form, detail = fp8_cublas.check_forms(forms, torch.device("cpu"))
-    assert form == forms[2], detail
-    assert detail.startswith("contract (scale_b padded)"), detail
-    none, why = fp8_cublas.check_forms(forms[:2], torch.device("cpu"))
-    assert none is None
+    form, ragged, detail = fp8_cublas.check_forms(forms, torch.device("cpu"))
+    assert form == forms[2] and ragged, detail
+    assert detail.startswith("contract (scale_b padded)") and "multiples of 16 only" in detail, detail
+    form, ragged, detail = fp8_cublas.check_forms((("whole", _whole_blocks_mm, True),), torch.device("cpu"))
+    assert form is not None and not ragged
+    assert "dims multiples of 128 only (partial blocks: ValueError: dims must be multiples of 128)" in detail
+    none, ragged, why = fp8_cublas.check_forms(forms[:2], torch.device("cpu"))
+    assert none is None and not ragged
     assert "lax (scale_b unpadded): ValueError: forward differs" in why
     assert "contract (scale_b unpadded): ValueError: scale_b must be [L4" in why
 
 
-@pytest.mark.parametrize("M,N,K", [(256, 384, 640), (128, 256, 128)])
+@pytest.mark.parametrize("M,N,K", [(256, 384, 640), (128, 256, 128), (208, 336, 592)])
 def test_three_gemms_through_the_contract(M, N, K):
     """Forward, dgrad and wgrad with the documented layouts equal the dequantised references."""
     form = ("contract", _contract_mm, True)
@@ -147,6 +157,13 @@ def test_gpu_cublas_blockwise_matches_reference():
     for got, ref in pairs:
         err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-2, err
+    # dims that are multiples of 16 only: cuBLAS where its check at partial blocks passed, else Triton; either way exact
+    xr_, wr_ = x[:208, :592].contiguous(), w[:336, :592].contiguous()
+    a, sa = fp8_quant.quant_1x128(xr_)
+    b, sb = fp8_quant.quant_128x128(wr_)
+    got, ref = fp8_cublas.fp8_gemm_blockwise(a, sa, b, sb, torch.bfloat16), fp8_gemm.fp8_gemm_blockwise_ref(
+        a, sa, b, sb, torch.float32)
+    assert ((got.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2, detail
     assert resolve_backend(Fp8Config("blockwise"), dev) == "scaled_mm"
     xr = x.view(2, 2048, K).requires_grad_()
     wr = w.clone().requires_grad_()
