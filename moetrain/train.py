@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = init_distributed(cfg.parallel.backend)
         Trainer(cfg, ctx).fit()
         return 0
-    except (ConfigError, DataError, UserError) as e:
+    except (ConfigError, DataError, UserError, UnavailableFeature) as e:
         if ctx is None or ctx.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -226,11 +226,22 @@ class SymmBuffer:
 def _map_shared(group, capacity: int, D: int, dtype: torch.dtype) -> list:
     """Every rank's ``[capacity, D]`` buffer as files in /dev/shm mapped by all ranks (collective)."""
     me, ws = dist.get_rank(group), dist.get_world_size(group)
+    root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    n = capacity * D
+    need = ws * n * torch.empty((), dtype=dtype).element_size()  # every rank's file (one host: gloo on CPU)
+    st = os.statvfs(root)
+    free = st.f_bavail * st.f_frsize
+    ok = torch.tensor([1 if free >= need else 0])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)  # the same decision on every rank
+    if not ok.item():
+        from moetrain.parallel.parallelize import UnavailableFeature
+        raise UnavailableFeature(
+            f"parallel.ep_exchange=symmetric on CPU: {root} has {free / 2**20:.0f} MiB free on some rank, its "
+            f"buffers need {need / 2**20:.0f} MiB more; enlarge {root} (docker run --shm-size) or use "
+            "parallel.ep_exchange=pipelined")
     tag = [uuid.uuid4().hex if me == 0 else None]
     dist.broadcast_object_list(tag, group_src=0, group=group)
-    root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
     paths = [os.path.join(root, f"moetrain-symm-{tag[0]}-{r}") for r in range(ws)]
-    n = capacity * D
     torch.from_file(paths[me], shared=True, size=n, dtype=dtype)  # creates this rank's file
     dist.barrier(group=group)
     peers = [torch.from_file(p, shared=True, size=n, dtype=dtype).view(capacity, D) for p in paths]

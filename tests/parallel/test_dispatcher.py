@@ -143,3 +143,11 @@ def test_symmetric_exchange_refuses_stale_rows():
     for r in out:
         assert "received rows were replaced by another forward" in r["two_forwards"], r
         assert "received rows were replaced by another forward" in r["second_backward"], r
+
+
+@pytest.mark.timeout(120)
+def test_symmetric_exchange_without_shm_space_is_a_clear_error():
+    out = run_workers(workers.run_symmetric_shm_full, 2, timeout=100)
+    for msg in out:
+        assert msg.startswith("UnavailableFeature: parallel.ep_exchange=symmetric on CPU: "), msg
+        assert "--shm-size" in msg and "parallel.ep_exchange=pipelined" in msg and "\n" not in msg, msg

@@ -422,3 +422,29 @@ def run_symmetric_two_forwards(rank: int, world: int) -> dict:
     except RuntimeError as e:
         out["second_backward"] = str(e)
     return out
+
+
+def run_symmetric_shm_full(rank: int, world: int) -> str:
+    """/dev/shm too small on one rank (simulated): every rank raises the same one-line UnavailableFeature."""
+    import os as _os
+    import types
+
+    from moetrain.parallel import symm_exchange
+    real = _os.statvfs
+
+    def statvfs(path):
+        st = real(path)
+        return types.SimpleNamespace(f_bavail=0 if rank == 1 else st.f_bavail, f_frsize=st.f_frsize)
+
+    symm_exchange.os.statvfs = statvfs
+    try:
+        group = dist.new_group(list(range(world)))
+        disp = AllToAllDispatcher(4, group, overlap=False, exchange="symmetric")
+        ids = torch.tensor([[0, 3], [1, 2]])
+        try:
+            disp.dispatch(torch.randn(2, 3), ids, torch.rand(2, 2))
+        except RuntimeError as e:
+            return f"{type(e).__name__}: {e}"
+        return "no error"
+    finally:
+        symm_exchange.os.statvfs = real
