@@ -12,6 +12,8 @@
 #   fp8          benchmarks/bench_fp8.py (FP8_ARGS adds flags)
 #   train_step   benchmarks/train_step.py on the tinyshakespeare config (TRAIN_STEP_ARGS adds flags)
 #   train_big    benchmarks/train_step.py on a GPU-filling config, bf16 vs FP8 (TRAIN_BIG_ARGS adds flags)
+#   train_v3     benchmarks/train_step.py on configs/fp8-v3-layers.yaml (DeepSeek-V3 layer widths, GEMM-heavy), kernels
+#                vs FP8 blockwise / rowwise (TRAIN_V3_ARGS adds flags)
 #   profile      benchmarks/profile_step.py: torch.profiler over a few steps of train_big's config, every variant
 #                (top kernels, time per category, idle; Chrome traces) (PROFILE_ARGS adds flags, e.g.
 #                --variants bf16 fp8-blockwise --steps 5)
@@ -41,6 +43,8 @@ job_cmd() {
     train_big) echo "python3 benchmarks/train_step.py --out $d --config configs/scale-ep8.yaml --steps 30 \
 --log-every 5 --variants bf16 fp8-blockwise fp8-rowwise --set parallel.ep=1 model.n_routed_experts=16 \
 model.n_expert_groups=1 model.n_limited_groups=1 train.batch_size=2 ${TRAIN_BIG_ARGS:-}" ;;
+    train_v3) echo "python3 benchmarks/train_step.py --out $d --config configs/fp8-v3-layers.yaml --steps 12 \
+--log-every 3 --variants kernels fp8-blockwise+kernels fp8-rowwise ${TRAIN_V3_ARGS:-}" ;;
     profile) echo "python3 benchmarks/profile_step.py --out $d ${PROFILE_ARGS:-}" ;;
     tinyshakespeare) echo "env OUT=$d LIMIT_S=${TS_LIMIT_S:-150} bash benchmarks/tinyshakespeare.sh \
 checkpoint.every=0 checkpoint.at_end=false ${TS_ARGS:-}" ;;
