@@ -20,7 +20,7 @@ Sections, in order (rank 0 prints a table and writes <out>/bench_ep_<date>.json)
                   (bytes sent by one rank / time); with the PyTorch and (GPU) the Triton permute, and with
                   each exchange (all_to_all: one all_to_all_single + regroup by local expert; per_expert:
                   batched send/recv per (rank, local expert) chunk, no regroup; pipelined: --chunks all-to-alls
-                  whose local passes overlap the neighbouring chunks' transfers; symmetric (GPU): one kernel
+                  whose local passes overlap the neighbouring chunks' transfers; symmetric: one kernel
                   stores / reads the copies in the peers' symmetric-memory buffers).
   4. overlap      one MoE layer (with its shared experts) forward + backward with the token all-to-all
                   overlapped with the shared experts (async, the default; forward and backward) vs waited at
@@ -361,10 +361,13 @@ def dispatch_vs_raw(a, base) -> dict:
         # the forward as training runs it (grad on: the combines keep the pulled rows for the weights' gradient)
         disp.chunks = a.chunks[0]
         out["dispatch_combine_triton_pipelined_train_fwd_ms"] = _timeit(train_fwd, dev, a.reps)
-        disp.exchange = "symmetric"  # symmetric memory: one kernel each way, no all-to-all
-        out["dispatch_combine_symmetric_ms"] = _timeit(checked("symmetric"), dev, a.reps)
-        out["dispatch_combine_symmetric_train_fwd_ms"] = _timeit(train_fwd, dev, a.reps)
-        disp.exchange = "all_to_all"
+    # symmetric memory: one kernel each way, no all-to-all (GPU: Triton routing; CPU: buffers in /dev/shm)
+    disp.exchange = "symmetric"
+    out["dispatch_combine_symmetric_ms"] = _timeit(checked("symmetric"), dev, a.reps)
+    out["dispatch_combine_symmetric_train_fwd_ms"] = _timeit(train_fwd, dev, a.reps)
+    out["parts_symmetric_ms"] = _symmetric_parts(disp, x, ids, w, E, group, dev, a.reps)
+    disp.exchange = "all_to_all"
+    if dev.type == "cuda":
         disp.permute_fn, disp.unpermute_fn, disp.order_fn = k_permute, k_unpermute, k_order
         ms_k = _timeit(checked("triton"), dev, a.reps)
         out["dispatch_combine_triton_ms"] = ms_k
@@ -388,6 +391,26 @@ def dispatch_vs_raw(a, base) -> dict:
             out["profile"][name] = _profile(dispatch_combine, base, a, f"dispatch_{name}")
         disp.exchange = "all_to_all"
     return out
+
+
+def _symmetric_parts(disp, x, ids, w, E, group, dev, reps) -> dict:
+    """The symmetric exchange's pieces alone (forward, no grad): routing (counting sort, counts all-gather, route
+    table, counts on their way to the host), the dispatch (routing + push + host sync), the combine (copy-in +
+    barrier + pull)."""
+    import torch
+    from moetrain.parallel.expert_parallel import _NULL_METER
+    from moetrain.parallel.symm_exchange import build_symm_route
+    with torch.no_grad():
+        st = disp.dispatch(x, ids, w)
+        ex, _ = disp.wait(st)
+
+        def route():
+            r = build_symm_route(ids, E, E, group, disp.ep_rank, disp.row_ops, x.dtype, x.shape[1], _NULL_METER,
+                                 disp._symm_buffers)
+            r.resolve()
+        return {"route_and_counts_on_host": _timeit(route, dev, reps),
+                "dispatch": _timeit(lambda: disp.dispatch(x, ids, w), dev, reps),
+                "combine": _timeit(lambda: disp.combine(ex, st), dev, reps)}
 
 
 def _counts_exchange(ids, E, group):
@@ -559,13 +582,15 @@ def main(argv=None) -> int:
                           f"{d['dispatch_combine_triton_per_expert_ms']:.2f} ms ({r:.2f}x raw)", flush=True)
                 if "dispatch_combine_symmetric_ms" in d:
                     ms = d["dispatch_combine_symmetric_ms"]
-                    print(f"  symmetric-memory exchange (Triton routing): {ms:.2f} ms ({ms / d['raw_a2a_ms']:.2f}x raw)",
-                          flush=True)
+                    print(f"  symmetric-memory exchange: {ms:.2f} ms ({ms / d['raw_a2a_ms']:.2f}x raw)", flush=True)
+                    print("  symmetric, alone (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                              d["parts_symmetric_ms"].items()), flush=True)
                     for key, what in (("dispatch_combine_symmetric_train_fwd_ms", "symmetric"),
                                       ("dispatch_combine_triton_pipelined_train_fwd_ms", "pipelined (Triton rows)")):
-                        ms = d[key]
-                        print(f"  training forward (grad on), {what}: {ms:.2f} ms ({ms / d['raw_a2a_ms']:.2f}x raw)",
-                              flush=True)
+                        if key in d:
+                            ms = d[key]
+                            print(f"  training forward (grad on), {what}: {ms:.2f} ms "
+                                  f"({ms / d['raw_a2a_ms']:.2f}x raw)", flush=True)
                 for name, table in d.get("profile", {}).items():
                     print(f"\n  profile, Triton row passes, {name}: {table}", flush=True)
                 for key, what in (("dispatch_combine_pipelined_ms", "PyTorch row passes"),
