@@ -34,7 +34,8 @@ BLOCK_D = 1024
 
 @triton.jit
 def _push_kernel(X, W, RANK, ROW, IDS, ROW_OF, BASE, DELTA, BUF, D, stride_x, n_experts, e_local, cap,
-                 K: tl.constexpr, BLOCK: tl.constexpr, WEIGHTED: tl.constexpr, ROUTED: tl.constexpr):
+                 K: tl.constexpr, BLOCK: tl.constexpr, WEIGHTED: tl.constexpr, ROUTED: tl.constexpr,
+                 DELTA_ALIGNED: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < D
@@ -53,6 +54,8 @@ def _push_kernel(X, W, RANK, ROW, IDS, ROW_OF, BASE, DELTA, BUF, D, stride_x, n_
             row = tl.load(ROW + t * K + k)
         if (r >= 0) & (row < cap):
             delta = tl.load(DELTA + r)
+            if DELTA_ALIGNED:  # lets the stores into the peer's buffer be 16-byte vectors instead of 2-byte ones
+                delta = tl.multiple_of(delta, 16)
             if WEIGHTED:
                 v = (tl.load(W + t * K + k).to(tl.float32) * x.to(tl.float32)).to(BUF.dtype.element_ty)
             else:
@@ -62,7 +65,7 @@ def _push_kernel(X, W, RANK, ROW, IDS, ROW_OF, BASE, DELTA, BUF, D, stride_x, n_
 
 @triton.jit
 def _pull_kernel(BUF, W, RANK, ROW, DELTA, OUT, ROWS, D, stride_out, K: tl.constexpr, BLOCK: tl.constexpr,
-                 WEIGHTED: tl.constexpr, SAVE_ROWS: tl.constexpr):
+                 WEIGHTED: tl.constexpr, SAVE_ROWS: tl.constexpr, DELTA_ALIGNED: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < D
@@ -71,6 +74,8 @@ def _pull_kernel(BUF, W, RANK, ROW, DELTA, OUT, ROWS, D, stride_out, K: tl.const
         r = tl.load(RANK + t * K + k)
         row = tl.load(ROW + t * K + k)
         delta = tl.load(DELTA + tl.maximum(r, 0))
+        if DELTA_ALIGNED:
+            delta = tl.multiple_of(delta, 16)
         live = m & ((cols * 0 + r) >= 0)  # a vector mask (the interpreter takes no scalar & vector mask)
         v = tl.load(BUF + delta + row * D + cols, mask=live, other=0.0)
         if SAVE_ROWS:
@@ -80,6 +85,16 @@ def _pull_kernel(BUF, W, RANK, ROW, DELTA, OUT, ROWS, D, stride_out, K: tl.const
         else:
             acc += v.to(tl.float32)
     tl.store(OUT + t * stride_out + cols, acc.to(OUT.dtype.element_ty), mask=m)
+
+
+def _aligned(delta: torch.Tensor) -> bool:
+    """Whether every peer offset is a multiple of 16 elements (symmetric-memory buffers are page-aligned), so the
+    kernels may tell Triton so and move rows in 16-byte vectors; read once per ``delta`` tensor and cached on it."""
+    flag = getattr(delta, "_moetrain_aligned", None)
+    if flag is None:
+        flag = bool((delta % 16 == 0).all())
+        delta._moetrain_aligned = flag
+    return flag
 
 
 def _launch_shape(D: int):
@@ -101,7 +116,7 @@ def push_rows(x: torch.Tensor, w: Optional[torch.Tensor], rank: torch.Tensor, ro
     rank, row = rank.contiguous(), row.contiguous()
     _push_kernel[(N, nb)](x, x if w is None else w.contiguous(), rank, row, rank, row, row, delta, buf,
                           D, x.stride(0), 0, 1, buf.shape[0], K=K, BLOCK=block, WEIGHTED=w is not None,
-                          ROUTED=False, num_warps=warps)
+                          ROUTED=False, DELTA_ALIGNED=_aligned(delta), num_warps=warps)
 
 
 def push_rows_routed(x: torch.Tensor, ids: torch.Tensor, row_of: torch.Tensor, base: torch.Tensor, n_experts: int,
@@ -124,7 +139,7 @@ def push_rows_routed(x: torch.Tensor, ids: torch.Tensor, row_of: torch.Tensor, b
     block, nb, warps = _launch_shape(max(D, 1))
     _push_kernel[(N, nb)](x, x, rank, row, ids.contiguous(), row_of.contiguous(), base.contiguous(), delta, buf,
                           D, x.stride(0), int(n_experts), int(e_local), buf.shape[0], K=K, BLOCK=block,
-                          WEIGHTED=False, ROUTED=True, num_warps=warps)
+                          WEIGHTED=False, ROUTED=True, DELTA_ALIGNED=_aligned(delta), num_warps=warps)
     return rank, row
 
 
@@ -141,7 +156,8 @@ def pull_sum(buf: torch.Tensor, w: Optional[torch.Tensor], rank: torch.Tensor, r
     block, nb, warps = _launch_shape(D)
     _pull_kernel[(N, nb)](buf, buf if w is None else w.contiguous(), rank.contiguous(), row.contiguous(), delta,
                           out, buf if rows is None else rows, D, out.stride(0), K=K, BLOCK=block,
-                          WEIGHTED=w is not None, SAVE_ROWS=rows is not None, num_warps=warps)
+                          WEIGHTED=w is not None, SAVE_ROWS=rows is not None, DELTA_ALIGNED=_aligned(delta),
+                          num_warps=warps)
 
 
 def push_rows_ref(x: torch.Tensor, w: Optional[torch.Tensor], rank: torch.Tensor, row: torch.Tensor,

@@ -6,7 +6,9 @@ kernel (:mod:`kernels.p2p`) stores each token's K copies straight into the peers
 combine pulls each token's K expert outputs from the peers and sums them with the routing weights in the same
 kernel. The buffers are ``torch.distributed._symmetric_memory`` allocations mapped into every rank of the
 ``"ep"`` group; device-side barriers order the writes and reads. Measured on 2 H200s (benchmarks/README.md,
-fifth session): the peer stores move rows at 0.9x NCCL's all-to-all time. On CPU the buffers are files in /dev/shm
+fifth session): plain copies (``copy_``) into the peers' buffers took 0.9x NCCL's all-to-all time; the kernels' peer
+loads and stores are 16-byte vectors when every peer offset is a multiple of 16 elements (checked per buffer; until
+the fix of 2026-12-01 they were 2-byte accesses, in every run so far). On CPU the buffers are files in /dev/shm
 mapped by every rank and the transfers PyTorch indexing (:class:`SymmBuffer`): the same protocol, so the gloo
 equivalence tests cover it.
 
@@ -147,6 +149,9 @@ class SymmBuffer:
             self.tensor = symm_mem.empty((capacity, self.D), dtype=self.dtype, device=self.device)
             self.handle = symm_mem.rendezvous(self.tensor, self.group.group_name)
             base = self.tensor.data_ptr()
+            if self.handle.buffer_ptrs[dist.get_rank(self.group)] != base:  # the kernels address peers from it
+                raise RuntimeError("symmetric memory: this rank's buffer pointer in the rendezvous handle is not the "
+                                   "tensor's (an offset inside a memory pool?); use parallel.ep_exchange=pipelined")
             self.delta = torch.tensor([(p - base) // self.tensor.element_size() for p in self.handle.buffer_ptrs],
                                       dtype=torch.int64, device=self.device)
         else:
@@ -186,6 +191,7 @@ class SymmBuffer:
         if self.peers is None:
             from kernels.p2p import push_rows
             push_rows(x, w, rank, row, self.delta, self.tensor)
+            torch.autograd.graph.increment_version(self.tensor)  # written in place, as on CPU (autograd's checks)
             return
         for r, buf in enumerate(self.peers):
             t, k = ((rank == r) & (row < self.capacity)).nonzero(as_tuple=True)
@@ -198,7 +204,9 @@ class SymmBuffer:
         kernel on CUDA); returns them ``(rank, row)``. Rows past the capacity are not stored."""
         if self.peers is None:
             from kernels.p2p import push_rows_routed
-            return push_rows_routed(x, ids, row_of, base, base.numel(), e_local, self.delta, self.tensor)
+            dest = push_rows_routed(x, ids, row_of, base, base.numel(), e_local, self.delta, self.tensor)
+            torch.autograd.graph.increment_version(self.tensor)
+            return dest
         rank, row = rank_and_row(ids, row_of, base, e_local)
         self.push(x, None, rank, row)
         return rank, row

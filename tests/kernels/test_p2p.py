@@ -110,7 +110,7 @@ def test_routed_push_computes_the_destinations_in_the_kernel(world, N, K, E, dro
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("weighted", [True, False])
-@pytest.mark.parametrize("D", [5, 33])
+@pytest.mark.parametrize("D", [5, 16, 33])  # 16: every peer offset a multiple of 16 (DELTA_ALIGNED)
 def test_push_and_pull_match_the_reference(dtype, weighted, D):
     world, N, K, E = 3, 6, 2, 6
     ids = _routing(world, N, K, E, True, seed=D)
