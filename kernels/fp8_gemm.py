@@ -665,13 +665,15 @@ def _fp8_gemm_grouped_kernel(
 def _fp8_wgrad_grouped_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, gts_ptr,
     N, K,
-    stride_an, stride_bk, stride_ce, stride_cn, stride_ck, stride_asn, stride_bsk,
+    stride_an, stride_bk, stride_ce, stride_cn, stride_ck, stride_asn, stride_bsk, stride_ast, stride_bst,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, OUT_BF16: tl.constexpr,
     SPLIT_N: tl.constexpr = False, PIPE: tl.constexpr = False,  # as in _fp8_gemm_kernel
 ):
     # C[g] = A[:, tiles of g] @ B[:, tiles of g]^T over the tile-padded token layout (128 columns per tile):
-    # the shared K loop with K = tokens, the 1x128 scales per row of A and B, no K mask (tiles are full)
+    # the shared K loop with K = tokens, the 1x128 scales per row of A and B, no K mask (tiles are full).
+    # Scales: element (row, tile) at row * stride_?sn + tile * stride_?st (the launcher passes them row-contiguous,
+    # stride_?sn == 1, so each tile's [BLOCK_M] / [BLOCK_N] scale loads are contiguous vectors, not gathers)
     pid = tl.program_id(0)
     g = tl.program_id(1)
     num_pid_m = tl.cdiv(N, BLOCK_M)
@@ -702,7 +704,7 @@ def _fp8_wgrad_grouped_kernel(
         acc0, acc1 = _fp8_k_loop_split(acc0, acc1, a_ptrs, b_ptr + offs_bn0[:, None] * stride_bk + offs_t[None, :],
                                        b_ptr + offs_bn1[:, None] * stride_bk + offs_t[None, :], as_ptrs,
                                        bs_ptr + offs_bn0 * stride_bsk, bs_ptr + offs_bn1 * stride_bsk, t0, t1,
-                                       1, 1, 1, 1, False, HALF, 128, UPCAST_DOT, PIPE)
+                                       1, 1, stride_ast, stride_bst, False, HALF, 128, UPCAST_DOT, PIPE)
         _store_c_halves(c_rows, acc0, acc1, offs_n0, offs_n1, row_ok, K, stride_ck, EXACT_CAST, OUT_BF16)
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # rows of B (input features K)
@@ -710,7 +712,7 @@ def _fp8_wgrad_grouped_kernel(
         b_ptrs = b_ptr + offs_bn[:, None] * stride_bk + offs_t[None, :]
         bs_ptrs = bs_ptr + offs_bn * stride_bsk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _fp8_k_loop(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, bs_ptrs, t0, t1, 1, 1, 1, 1,
+        acc = _fp8_k_loop(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, bs_ptrs, t0, t1, 1, 1, stride_ast, stride_bst,
                           False, BLOCK_N, 128, UPCAST_DOT, PIPE)
         _store_c(c_rows + offs_n[None, :] * stride_ck, acc, row_ok & (offs_n < K)[None, :], EXACT_CAST, OUT_BF16)
 
@@ -836,8 +838,10 @@ def fp8_gemm_grouped_wgrad(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: t
     c = torch.empty((E, N, K), dtype=out_dtype, device=a_fp8.device)
     if E == 0 or N == 0 or K == 0:
         return c
-    args = (a_fp8, b_fp8, c, a_scales, b_scales, tiles.group_tile_start, N, K, a_fp8.stride(0), b_fp8.stride(0),
-            c.stride(0), c.stride(1), c.stride(2), a_scales.stride(0), b_scales.stride(0))
+    # the scales row-contiguous ([N, T] with strides (1, N)): per token tile the kernel loads a contiguous vector
+    a_s, b_s = a_scales.t().contiguous().t(), b_scales.t().contiguous().t()
+    args = (a_fp8, b_fp8, c, a_s, b_s, tiles.group_tile_start, N, K, a_fp8.stride(0), b_fp8.stride(0),
+            c.stride(0), c.stride(1), c.stride(2), a_s.stride(0), b_s.stride(0), a_s.stride(1), b_s.stride(1))
     common = dict(UPCAST_DOT=INTERPRETED and _UPCAST_DOT_INTERPRETED, EXACT_CAST=INTERPRETED,
                   OUT_BF16=out_dtype == torch.bfloat16)
     def grid(meta):
