@@ -105,7 +105,12 @@ class _GroupState:
 
     @classmethod
     def of(cls, group) -> "_GroupState":
-        return cls._all.setdefault(id(group), cls())
+        return cls._all.setdefault(_group_key(group), cls())
+
+
+def _group_key(group):
+    """A key naming ``group`` for the process's lifetime (its unique name; an id could be reused)."""
+    return getattr(group, "group_name", None) or id(group)
 
 
 class SymmBuffer:
@@ -132,7 +137,7 @@ class SymmBuffer:
     @classmethod
     def get(cls, group, dtype, D, device) -> "SymmBuffer":
         """The group's shared buffer for (dtype, D, device)."""
-        key = (id(group), dtype, D, str(device))
+        key = (_group_key(group), dtype, D, str(device))
         if key not in cls._cache:
             cls._cache[key] = cls(group, dtype, D, device)
         return cls._cache[key]
