@@ -68,8 +68,9 @@ def _parse_args(argv=None):
     t.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
     t.add_argument("--reps", type=int, default=20, help="repetitions of the dispatch / overlap timings")
     t.add_argument("--exchanges", nargs="+", default=["all_to_all", "per_expert", "pipelined"],
-                   choices=["all_to_all", "per_expert", "pipelined", "symmetric"],
-                   help="token exchanges the equivalence and throughput sections run at ep>1")
+                   choices=["all_to_all", "per_expert", "pipelined", "symmetric", "symmetric_overlap"],
+                   help="token exchanges the equivalence and throughput sections run at ep>1 (symmetric_overlap: "
+                        "the symmetric exchange with its dispatch push on a side stream, during the shared experts)")
     t.add_argument("--chunks", type=int, nargs="+", default=[2, 4, 8],
                    help="token chunks of the pipelined exchange timed by the dispatch section (the first one is "
                         "also used by the other sections)")
@@ -153,7 +154,7 @@ def equivalence(a, base, exchange: str = "all_to_all") -> dict:
     import torch
     import torch.distributed as dist
     from moetrain.model.transformer import Transformer
-    from moetrain.parallel.expert_parallel import apply_ep, expert_parameter_names
+    from moetrain.parallel.expert_parallel import expert_parameter_names
 
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -166,7 +167,7 @@ def equivalence(a, base, exchange: str = "all_to_all") -> dict:
         ref = Transformer(args)
         torch.manual_seed(0)
         model = Transformer(args)
-    sync = apply_ep(model, ctx, exchange=exchange, chunks=a.chunks[0])
+    sync = _apply_ep(model, ctx, exchange, a.chunks[0])
     B, T = 2, 64
     g = torch.Generator().manual_seed(7)
     data = torch.randint(0, args.vocab_size, (W * B, T + 1), generator=g).to(dev)
@@ -202,10 +203,20 @@ def equivalence(a, base, exchange: str = "all_to_all") -> dict:
     return out
 
 
+def _apply_ep(model, ctx, exchange: str, chunks: int):
+    """apply_ep with ``exchange``; ``"symmetric_overlap"``: the symmetric exchange with its push on a side stream."""
+    from moetrain.parallel.expert_parallel import apply_ep
+    sync = apply_ep(model, ctx, exchange=exchange.removesuffix("_overlap"), chunks=chunks)
+    if exchange.endswith("_overlap"):
+        for moe in model.moe_layers():
+            moe.dispatcher.symm_overlap = True
+    return sync
+
+
 def throughput(a, base, ep: int, exchange: str = "all_to_all") -> dict:
     import torch
     from moetrain.model.transformer import Transformer
-    from moetrain.parallel.expert_parallel import A2A_METER, apply_ep
+    from moetrain.parallel.expert_parallel import A2A_METER
     from moetrain.parallel.grad_sync import clip_grad_norm
 
     W, dev = base.world_size, base.device
@@ -217,7 +228,7 @@ def throughput(a, base, ep: int, exchange: str = "all_to_all") -> dict:
     with torch.device(dev):
         torch.manual_seed(0)
         model = Transformer(args)
-    sync = apply_ep(model, ctx, exchange=exchange, chunks=a.chunks[0])
+    sync = _apply_ep(model, ctx, exchange, a.chunks[0])
     if a.kernels:
         from moetrain.config import KernelsConfig
         from moetrain.kernels_apply import apply_kernels

@@ -445,6 +445,9 @@ class AllToAllDispatcher:
         self.order_fn = stable_order
         self.row_ops = TorchRowOps
         self._symm_buffers: dict = {}  # exchange="symmetric": this layer's dispatch buffer (freed with the layer)
+        # exchange="symmetric" on CUDA: push on a side stream, so the shared experts run during it (opt-in until
+        # measured: benchmarks/bench_ep.py --symm-overlap)
+        self.symm_overlap = False
         self.dropped = 0
         self.assigned = 0
 
@@ -473,6 +476,7 @@ class AllToAllDispatcher:
             from moetrain.parallel.symm_exchange import build_symm_route, symm_dispatch
             route = build_symm_route(ids, n_bins, E, self.group, self.ep_rank, self.row_ops, x.dtype, x.shape[1],
                                      meter, self._symm_buffers)
+            route.async_push = self.symm_overlap
             recv = symm_dispatch(x, route)  # learns the row counts on the host after queuing its push
             self._count(tracking, N * K, route.sent)
             return A2AState(recv, route.tokens_per_expert, None, topk_weights, dtype, N * K, route.sent, route)
@@ -530,6 +534,9 @@ class AllToAllDispatcher:
             meter = self.meter if torch.is_grad_enabled() else _NULL_METER
             state.recv = _AllToAllWait.apply(state.recv, state.pending, meter)
             state.pending = None
+        if self.exchange == "symmetric" and self.ep > 1:
+            from moetrain.parallel.symm_exchange import symm_wait
+            symm_wait(state.plan)
         x = state.recv if state.order is None else state.recv.index_select(0, state.order)
         return x, state.tokens_per_expert
 

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["SymmRoute", "SymmBuffer", "route_table", "rank_and_row", "destinations", "build_symm_route",
-           "symm_dispatch", "symm_combine"]
+           "symm_dispatch", "symm_wait", "symm_combine"]
 
 
 def route_table(counts: torch.Tensor, c_all: torch.Tensor, me: int) -> torch.Tensor:
@@ -305,6 +305,8 @@ class SymmRoute:
     sent: int = -1
     received: list = None
     generation: int = -1  # the dispatch buffer's generation that holds this route's rows
+    async_push: bool = False  # CUDA: the dispatch push on a side stream (symm_wait before the rows are read)
+    pushed: object = None     # its completion event until symm_wait
 
     def check_rows_valid(self) -> None:
         """Raises if the dispatch buffer was pushed into again since this route's dispatch (its rows, which the
@@ -354,6 +356,17 @@ def build_symm_route(ids: torch.Tensor, n_bins: int, n_experts: int, group, me: 
                      SymmBuffer.get(group, dtype, D, ids.device), meter)
 
 
+_COMM_STREAMS: dict = {}
+
+
+def _comm_stream(device: torch.device):
+    """The side stream of the asynchronous dispatch push on ``device`` (one per device)."""
+    key = str(device)
+    if key not in _COMM_STREAMS:
+        _COMM_STREAMS[key] = torch.cuda.Stream(device)
+    return _COMM_STREAMS[key]
+
+
 class _SymmDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, route):
@@ -362,17 +375,29 @@ class _SymmDispatch(torch.autograd.Function):
         if b.capacity == 0:  # first use: learn the sizes before pushing
             route.resolve()
             b.ensure(max(route.received))
-        with route.measure():
+        side = _comm_stream(x.device) if route.async_push and x.is_cuda else None
+        if side is not None:  # the push on a side stream: the caller's next work (shared experts) runs meanwhile
+            side.wait_stream(torch.cuda.current_stream())
+        with _on(side), route.measure():
             b.begin_push()
             route.rank, route.row = b.push_routed(x, route.ids, route.row_of, route.base, route.e_local)
             b.end_push()
-            route.resolve()  # the host sync, while the push runs
-            need = max(route.received)
-            if need > b.capacity:  # rows past the capacity were not stored: grow (every rank sees the same counts)
-                b.ensure(need)
+        route.resolve()  # the host sync, while the push runs
+        need = max(route.received)
+        if need > b.capacity:  # rows past the capacity were not stored: grow (every rank sees the same counts)
+            b.ensure(need)
+            with _on(side), route.measure():
                 b.begin_push()
                 b.push(x, None, route.rank, route.row)
                 b.end_push()
+        if side is not None:
+            main = torch.cuda.current_stream()
+            for t in (x, route.ids, route.row_of, route.base):  # read on the side stream, freed by the caller
+                t.record_stream(side)
+            for t in (route.rank, route.row):  # made on the side stream, read later on the caller's
+                t.record_stream(main)
+            route.pushed = torch.cuda.Event()
+            route.pushed.record(side)
         route.generation = b.generation
         route.meter.add_bytes(route.sent * x.shape[1] * b.tensor.element_size())
         return b.tensor[:route.M]  # a view: valid until this layer's next dispatch or its dispatch backward
@@ -428,13 +453,28 @@ class _SymmCombine(torch.autograd.Function):
         return (g_y if ctx.needs_input_grad[0] else None), dw, None, None
 
 
+def _on(stream):
+    """``torch.cuda.stream(stream)``, or nothing for None."""
+    import contextlib
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
 def symm_dispatch(x: torch.Tensor, route: SymmRoute) -> torch.Tensor:
-    """``x [N, D]`` -> ``[route.M, D]`` this rank's received rows, expert-major (differentiable; collective)."""
+    """``x [N, D]`` -> ``[route.M, D]`` this rank's received rows, expert-major (differentiable; collective). With
+    ``route.async_push`` (CUDA) the push runs on a side stream: call :func:`symm_wait` before reading the rows."""
     return _SymmDispatch.apply(x.to(route.buffer.dtype), route)
+
+
+def symm_wait(route: SymmRoute) -> None:
+    """Makes the current stream wait for an asynchronous dispatch push (no-op otherwise)."""
+    if route.pushed is not None:
+        torch.cuda.current_stream().wait_event(route.pushed)
+        route.pushed = None
 
 
 def symm_combine(expert_y: torch.Tensor, topk_weights: torch.Tensor, route: SymmRoute,
                  out_dtype: torch.dtype) -> torch.Tensor:
     """``expert_y [route.M, D]`` -> ``[N, D]`` in ``out_dtype``, weighted by ``topk_weights`` (fp32 sum over k;
     dropped copies contribute 0); differentiable in both inputs; collective."""
+    symm_wait(route)  # (already done by the dispatcher's wait; the push must be complete before the copy-in)
     return _SymmCombine.apply(expert_y.to(route.buffer.dtype), topk_weights, route, out_dtype)
