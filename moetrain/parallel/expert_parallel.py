@@ -446,7 +446,7 @@ class AllToAllDispatcher:
         self.row_ops = TorchRowOps
         self._symm_buffers: dict = {}  # exchange="symmetric": this layer's dispatch buffer (freed with the layer)
         # exchange="symmetric" on CUDA: push on a side stream, so the shared experts run during it (opt-in until
-        # measured: benchmarks/bench_ep.py --symm-overlap)
+        # measured: benchmarks/bench_ep.py --exchanges symmetric_overlap)
         self.symm_overlap = False
         self.dropped = 0
         self.assigned = 0

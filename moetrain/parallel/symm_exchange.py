@@ -39,6 +39,7 @@ host sync per dispatch does not stall the GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import uuid
@@ -147,10 +148,11 @@ class SymmBuffer:
         if rows <= self.capacity:
             return
         capacity = max(rows, int(self.capacity * 1.25), 1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # nothing queued still reads or writes the old buffers
         self.tensor = self.handle = self.peers = None
         if self.device.type == "cuda":
             import torch.distributed._symmetric_memory as symm_mem
-            torch.cuda.synchronize(self.device)
             self.tensor = symm_mem.empty((capacity, self.D), dtype=self.dtype, device=self.device)
             self.handle = symm_mem.rendezvous(self.tensor, self.group.group_name)
             base = self.tensor.data_ptr()
@@ -377,8 +379,9 @@ class _SymmDispatch(torch.autograd.Function):
             b.ensure(max(route.received))
         side = _comm_stream(x.device) if route.async_push and x.is_cuda else None
         if side is not None:  # the push on a side stream: the caller's next work (shared experts) runs meanwhile
-            side.wait_stream(torch.cuda.current_stream())
-        with _on(side), route.measure():
+            side.wait_stream(torch.cuda.current_stream(x.device))
+        # the meter times the compute stream: the push here, or (side stream) the exposed wait in symm_wait
+        with _on(side), _measured(route, side is None):
             b.begin_push()
             route.rank, route.row = b.push_routed(x, route.ids, route.row_of, route.base, route.e_local)
             b.end_push()
@@ -386,12 +389,14 @@ class _SymmDispatch(torch.autograd.Function):
         need = max(route.received)
         if need > b.capacity:  # rows past the capacity were not stored: grow (every rank sees the same counts)
             b.ensure(need)
-            with _on(side), route.measure():
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream(x.device))
+            with _on(side), _measured(route, side is None):
                 b.begin_push()
                 b.push(x, None, route.rank, route.row)
                 b.end_push()
         if side is not None:
-            main = torch.cuda.current_stream()
+            main = torch.cuda.current_stream(x.device)
             for t in (x, route.ids, route.row_of, route.base):  # read on the side stream, freed by the caller
                 t.record_stream(side)
             for t in (route.rank, route.row):  # made on the side stream, read later on the caller's
@@ -455,8 +460,11 @@ class _SymmCombine(torch.autograd.Function):
 
 def _on(stream):
     """``torch.cuda.stream(stream)``, or nothing for None."""
-    import contextlib
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _measured(route: SymmRoute, on: bool):
+    return route.measure() if on else contextlib.nullcontext()
 
 
 def symm_dispatch(x: torch.Tensor, route: SymmRoute) -> torch.Tensor:
@@ -468,7 +476,8 @@ def symm_dispatch(x: torch.Tensor, route: SymmRoute) -> torch.Tensor:
 def symm_wait(route: SymmRoute) -> None:
     """Makes the current stream wait for an asynchronous dispatch push (no-op otherwise)."""
     if route.pushed is not None:
-        torch.cuda.current_stream().wait_event(route.pushed)
+        with route.measure():  # the part of the push the compute stream still waits for
+            torch.cuda.current_stream(route.ids.device).wait_event(route.pushed)
         route.pushed = None
 
 
