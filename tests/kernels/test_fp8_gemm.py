@@ -452,6 +452,6 @@ def test_autotune_cache_kwargs(monkeypatch):
     import triton
     has = "cache_results" in inspect.signature(triton.autotune).parameters
     monkeypatch.delenv("MOETRAIN_FP8_AUTOTUNE_CACHE", raising=False)
-    assert fg._autotune_kwargs() == {}  # opt-in until a GPU run has checked it
-    monkeypatch.setenv("MOETRAIN_FP8_AUTOTUNE_CACHE", "1")
-    assert fg._autotune_kwargs() == ({"cache_results": True} if has else {})
+    assert fg._autotune_kwargs() == ({"cache_results": True} if has else {})  # on by default
+    monkeypatch.setenv("MOETRAIN_FP8_AUTOTUNE_CACHE", "0")
+    assert fg._autotune_kwargs() == {}
