@@ -160,7 +160,8 @@ def test_pull_skips_dropped_copies_without_reading():
 @pytest.mark.gpu
 @gpu
 def test_gpu_push_pull_real_size():
-    """Compiled at the bench size of one rank's share (4096 tokens x top-6 x 2048 bf16, 2 simulated ranks)."""
+    """Compiled at the bench size of one rank's share (4096 tokens x top-6 x 2048 bf16, 2 simulated ranks): push, the
+    routed push and the weighted pull (the peer offsets here are multiples of 16: the vectorised path)."""
     world, N, K, E, D = 2, 4096, 6, 64, 2048
     ids = [i.cuda() for i in _routing(world, N, K, E, False, seed=1)]
     xs = [torch.randn(N, D, device="cuda", dtype=torch.bfloat16) for _ in range(world)]
@@ -174,3 +175,25 @@ def test_gpu_push_pull_real_size():
     want = _expected(world, [i.cpu() for i in ids], [x.cpu() for x in xs], E)
     for r in range(world):
         assert torch.equal(big[r * cap:r * cap + want[r].shape[0]].cpu(), want[r])
+    # the routed push (destinations computed in the kernel) lands the same rows and returns the same (rank, row)
+    big2, _ = _group(world, cap, D, torch.bfloat16)
+    dests = []
+    for me in range(world):
+        counts, _, row_of = TorchRowOps.routing(ids[me], E + 1)
+        rank, row = push_rows_routed(xs[me], ids[me], row_of, route_table(counts, c_all, me), E, E // world,
+                                     deltas[me], big2[me * cap:])
+        want_rank, want_row = destinations(ids[me], row_of, counts, c_all, me, E)
+        assert torch.equal(rank, want_rank) and torch.equal(row, want_row)
+        dests.append((rank, row))
+    assert torch.equal(big2.isnan(), big.isnan()) and torch.equal(big2.nan_to_num(), big.nan_to_num())
+    # pull + weighted sum of what was pushed, and the pulled rows, against PyTorch indexing
+    big = big.nan_to_num()
+    for me, (rank, row) in enumerate(dests):
+        w = torch.rand(N, K, device="cuda")
+        out = torch.full((N, D), float("nan"), device="cuda", dtype=torch.bfloat16)
+        rows = torch.full((N * K, D), float("nan"), device="cuda", dtype=torch.bfloat16)
+        pull_sum(big[me * cap:], w, rank, row, deltas[me], out, rows)
+        ref_rows = big[(rank * cap + row).reshape(-1)]
+        assert torch.equal(rows, ref_rows)
+        ref = (w.unsqueeze(-1) * ref_rows.view(N, K, D).float()).sum(1)
+        assert_close_finite(out.float(), ref, TOL[torch.bfloat16], f"pull rank {me}")
