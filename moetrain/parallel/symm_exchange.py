@@ -9,8 +9,9 @@ kernel. The buffers are ``torch.distributed._symmetric_memory`` allocations mapp
 fifth session): plain copies (``copy_``) into the peers' buffers took 0.9x NCCL's all-to-all time; the kernels' peer
 loads and stores are 16-byte vectors when every peer offset is a multiple of 16 elements (checked per buffer; until
 the fix of 2026-12-01 they were 2-byte accesses, in every run so far). On CPU the buffers are files in /dev/shm
-mapped by every rank and the transfers PyTorch indexing (:class:`SymmBuffer`): the same protocol, so the gloo
-equivalence tests cover it.
+mapped by every rank (:class:`SymmBuffer`) and the transfers the same Triton kernels in Triton's interpreter
+(addressing this process's mappings of the peers' files; the tests), or PyTorch indexing without it: the same
+protocol, so the gloo equivalence tests cover it.
 
 Per MoE forward (rank ``me``, ``E_local`` experts per rank)::
 
@@ -164,7 +165,26 @@ class SymmBuffer:
         else:
             self.peers = _map_shared(self.group, capacity, self.D, self.dtype)
             self.tensor = self.peers[dist.get_rank(self.group)]
+            base = self.tensor.data_ptr()  # this process's mappings of the peers' files, as the kernels address them
+            self.delta = torch.tensor([(p.data_ptr() - base) // self.tensor.element_size() for p in self.peers],
+                                      dtype=torch.int64)
         self.capacity = capacity
+
+    @property
+    def kernels(self) -> bool:
+        """Whether the transfers run the :mod:`kernels.p2p` kernels: always on CUDA; on CPU when Triton's interpreter
+        is on (the tests: the same kernels as on GPUs, addressing the peers' mappings) and :attr:`cpu_kernels`."""
+        if self.peers is None:
+            return True
+        if not SymmBuffer.cpu_kernels:
+            return False
+        try:
+            from kernels._utils import interpreting
+        except ImportError:  # no Triton
+            return False
+        return interpreting()
+
+    cpu_kernels: bool = True  # class switch: False keeps the CPU transfers on PyTorch indexing (tests of both)
 
     def barrier(self) -> None:
         if self.peers is None:
@@ -195,7 +215,7 @@ class SymmBuffer:
 
     def push(self, x: torch.Tensor, w, rank: torch.Tensor, row: torch.Tensor) -> None:
         """``BUF_{rank[t,k]}[row[t,k]] = [w[t,k] *] x[t]`` (copies with rank < 0 skipped; fp32 product)."""
-        if self.peers is None:
+        if self.kernels:
             from kernels.p2p import push_rows
             push_rows(x, w, rank, row, self.delta, self.tensor)
             torch.autograd.graph.increment_version(self.tensor)  # written in place, as on CPU (autograd's checks)
@@ -209,7 +229,7 @@ class SymmBuffer:
                     e_local: int):
         """:meth:`push` with the destinations from the expert ids (:func:`rank_and_row`, computed inside the
         kernel on CUDA); returns them ``(rank, row)``. Rows past the capacity are not stored."""
-        if self.peers is None:
+        if self.kernels:
             from kernels.p2p import push_rows_routed
             dest = push_rows_routed(x, ids, row_of, base, base.numel(), e_local, self.delta, self.tensor)
             torch.autograd.graph.increment_version(self.tensor)
@@ -221,7 +241,7 @@ class SymmBuffer:
     def pull_sum(self, w, rank: torch.Tensor, row: torch.Tensor, out: torch.Tensor, rows=None) -> None:
         """``out[t] = sum_k [w[t,k] *] BUF_{rank[t,k]}[row[t,k]]`` (fp32, k in order; rank < 0 adds 0); with
         ``rows [N*K, D]`` also the pulled rows (0 for rank < 0)."""
-        if self.peers is None:
+        if self.kernels:
             from kernels.p2p import pull_sum
             pull_sum(self.tensor, w, rank, row, self.delta, out, rows)
             return

@@ -151,3 +151,11 @@ def test_symmetric_exchange_without_shm_space_is_a_clear_error():
     for msg in out:
         assert msg.startswith("UnavailableFeature: parallel.ep_exchange=symmetric on CPU: "), msg
         assert "--shm-size" in msg and "parallel.ep_exchange=pipelined" in msg and "\n" not in msg, msg
+
+
+@pytest.mark.timeout(200)
+def test_symmetric_exchange_pytorch_transfers_edge_cases():
+    """The same edge cases with the symmetric exchange's CPU transfers done by PyTorch indexing (what CPU runs
+    without Triton's interpreter use) instead of the interpreted kernels."""
+    out = run_workers(workers.run_dispatcher_edge_cases_symm_torch, 2, timeout=180)
+    assert out[1]["only_rank0_experts/False/symmetric"] == 0 and out[0]["only_rank0_experts/False/symmetric"] > 0

@@ -39,6 +39,8 @@ CASES_2 = [
      "skew": {0: 5.0, 1: 5.0, 2: 5.0, 3: 5.0}, "model": {"bias_update_speed": 0.05}},
     {"name": "symmetric_exchange_all_to_one_expert_top1", "exchange": "symmetric", "skew": {5: 5.0},
      "model": {"n_activated_experts": 1}},
+    {"name": "symmetric_exchange_pytorch_transfers", "exchange": "symmetric", "symm_torch": True, "accum": 2,
+     "capacity_factor": 0.75},
 ]
 
 CASES_4 = [

@@ -80,7 +80,8 @@ def run_equivalence_case(rank: int, world: int, dp: int, ep: int, case: dict) ->
 
     case keys: name, model (ModelArgs overrides), steps, accum, capacity_factor, capacity_policy,
     overlap, exchange ("all_to_all" | "per_expert" | "pipelined" | "symmetric"), chunks (pipelined), skew
-    ({expert: bias} applied to every gate), max_norm, optim ("sgd" | "adamw").
+    ({expert: bias} applied to every gate), max_norm, optim ("sgd" | "adamw"), symm_torch (symmetric: PyTorch
+    indexing instead of the interpreted Triton kernels).
     """
     name = case["name"]
     args = tiny_args(**case.get("model", {}))
@@ -96,6 +97,8 @@ def run_equivalence_case(rank: int, world: int, dp: int, ep: int, case: dict) ->
         _skew(m, case.get("skew", {}))
     if cf > 0:
         apply_capacity(ref, cf, policy)
+    from moetrain.parallel.symm_exchange import SymmBuffer
+    SymmBuffer.cpu_kernels = not case.get("symm_torch", False)  # symmetric on CPU: the Triton kernels or indexing
     grad_sync = apply_ep(model, ctx, capacity_factor=cf, capacity_policy=policy,
                          overlap=case.get("overlap", True), exchange=case.get("exchange", "all_to_all"),
                          chunks=case.get("chunks", 4))
@@ -448,3 +451,10 @@ def run_symmetric_shm_full(rank: int, world: int) -> str:
         return "no error"
     finally:
         symm_exchange.os.statvfs = real
+
+
+def run_dispatcher_edge_cases_symm_torch(rank: int, world: int) -> dict:
+    """run_dispatcher_edge_cases with the symmetric exchange's CPU transfers on PyTorch indexing (not the kernels)."""
+    from moetrain.parallel.symm_exchange import SymmBuffer
+    SymmBuffer.cpu_kernels = False
+    return run_dispatcher_edge_cases(rank, world)
