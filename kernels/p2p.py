@@ -33,6 +33,16 @@ BLOCK_D = 1024
 
 
 @triton.jit
+def _peer_offset(DELTA, r, DELTA_ALIGNED: tl.constexpr):
+    """Rank r's buffer relative to this rank's, in elements; declared a multiple of 16 when it is (DELTA_ALIGNED),
+    so the row loads / stores through it are 16-byte vectors instead of 2-byte ones."""
+    delta = tl.load(DELTA + r)
+    if DELTA_ALIGNED:
+        delta = tl.multiple_of(delta, 16)
+    return delta
+
+
+@triton.jit
 def _push_kernel(X, W, RANK, ROW, IDS, ROW_OF, BASE, DELTA, BUF, D, stride_x, n_experts, e_local, cap,
                  K: tl.constexpr, BLOCK: tl.constexpr, WEIGHTED: tl.constexpr, ROUTED: tl.constexpr,
                  DELTA_ALIGNED: tl.constexpr):
@@ -53,9 +63,7 @@ def _push_kernel(X, W, RANK, ROW, IDS, ROW_OF, BASE, DELTA, BUF, D, stride_x, n_
             r = tl.load(RANK + t * K + k)
             row = tl.load(ROW + t * K + k)
         if (r >= 0) & (row < cap):
-            delta = tl.load(DELTA + r)
-            if DELTA_ALIGNED:  # lets the stores into the peer's buffer be 16-byte vectors instead of 2-byte ones
-                delta = tl.multiple_of(delta, 16)
+            delta = _peer_offset(DELTA, r, DELTA_ALIGNED)
             if WEIGHTED:
                 v = (tl.load(W + t * K + k).to(tl.float32) * x.to(tl.float32)).to(BUF.dtype.element_ty)
             else:
@@ -73,9 +81,7 @@ def _pull_kernel(BUF, W, RANK, ROW, DELTA, OUT, ROWS, D, stride_out, K: tl.const
     for k in tl.static_range(K):
         r = tl.load(RANK + t * K + k)
         row = tl.load(ROW + t * K + k)
-        delta = tl.load(DELTA + tl.maximum(r, 0))
-        if DELTA_ALIGNED:
-            delta = tl.multiple_of(delta, 16)
+        delta = _peer_offset(DELTA, tl.maximum(r, 0), DELTA_ALIGNED)
         live = m & ((cols * 0 + r) >= 0)  # a vector mask (the interpreter takes no scalar & vector mask)
         v = tl.load(BUF + delta + row * D + cols, mask=live, other=0.0)
         if SAVE_ROWS:

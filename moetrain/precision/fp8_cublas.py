@@ -24,26 +24,20 @@ failed (:func:`status` says why).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 __all__ = ["status", "available", "check_forms", "fp8_gemm_blockwise", "fp8_gemm_dgrad", "fp8_gemm_1x128_1x128",
-           "scale_a_layout", "scale_b_block_layout", "scale_b_row_layout"]
+           "scale_a_layout", "scale_b_block_layout"]
 
 TILE = 128
 _STATUS: dict = {}   # device str -> (form or None, takes dims that are multiples of 16 only, detail)
 
 
 def scale_a_layout(s: torch.Tensor) -> torch.Tensor:
-    """``s [R, Kb]`` (1x128 scales, any strides) -> the same values with stride (1, R) (R-major)."""
+    """``s [R, Kb]`` (1x128 scales, any strides) -> the same values with stride (1, R) (R-major): cuBLAS's layout
+    for A's scales and for B's 1x128 scales ``[N, Kb]``."""
     return s.t().contiguous().t()
-
-
-def scale_b_row_layout(s: torch.Tensor) -> torch.Tensor:
-    """1x128 scales of the B operand ``[N, Kb]`` -> stride (1, N), as cuBLAS reads them (same as A's)."""
-    return scale_a_layout(s)
 
 
 def scale_b_block_layout(s: torch.Tensor, pad: bool = True) -> torch.Tensor:
@@ -72,13 +66,6 @@ _FORMS = (("torch._scaled_mm", _v1, True), ("torch._scaled_mm", _v1, False),
           ("torch.nn.functional.scaled_mm", _v2, True), ("torch.nn.functional.scaled_mm", _v2, False))
 
 
-def _shapes_ok(t: torch.Tensor, *dims: int) -> bool:
-    """Whether the checked cuBLAS path takes these dims on ``t``'s device: multiples of 128, or of 16 where the
-    check at partial blocks passed."""
-    ragged = _STATUS.get(str(t.device), (None, False, ""))[1]
-    return all(d > 0 and d % (16 if ragged else TILE) == 0 for d in dims)
-
-
 # ``form`` = (name, function, pad) from _FORMS; a [M, K] row-major fp8, B passed as the column-major [K, N]
 def _fwd(a, a_s, b, b_s, out_dtype, form):
     _, fn, pad = form
@@ -94,7 +81,7 @@ def _dgrad(g, g_s, w, w_s, out_dtype, form):
 
 def _wgrad(a, a_s, b, b_s, out_dtype, form):
     _, fn, _ = form
-    return fn(a, b.t(), scale_a_layout(a_s), scale_b_row_layout(b_s), out_dtype, "1x128")
+    return fn(a, b.t(), scale_a_layout(a_s), scale_a_layout(b_s), out_dtype, "1x128")
 
 
 def _probe(device: torch.device):
@@ -170,11 +157,16 @@ def check_forms(forms, device: torch.device):
 def status(device: torch.device) -> tuple[bool, str]:
     """``(usable, detail)`` for ``device``: whether the cuBLAS block-scaled GEMMs passed the one-time check
     (run on first use, cached per device), with the call form used or why not."""
+    form, _, detail = _checked(device)
+    return form is not None, detail
+
+
+def _checked(device) -> tuple:
+    """The one-time check's result for ``device`` (run on first use): ``(form or None, ragged, detail)``."""
     key = str(torch.device(device))
     if key not in _STATUS:
         _STATUS[key] = _probe(torch.device(device))
-    form, _, detail = _STATUS[key]
-    return form is not None, detail
+    return _STATUS[key]
 
 
 def available(device: torch.device) -> bool:
@@ -182,8 +174,14 @@ def available(device: torch.device) -> bool:
     return status(device)[0]
 
 
-def _form(t: torch.Tensor) -> Optional[tuple]:
-    return _STATUS.get(str(t.device), (None, ""))[0] if available(t.device) else None
+def _cublas_or_triton(cublas, triton_name: str, dims: tuple, *args):
+    """``cublas(*args, form)`` when the check passed on ``args[0]``'s device and ``dims`` fit it (multiples of 128,
+    or of 16 where the check at partial blocks passed), else ``kernels.fp8_gemm.<triton_name>(*args)``."""
+    form, ragged, _ = _checked(args[0].device)
+    if form is None or not all(d > 0 and d % (16 if ragged else TILE) == 0 for d in dims):
+        from kernels import fp8_gemm
+        return getattr(fp8_gemm, triton_name)(*args)
+    return cublas(*args, form)
 
 
 def fp8_gemm_blockwise(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.Tensor, b_scales: torch.Tensor,
@@ -191,30 +189,21 @@ def fp8_gemm_blockwise(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch
     """``C[M, N] = A @ B^T``, A ``[M, K]`` e4m3 with 1x128 scales ``[M, K/128]``, B ``[N, K]`` e4m3 with 128x128
     scales ``[N/128, K/128]`` (fp32, as ``kernels.fp8_quant`` writes them); ``out_dtype`` result. cuBLAS when
     usable and M, N, K fit it (module docstring), else ``kernels.fp8_gemm.fp8_gemm_blockwise``."""
-    form = _form(a_fp8)
-    if form is None or not _shapes_ok(a_fp8, a_fp8.shape[0], b_fp8.shape[0], a_fp8.shape[1]):
-        from kernels.fp8_gemm import fp8_gemm_blockwise as triton_gemm
-        return triton_gemm(a_fp8, a_scales, b_fp8, b_scales, out_dtype)
-    return _fwd(a_fp8, a_scales, b_fp8, b_scales, out_dtype, form)
+    return _cublas_or_triton(_fwd, "fp8_gemm_blockwise", (a_fp8.shape[0], b_fp8.shape[0], a_fp8.shape[1]),
+                             a_fp8, a_scales, b_fp8, b_scales, out_dtype)
 
 
 def fp8_gemm_dgrad(g_fp8: torch.Tensor, g_scales: torch.Tensor, w_fp8: torch.Tensor, w_scales: torch.Tensor,
                    out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``dX[M, K] = G[M, N] @ W[N, K]``: G 1x128 along N (``[M, N/128]``), W with the forward's 128x128 scales
     ``[N/128, K/128]``. cuBLAS or ``kernels.fp8_gemm.fp8_gemm_dgrad`` (as :func:`fp8_gemm_blockwise`)."""
-    form = _form(g_fp8)
-    if form is None or not _shapes_ok(g_fp8, g_fp8.shape[0], w_fp8.shape[1], g_fp8.shape[1]):
-        from kernels.fp8_gemm import fp8_gemm_dgrad as triton_gemm
-        return triton_gemm(g_fp8, g_scales, w_fp8, w_scales, out_dtype)
-    return _dgrad(g_fp8, g_scales, w_fp8, w_scales, out_dtype, form)
+    return _cublas_or_triton(_dgrad, "fp8_gemm_dgrad", (g_fp8.shape[0], w_fp8.shape[1], g_fp8.shape[1]),
+                             g_fp8, g_scales, w_fp8, w_scales, out_dtype)
 
 
 def fp8_gemm_1x128_1x128(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.Tensor, b_scales: torch.Tensor,
                          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``C[M, N] = A @ B^T`` with both operands 1x128 along K (``[M, K/128]``, ``[N, K/128]``): the weight
     gradient ``dW = G^T X`` with tokens as K. cuBLAS or ``kernels.fp8_gemm.fp8_gemm_1x128_1x128``."""
-    form = _form(a_fp8)
-    if form is None or not _shapes_ok(a_fp8, a_fp8.shape[0], b_fp8.shape[0], a_fp8.shape[1]):
-        from kernels.fp8_gemm import fp8_gemm_1x128_1x128 as triton_gemm
-        return triton_gemm(a_fp8, a_scales, b_fp8, b_scales, out_dtype)
-    return _wgrad(a_fp8, a_scales, b_fp8, b_scales, out_dtype, form)
+    return _cublas_or_triton(_wgrad, "fp8_gemm_1x128_1x128", (a_fp8.shape[0], b_fp8.shape[0], a_fp8.shape[1]),
+                             a_fp8, a_scales, b_fp8, b_scales, out_dtype)
