@@ -14,7 +14,10 @@ methods), then timed with triton.testing.do_bench (median). TFLOP/s = 2 M N K / 
   fp8_wgrad       kernels.fp8_gemm.fp8_gemm_1x128_1x128 (both 1x128 per row), fp32 out
   fp8_block_cublas / fp8_block_q_cublas / fp8_wgrad_cublas
                   the same GEMMs on cuBLAS's block-scaled torch._scaled_mm (moetrain.precision.fp8_cublas;
-                  skipped, with the reason printed, where its one-time check did not pass)
+                  skipped, with the reason printed, where its one-time check did not pass); the 1x128 scales in
+                  cuBLAS's layout as the recipe's quantisers write them, fp8_block_cublas includes padding the
+                  weight scales (one small launch)
+  fp8_block_cublas_raw  the cuBLAS call alone (weight scales laid out beforehand)
   grouped_*       ("G" shapes: E experts over M rows, odd per-expert counts) bf16 torch._grouped_mm vs
                   kernels.fp8_gemm.fp8_gemm_grouped (no host sync), its wgrad, and the blockwise GEMM looped
                   over experts
@@ -157,21 +160,31 @@ def main(argv=None):
                     f = lambda: fp8_gemm_1x128_1x128(at, ats, bt, bts, out_dtype=torch.bfloat16)  # noqa
                     record(spec, "fp8_wgrad", bench(f), flops, _rel(f(), ref))
                 if want("fp8_wgrad_cublas") and cublas_ok:
+                    # scales in cuBLAS's layout as the recipe's quantisers write them (col_major_scales)
+                    ats, bts = ats.t().contiguous().t(), bts.t().contiguous().t()
                     f = lambda: fp8_cublas.fp8_gemm_1x128_1x128(at, ats, bt, bts, out_dtype=torch.bfloat16)  # noqa
                     record(spec, "fp8_wgrad_cublas", bench(f), flops, _rel(f(), ref), "cuBLAS 1x128 x 1x128")
-            if (want("fp8_block_cublas") or want("fp8_block_q_cublas")) and cublas_ok:
-                # cuBLAS's block-scaled GEMM (torch._scaled_mm, 1x128 x 128x128), checked like the Triton one
-                xq, xs = quant_1x128(x)
+            if (want("fp8_block_cublas") or want("fp8_block_q_cublas") or want("fp8_block_cublas_raw")) \
+                    and cublas_ok:
+                # cuBLAS's block-scaled GEMM (torch._scaled_mm, 1x128 x 128x128), checked like the Triton one; the
+                # activation scales come in cuBLAS's layout from the quantiser, as in the blockwise recipe
+                xq, xs = quant_1x128(x, col_major_scales=True)
                 wq, ws = quant_128x128(w)
                 y = fp8_cublas.fp8_gemm_blockwise(xq, xs, wq, ws)
                 err_ref = _rel(y, fp8_gemm_blockwise_ref(xq, xs, wq, ws, out_dtype=torch.float32))
                 assert err_ref < 1e-2, f"cuBLAS blockwise GEMM wrong vs the dequantised reference: {err_ref}"
                 if want("fp8_block_cublas"):
                     record(spec, "fp8_block_cublas", bench(lambda: fp8_cublas.fp8_gemm_blockwise(xq, xs, wq, ws)),
-                           flops, _rel(y, ref), f"vs_dequant_ref {err_ref:.1e}")
+                           flops, _rel(y, ref), f"vs_dequant_ref {err_ref:.1e}; + weight-scale pad")
+                if want("fp8_block_cublas_raw"):
+                    # the cuBLAS call alone, weight scales laid out beforehand: the ceiling of this path
+                    form = fp8_cublas._checked(x.device)[0]
+                    sb = fp8_cublas.scale_b_block_layout(ws, form[2])
+                    f = lambda: form[1](xq, wq.t(), xs, sb, torch.bfloat16, "128x128")  # noqa
+                    record(spec, "fp8_block_cublas_raw", bench(f), flops, _rel(f(), ref), "cuBLAS call only")
                 if want("fp8_block_q_cublas"):
                     def fqc():
-                        a, sa = quant_1x128(x)
+                        a, sa = quant_1x128(x, col_major_scales=True)
                         b, sb = quant_128x128(w)
                         return fp8_cublas.fp8_gemm_blockwise(a, sa, b, sb)
                     record(spec, "fp8_block_q_cublas", bench(fqc), flops, _rel(fqc(), ref), "incl. quantisation")

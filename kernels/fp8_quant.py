@@ -24,13 +24,15 @@ Guards:
 
 Partial tiles (M or K not multiples of 128) are supported: the amax is taken over the valid elements only.
 
-Shapes / layouts (all outputs contiguous):
+Shapes / layouts (all outputs contiguous unless noted):
   quant_1x128(x[M, K])                -> x_fp8[M, K] e4m3, scales[M, ceil(K/128)] fp32
   quant_1x128_with_transpose(x[M, K]) -> x_fp8[M, K], scales[M, ceil(K/128)],
                                          xt_fp8[K, M] (1x128 quantisation of x^T, tiles run along M),
                                          xt_scales[K, ceil(M/128)]
   quant_128x128(w[N, K])              -> w_fp8[N, K] e4m3, scales[ceil(N/128), ceil(K/128)] fp32
-                                         (also batched: w[E, N, K] -> scales[E, ceil(N/128), ceil(K/128)])
+                                         (also batched: w[E, N, K] -> scales[E, ceil(N/128), ceil(K/128)];
+                                         with_transpose=True adds wt_fp8[..., K, N], the same bytes transposed)
+  col_major_scales=True (the 1x128 quantisers): the same scales with strides (1, rows), cuBLAS's layout
   grouped (MoE, rows sorted by expert, no host sync):
   grouped_tiles(counts[E], M)         -> GroupedTiles: 128-row tiles that never straddle two experts
   quant_1x128_with_transpose_grouped(x[M, K], tiles)
@@ -108,7 +110,7 @@ def _to_e4m3(v, EXACT_CAST: tl.constexpr):
 
 @triton.jit
 def _quant_1x128_kernel(x_ptr, q_ptr, s_ptr, M, K,
-                        stride_xm, stride_xk, stride_qm, stride_sm,
+                        stride_xm, stride_xk, stride_qm, stride_sm, stride_sk,
                         BLOCK_M: tl.constexpr, EXACT_CAST: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -122,15 +124,15 @@ def _quant_1x128_kernel(x_ptr, q_ptr, s_ptr, M, K,
     s = _scale_from_amax(amax, nonfinite)
     q = _to_e4m3(x / s[:, None], EXACT_CAST)
     tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
-    tl.store(s_ptr + offs_m * stride_sm + pid_k, s, mask=offs_m < M)
+    tl.store(s_ptr + offs_m * stride_sm + pid_k * stride_sk, s, mask=offs_m < M)
 
 
 @triton.jit
 def _quant_tile_rows_and_cols(x_ptr, q_ptr, s_ptr, offs_m, offs_k, mask_m, mask_k, pid_k,
-                              stride_xm, stride_xk, stride_qm, stride_sm, EXACT_CAST: tl.constexpr):
+                              stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, EXACT_CAST: tl.constexpr):
     """One 128x128 tile of x (masked elements load as 0): stores its 1x128 quantisation along rows (q, and the
-    per-row scales in column ``pid_k`` of s) and returns the quantisation along columns, (qt [128 (m), 128 (k)],
-    st [128] per column), for the caller to store in its transposed layout."""
+    per-row scales in column ``pid_k`` of s) and returns the quantisation along columns, transposed
+    (qt [128 (k), 128 (m)] e4m3, st [128] per column), for the caller to store."""
     mask = mask_m[:, None] & mask_k[None, :]
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
     x = x.to(tl.float32)
@@ -140,13 +142,13 @@ def _quant_tile_rows_and_cols(x_ptr, q_ptr, s_ptr, offs_m, offs_k, mask_m, mask_
     st = _scale_from_amax(tl.max(ax, axis=0), tl.sum(zx, axis=0))     # [128] per column
     q = _to_e4m3(x / s[:, None], EXACT_CAST)
     tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
-    tl.store(s_ptr + offs_m * stride_sm + pid_k, s, mask=mask_m)
-    return _to_e4m3(x / st[None, :], EXACT_CAST), st
+    tl.store(s_ptr + offs_m * stride_sm + pid_k * stride_sk, s, mask=mask_m)
+    return tl.trans(_to_e4m3(x / st[None, :], EXACT_CAST)), st
 
 
 @triton.jit
 def _quant_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K,
-                          stride_xm, stride_xk, stride_qm, stride_sm, stride_qtk, stride_stk,
+                          stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, stride_qtk, stride_stk, stride_stm,
                           EXACT_CAST: tl.constexpr):
     # one 128x128 tile of x: row amax -> 1x128 scales of x, column amax -> 1x128 scales of x^T
     pid_m = tl.program_id(0)
@@ -156,16 +158,17 @@ def _quant_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K,
     mask_m = offs_m < M
     mask_k = offs_k < K
     qt, st = _quant_tile_rows_and_cols(x_ptr, q_ptr, s_ptr, offs_m, offs_k, mask_m, mask_k, pid_k,
-                                       stride_xm, stride_xk, stride_qm, stride_sm, EXACT_CAST)
-    tl.store(qt_ptr + offs_k[:, None] * stride_qtk + offs_m[None, :], tl.trans(qt),
+                                       stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, EXACT_CAST)
+    tl.store(qt_ptr + offs_k[:, None] * stride_qtk + offs_m[None, :], qt,
              mask=mask_k[:, None] & mask_m[None, :])
-    tl.store(st_ptr + offs_k * stride_stk + pid_m, st, mask=mask_k)
+    tl.store(st_ptr + offs_k * stride_stk + pid_m * stride_stm, st, mask=mask_k)
 
 
 @triton.jit
-def _quant_128x128_kernel(w_ptr, q_ptr, s_ptr, N, K,
+def _quant_128x128_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, N, K,
                           stride_wb, stride_wn, stride_wk, stride_qb, stride_qn, stride_sb, stride_sn,
-                          EXACT_CAST: tl.constexpr):
+                          stride_qtb, stride_qtk,
+                          EXACT_CAST: tl.constexpr, WRITE_T: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -180,6 +183,14 @@ def _quant_128x128_kernel(w_ptr, q_ptr, s_ptr, N, K,
     s = _scale_from_amax(amax, nonfinite)
     q = _to_e4m3(w / s, EXACT_CAST)
     tl.store(q_ptr + pid_b * stride_qb + offs_n[:, None] * stride_qn + offs_k[None, :], q, mask=mask)
+    if WRITE_T:
+        # W^T's 128x128 quantisation is these bytes transposed (block amax is transpose invariant). The tile is read
+        # again transposed (from L2) and cast, not transposed in registers: tl.trans of this kernel's tile stored
+        # wrong bytes for fp32 weights on an H200 with triton 3.6 (37% of them; bf16 was right; 2026-12-01)
+        wt = tl.load(w_ptr + pid_b * stride_wb + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                     mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0).to(tl.float32)
+        tl.store(qt_ptr + pid_b * stride_qtb + offs_k[:, None] * stride_qtk + offs_n[None, :],
+                 _to_e4m3(wt / s, EXACT_CAST), mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
     tl.store(s_ptr + pid_b * stride_sb + pid_n * stride_sn + pid_k, s)
 
 
@@ -213,58 +224,71 @@ def _check_scales_finite(name: str, *scales: torch.Tensor) -> None:
             raise FloatingPointError(f"{name}: input holds inf/nan (non-finite FP8 scale)")
 
 
-def quant_1x128(x: torch.Tensor, check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _scales(rows: int, cols: int, device, col_major: bool) -> torch.Tensor:
+    """An empty fp32 [rows, cols] scale tensor, row-major or with strides (1, rows) (``col_major``)."""
+    if col_major:
+        return torch.empty((cols, rows), dtype=torch.float32, device=device).t()
+    return torch.empty((rows, cols), dtype=torch.float32, device=device)
+
+
+def quant_1x128(x: torch.Tensor, check_finite: bool = False,
+                col_major_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """1x128 (per row, per 128 columns) E4M3 quantisation.
 
     x: [M, K] float32/bfloat16/float16 (any strides). Returns (x_fp8 [M, K] float8_e4m3fn contiguous,
     scales [M, ceil(K/128)] float32) with x ~= x_fp8 * scales.repeat_interleave(128, 1)[:, :K].
-    See the module docstring for the scale convention and the zero / inf / nan guards.
+    ``col_major_scales``: the scales with strides (1, M) (the layout cuBLAS's block-scaled GEMMs read; same
+    values). See the module docstring for the scale convention and the zero / inf / nan guards.
     """
     _check_input(x, "quant_1x128")
     M, K = x.shape
     kt = triton.cdiv(K, TILE)
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((M, kt), dtype=torch.float32, device=x.device)
+    s = _scales(M, kt, x.device, col_major_scales)
     if M and K:
         block_m = 128 if INTERPRETED else CFG["block_m"]
         grid = (triton.cdiv(M, block_m), kt)
-        _quant_1x128_kernel[grid](x, q, s, M, K, x.stride(0), x.stride(1), q.stride(0), s.stride(0),
+        _quant_1x128_kernel[grid](x, q, s, M, K, x.stride(0), x.stride(1), q.stride(0), s.stride(0), s.stride(1),
                                   BLOCK_M=block_m, EXACT_CAST=INTERPRETED, num_warps=CFG["warps_1x128"])
     if check_finite:
         _check_scales_finite("quant_1x128", s)
     return q, s
 
 
-def quant_1x128_with_transpose(x: torch.Tensor, check_finite: bool = False):
+def quant_1x128_with_transpose(x: torch.Tensor, check_finite: bool = False, col_major_scales: bool = False):
     """1x128 quantisation of x and of x^T in one pass over x (one 128x128 tile per program).
 
     x: [M, K] float32/bfloat16/float16. Returns (x_fp8 [M, K], scales [M, ceil(K/128)],
-    xt_fp8 [K, M], xt_scales [K, ceil(M/128)]), all contiguous; (xt_fp8, xt_scales) equals
-    ``quant_1x128(x.t())``. Used for backward: the dgrad GEMM reduces along K (tiles of x), the wgrad GEMM
-    along M (tiles of x^T), DeepSeek-V3 §3.3.
+    xt_fp8 [K, M], xt_scales [K, ceil(M/128)]), fp8 tensors contiguous, scales row-major (or both with strides
+    (1, rows) when ``col_major_scales``); (xt_fp8, xt_scales) equals ``quant_1x128(x.t())``. Used for backward:
+    the dgrad GEMM reduces along K (tiles of x), the wgrad GEMM along M (tiles of x^T), DeepSeek-V3 §3.3.
     """
     _check_input(x, "quant_1x128_with_transpose")
     M, K = x.shape
     mt, kt = triton.cdiv(M, TILE), triton.cdiv(K, TILE)
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((M, kt), dtype=torch.float32, device=x.device)
+    s = _scales(M, kt, x.device, col_major_scales)
     qt = torch.empty((K, M), dtype=FP8_DTYPE, device=x.device)
-    st = torch.empty((K, mt), dtype=torch.float32, device=x.device)
+    st = _scales(K, mt, x.device, col_major_scales)
     if M and K:
         _quant_1x128_t_kernel[(mt, kt)](x, q, s, qt, st, M, K, x.stride(0), x.stride(1), q.stride(0),
-                                        s.stride(0), qt.stride(0), st.stride(0),
-                                        EXACT_CAST=INTERPRETED, num_warps=CFG["warps_t"])
+                                        s.stride(0), s.stride(1), qt.stride(0), st.stride(0), st.stride(1),
+                                        EXACT_CAST=INTERPRETED,
+                                        num_warps=CFG["warps_t"])
     if check_finite:
         _check_scales_finite("quant_1x128_with_transpose", s, st)
     return q, s, qt, st
 
 
-def quant_128x128(w: torch.Tensor, check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_128x128(w: torch.Tensor, check_finite: bool = False, with_transpose: bool = False):
     """128x128 block E4M3 quantisation (weights).
 
     w: [N, K] (or a batch [E, N, K], e.g. expert weights) float32/bfloat16/float16. Returns (w_fp8 [..., N, K]
     float8_e4m3fn contiguous, scales [..., ceil(N/128), ceil(K/128)] float32); partial edge blocks use the amax
-    of their valid part; blocks never straddle two batch entries.
+    of their valid part; blocks never straddle two batch entries. ``with_transpose``: a third output, wt_fp8
+    [..., K, N] contiguous, the same bytes transposed (the kernel re-reads each tile transposed, from L2). It is
+    W^T's 128x128 quantisation, whose scales are ``scales.transpose(-1, -2)``: the operand of the dgrad GEMM
+    ``dX = G W``.
     """
     _check_input(w, "quant_128x128", (2, 3))
     wb = w if w.dim() == 3 else w.unsqueeze(0)
@@ -272,15 +296,18 @@ def quant_128x128(w: torch.Tensor, check_finite: bool = False) -> tuple[torch.Te
     nt, kt = triton.cdiv(N, TILE), triton.cdiv(K, TILE)
     q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w.device)
     s = torch.empty((E, nt, kt), dtype=torch.float32, device=w.device)
+    qt = torch.empty((E, K, N) if with_transpose else (1, 1, 1), dtype=FP8_DTYPE, device=w.device)
     if E and N and K:
-        _quant_128x128_kernel[(nt, kt, E)](wb, q, s, N, K, wb.stride(0), wb.stride(1), wb.stride(2),
+        _quant_128x128_kernel[(nt, kt, E)](wb, q, s, qt, N, K, wb.stride(0), wb.stride(1), wb.stride(2),
                                            q.stride(0), q.stride(1), s.stride(0), s.stride(1),
-                                           EXACT_CAST=INTERPRETED, num_warps=CFG["warps_128"])
+                                           qt.stride(0), qt.stride(1),
+                                           EXACT_CAST=INTERPRETED, WRITE_T=with_transpose,
+                                           num_warps=CFG["warps_128"])
     if w.dim() != 3:
-        q, s = q[0], s[0]
+        q, s, qt = q[0], s[0], qt[0]
     if check_finite:
         _check_scales_finite("quant_128x128", s)
-    return q, s
+    return (q, s, qt) if with_transpose else (q, s)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -331,7 +358,11 @@ def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, cols - K, 0, rows - M))
 
 
-def quant_1x128_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _col_major(s: torch.Tensor, yes: bool) -> torch.Tensor:
+    return s.t().contiguous().t() if yes else s
+
+
+def quant_1x128_ref(x: torch.Tensor, col_major_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch quant_1x128 (the kernels' reference and the CPU emulation path)."""
     M, K = x.shape
     kt = -(-K // TILE)
@@ -340,18 +371,21 @@ def quant_1x128_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nonfinite = ~torch.isfinite(xf).all(dim=2)
     s = scale_from_amax_ref(amax, nonfinite)
     q = cast_to_fp8_ref(xf / s[:, :, None]).view(M, kt * TILE)[:, :K].contiguous()
-    return q, s
+    return q, _col_major(s, col_major_scales)
 
 
-def quant_1x128_with_transpose_ref(x: torch.Tensor):
+def quant_1x128_with_transpose_ref(x: torch.Tensor, col_major_scales: bool = False):
     """Pure-torch quant_1x128_with_transpose: (quant_1x128_ref(x), quant_1x128_ref(x.t()))."""
-    q, s = quant_1x128_ref(x)
-    qt, st = quant_1x128_ref(x.t())
+    q, s = quant_1x128_ref(x, col_major_scales)
+    qt, st = quant_1x128_ref(x.t(), col_major_scales)
     return q, s, qt, st
 
 
-def quant_128x128_ref(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch quant_128x128 ([N, K] or [E, N, K])."""
+def quant_128x128_ref(w: torch.Tensor, with_transpose: bool = False):
+    """Pure-torch quant_128x128 ([N, K] or [E, N, K]; ``with_transpose`` as there)."""
+    if with_transpose:
+        q, s = quant_128x128_ref(w)
+        return q, s, q.transpose(-1, -2).contiguous()
     if w.dim() == 3:
         outs = [quant_128x128_ref(we) for we in w]
         N, K = w.shape[1:]
@@ -416,8 +450,8 @@ def grouped_tiles(counts: torch.Tensor, M: int) -> GroupedTiles:
 
 @triton.jit
 def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, K,
-                                  stride_xm, stride_xk, stride_qm, stride_sm, stride_qtk, stride_stk,
-                                  EXACT_CAST: tl.constexpr):
+                                  stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, stride_qtk, stride_stk,
+                                  stride_stt, EXACT_CAST: tl.constexpr):
     # one (row tile of one group) x (128 columns): rows -> 1x128 scales of x; columns -> 1x128 scales of x^T,
     # stored in the tile-padded transposed layout qt[K, n_tiles * 128] (tile t owns columns t*128 .. +128)
     t = tl.program_id(0)
@@ -431,34 +465,38 @@ def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, t
     mask_k = offs_k < K
     # masked rows load as 0 -> the padding columns of the transposed tile hold zeros
     qt, st = _quant_tile_rows_and_cols(x_ptr, q_ptr, s_ptr, offs_m, offs_k, mask_m, mask_k, pid_k,
-                                       stride_xm, stride_xk, stride_qm, stride_sm, EXACT_CAST)
-    tl.store(qt_ptr + offs_k[:, None] * stride_qtk + (t * 128 + offs_r)[None, :], tl.trans(qt),
+                                       stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, EXACT_CAST)
+    tl.store(qt_ptr + offs_k[:, None] * stride_qtk + (t * 128 + offs_r)[None, :], qt,
              mask=mask_k[:, None])
-    tl.store(st_ptr + offs_k * stride_stk + t, st, mask=mask_k)
+    tl.store(st_ptr + offs_k * stride_stk + t * stride_stt, st, mask=mask_k)
 
 
-def quant_1x128_with_transpose_grouped(x: torch.Tensor, tiles: GroupedTiles):
+def quant_1x128_with_transpose_grouped(x: torch.Tensor, tiles: GroupedTiles, col_major_scales: bool = False):
     """``quant_1x128_with_transpose`` for rows sorted by group, with x^T's 1x128 tiles never crossing groups.
 
     x: [M, K]. Returns (x_fp8 [M, K], scales [M, ceil(K/128)]  -- identical to quant_1x128(x) --,
     xt_fp8 [K, n_tiles * 128] e4m3 in the tile-padded layout: column t*128 + r holds row tiles.tile_start[t] + r
-    (zeros past the tile's end), xt_scales [K, n_tiles] fp32 (scale 1 for empty tiles)).
+    (zeros past the tile's end), xt_scales [K, n_tiles] fp32 (scale 1 for empty tiles)). Scales row-major, or
+    with strides (1, rows) when ``col_major_scales`` (the grouped wgrad GEMM's layout: one contiguous vector of
+    scales per token tile).
     """
     _check_input(x, "quant_1x128_with_transpose_grouped")
     M, K = x.shape
     T = tiles.n_tiles
     kt = triton.cdiv(K, TILE)
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((M, kt), dtype=torch.float32, device=x.device)
+    s = _scales(M, kt, x.device, col_major_scales)
     qt = torch.empty((K, T * TILE), dtype=FP8_DTYPE, device=x.device)
-    st = torch.empty((K, T), dtype=torch.float32, device=x.device)
+    st = _scales(K, T, x.device, col_major_scales)
     if M == 0:  # nothing to read (an empty tensor may have no storage): padding only
         qt.view(torch.uint8).zero_()
         st.fill_(1.0)
     elif T and K:
         _quant_1x128_t_grouped_kernel[(T, kt)](x, q, s, qt, st, tiles.tile_start, tiles.tile_end, K,
-                                               x.stride(0), x.stride(1), q.stride(0), s.stride(0), qt.stride(0),
-                                               st.stride(0), EXACT_CAST=INTERPRETED, num_warps=CFG["warps_t"])
+                                               x.stride(0), x.stride(1), q.stride(0), s.stride(0), s.stride(1),
+                                               qt.stride(0), st.stride(0), st.stride(1),
+                                               EXACT_CAST=INTERPRETED,
+                                               num_warps=CFG["warps_t"])
     return q, s, qt, st
 
 

@@ -55,6 +55,7 @@ and raises ``FloatingPointError`` naming the module (the qualified name stored a
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 from dataclasses import dataclass, replace
 from typing import Iterable
@@ -318,19 +319,23 @@ def describe_backend(cfg: Fp8Config, device: torch.device) -> str:
 # blockwise (DeepSeek-V3): Triton kernels or their pure-torch references
 # ----------------------------------------------------------------------------------------------------------
 def _block_ops(backend: str):
+    """The quantisers and GEMMs of one blockwise backend: ``scaled_mm`` (cuBLAS GEMMs, each falling back to Triton
+    for shapes it does not take; the 1x128 scales are written in cuBLAS's layout, strides (1, rows), so no scale
+    copy precedes a GEMM), ``triton`` (kernels/), or the pure-torch references (``emulated``)."""
     k = _kernels()
     if k is None:
         raise RuntimeError("fp8 blockwise needs the Triton kernels in kernels/ (import failed: is triton installed?)")
     q, g = k
-    if backend == "scaled_mm":  # cuBLAS block-scaled GEMMs (each falls back to Triton for shapes it does not take)
+    if backend == "scaled_mm":
         from moetrain.precision import fp8_cublas as c
-        return dict(q1=q.quant_1x128, q1t=q.quant_1x128_with_transpose, qb=q.quant_128x128,
-                    fwd=c.fp8_gemm_blockwise, dgrad=c.fp8_gemm_dgrad, wgrad=c.fp8_gemm_1x128_1x128)
+        return dict(q1=functools.partial(q.quant_1x128, col_major_scales=True),
+                    q1t=functools.partial(q.quant_1x128_with_transpose, col_major_scales=True), qb=q.quant_128x128,
+                    fwd=c.fp8_gemm_blockwise, wgrad=c.fp8_gemm_1x128_1x128)
     if backend == "triton":
         return dict(q1=q.quant_1x128, q1t=q.quant_1x128_with_transpose, qb=q.quant_128x128,
-                    fwd=g.fp8_gemm_blockwise, dgrad=g.fp8_gemm_dgrad, wgrad=g.fp8_gemm_1x128_1x128)
+                    fwd=g.fp8_gemm_blockwise, wgrad=g.fp8_gemm_1x128_1x128)
     return dict(q1=q.quant_1x128_ref, q1t=q.quant_1x128_with_transpose_ref, qb=q.quant_128x128_ref,
-                fwd=g.fp8_gemm_blockwise_ref, dgrad=g.fp8_gemm_dgrad_ref, wgrad=g.fp8_gemm_1x128_1x128_ref)
+                fwd=g.fp8_gemm_blockwise_ref, wgrad=g.fp8_gemm_1x128_1x128_ref)
 
 
 def _gemm_dtype(dt: torch.dtype) -> torch.dtype:
@@ -338,7 +343,10 @@ def _gemm_dtype(dt: torch.dtype) -> torch.dtype:
 
 
 class _BlockwiseLinearFn(torch.autograd.Function):
-    """y = x W^T, DeepSeek-V3 fine-grained FP8: x 1x128, W 128x128, grad 1x128, all E4M3."""
+    """y = x W^T, DeepSeek-V3 fine-grained FP8: x 1x128, W 128x128, grad 1x128, all E4M3.
+
+    The weight's quantisation also writes W^T's bytes (``quant_128x128(with_transpose=True)``), so the dgrad
+    ``dX = G W`` runs as the forward GEMM on (G, W^T) with the scales transposed: no transposed copy of W."""
 
     @staticmethod
     def forward(ctx, x, weight, backend: str, out_dtype: torch.dtype):
@@ -347,23 +355,26 @@ class _BlockwiseLinearFn(torch.autograd.Function):
             xq, xs, xtq, xts = ops["q1t"](x)
         else:
             (xq, xs), xtq, xts = ops["q1"](x), None, None
-        wq, ws = ops["qb"](weight)
-        ctx.save_for_backward(xtq, xts, wq, ws)
+        if ctx.needs_input_grad[0]:
+            wq, ws, wtq = ops["qb"](weight, with_transpose=True)
+        else:
+            (wq, ws), wtq = ops["qb"](weight), None
+        ctx.save_for_backward(xtq, xts, wtq, ws)
         ctx.backend, ctx.x_dtype, ctx.w_dtype = backend, x.dtype, weight.dtype
         return ops["fwd"](xq, xs, wq, ws, out_dtype=_gemm_dtype(out_dtype)).to(out_dtype)
 
     @staticmethod
     def backward(ctx, g):
         ops = _block_ops(ctx.backend)
-        xtq, xts, wq, ws = ctx.saved_tensors
+        xtq, xts, wtq, ws = ctx.saved_tensors
         dx = dw = None
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and xtq is not None
+        need_dx, need_dw = wtq is not None, ctx.needs_input_grad[1] and xtq is not None
         if need_dw:
             gq, gs, gtq, gts = ops["q1t"](g)
         else:
             gq, gs = ops["q1"](g)
         if need_dx:
-            dx = ops["dgrad"](gq, gs, wq, ws, out_dtype=_gemm_dtype(ctx.x_dtype)).to(ctx.x_dtype)
+            dx = ops["fwd"](gq, gs, wtq, ws.t(), out_dtype=_gemm_dtype(ctx.x_dtype)).to(ctx.x_dtype)
         if need_dw:
             dw = ops["wgrad"](gtq, gts, xtq, xts, out_dtype=torch.float32).to(ctx.w_dtype)
         return dx, dw, None, None
@@ -378,22 +389,25 @@ class _GroupedBlockwiseFn(torch.autograd.Function):
     def forward(ctx, x, weight, tiles, out_dtype: torch.dtype):
         q, g = _kernels()
         xq, xs, xtq, xts = q.quant_1x128_with_transpose_grouped(x, tiles)
-        wq, ws = q.quant_128x128(weight)
+        if ctx.needs_input_grad[0]:  # W^T's bytes for the dgrad, written by the same kernel
+            wq, ws, wtq = q.quant_128x128(weight, with_transpose=True)
+        else:
+            (wq, ws), wtq = q.quant_128x128(weight), None
         if not ctx.needs_input_grad[1]:
             xtq = xts = None
-        ctx.save_for_backward(xtq, xts, wq, ws)
+        ctx.save_for_backward(xtq, xts, wtq, ws)
         ctx.tiles, ctx.x_dtype, ctx.w_dtype = tiles, x.dtype, weight.dtype
         return g.fp8_gemm_grouped(xq, xs, wq, ws, tiles, out_dtype=_gemm_dtype(out_dtype)).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
         q, g = _kernels()
-        xtq, xts, wq, ws = ctx.saved_tensors
+        xtq, xts, wtq, ws = ctx.saved_tensors
         tiles = ctx.tiles
         gq, gs, gtq, gts = q.quant_1x128_with_transpose_grouped(grad.contiguous(), tiles)
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = g.fp8_gemm_grouped(gq, gs, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous(),
+        if wtq is not None:
+            dx = g.fp8_gemm_grouped(gq, gs, wtq, ws.transpose(1, 2).contiguous(),
                                     tiles, out_dtype=_gemm_dtype(ctx.x_dtype)).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             dw = g.fp8_gemm_grouped_wgrad(gtq, gts, xtq, xts, tiles, out_dtype=torch.float32).to(ctx.w_dtype)

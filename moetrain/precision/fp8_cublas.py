@@ -18,6 +18,9 @@ The three GEMMs of a blockwise linear ``y = x W^T`` (x [M, K], W [N, K]):
     dgrad    dx [M, K] = g(1x128 along N) @ W(128x128, the forward's blocks)  :func:`fp8_gemm_dgrad`
     wgrad    dW [N, K] = g^T(1x128 along M) @ x(1x128 along M)              :func:`fp8_gemm_1x128_1x128`
 
+(The blockwise recipe runs its dgrad as :func:`fp8_gemm_blockwise` on W^T's bytes, which the weight's quantisation
+writes too, with the scales transposed; :func:`fp8_gemm_dgrad` makes that copy of W itself.)
+
 Each has the signature of its Triton twin in :mod:`kernels.fp8_gemm` and falls back to it for a shape the check did
 not cover (M, N, K multiples of 128; multiples of 16 where the check at partial blocks passed too) or when the check
 failed (:func:`status` says why).
@@ -36,7 +39,8 @@ _STATUS: dict = {}   # device str -> (form or None, takes dims that are multiple
 
 def scale_a_layout(s: torch.Tensor) -> torch.Tensor:
     """``s [R, Kb]`` (1x128 scales, any strides) -> the same values with stride (1, R) (R-major): cuBLAS's layout
-    for A's scales and for B's 1x128 scales ``[N, Kb]``."""
+    for A's scales and for B's 1x128 scales ``[N, Kb]``. No copy when ``s`` already has it (the quantisers'
+    ``col_major_scales=True``, which the blockwise recipe uses on this backend)."""
     return s.t().contiguous().t()
 
 
@@ -46,9 +50,7 @@ def scale_b_block_layout(s: torch.Tensor, pad: bool = True) -> torch.Tensor:
     ``pad=False`` ``[Kb, N / 128]`` stride (1, Kb), the form some torch builds check for instead)."""
     nb, kb = s.shape
     l4 = -(-kb // 4) * 4 if pad else kb
-    padded = s.new_zeros((nb, l4))
-    padded[:, :kb] = s
-    return padded.t()
+    return F.pad(s, (0, l4 - kb)).contiguous().t()  # one launch (the pad writes the zeros and the copy)
 
 
 def _v1(a, b, sa, sb, out_dtype, _recipe_b):

@@ -96,6 +96,50 @@ def test_quant_128x128_of_transpose_is_transpose():
     _same_fp8(qt, q.t())
 
 
+@pytest.mark.parametrize("shape", [(200, 300), (1, 1), (128, 256), (130, 129)])
+@pytest.mark.parametrize("batch", [0, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_128x128_with_transpose(shape, batch, dtype):
+    """The fused transposed copy: the bytes of w_fp8 transposed, contiguous, at odd shapes, 2-D and batched; w_fp8
+    and the scales are those of the plain call."""
+    N, K = shape
+    w = _data(max(batch, 1) * N, K, dtype, seed=11)
+    w = w.view(batch, N, K) if batch else w
+    q, s, qt = quant_128x128(w, with_transpose=True)
+    q0, s0 = quant_128x128(w)
+    assert qt.shape == (*w.shape[:-2], K, N) and qt.is_contiguous() and qt.dtype == torch.float8_e4m3fn
+    assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0)
+    assert torch.equal(qt.view(torch.uint8), q.transpose(-1, -2).contiguous().view(torch.uint8))
+    qr, sr, qtr = quant_128x128_ref(w, with_transpose=True)
+    _same_fp8(qt, qtr)
+
+
+@pytest.mark.parametrize("shape", [(33, 257), (130, 300), (1, 1)])
+def test_col_major_scales(shape):
+    """col_major_scales: the same values with strides (1, rows), for every 1x128 quantiser and its reference."""
+    M, K = shape
+    x = _data(M, K, torch.bfloat16, seed=12)
+
+    def col_major(t):
+        return t.dim() == 2 and (t.shape[0] <= 1 or t.stride(0) == 1) and (t.shape[1] <= 1 or t.stride(1) == t.shape[0])
+    for fn in (quant_1x128, quant_1x128_with_transpose, quant_1x128_ref, quant_1x128_with_transpose_ref):
+        plain, cm = fn(x), fn(x, col_major_scales=True)
+        for a, b in zip(plain, cm):
+            if a.dtype == torch.float32:
+                assert col_major(b), (fn.__name__, b.shape, b.stride())
+                assert torch.equal(a, b)
+            else:
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    counts = torch.tensor([0, M - M // 3, M // 3], device=DEVICE)
+    tiles = grouped_tiles(counts, M)
+    plain = quant_1x128_with_transpose_grouped(x, tiles)
+    cm = quant_1x128_with_transpose_grouped(x, tiles, col_major_scales=True)
+    for i in (1, 3):
+        assert col_major(cm[i]) and torch.equal(plain[i], cm[i])
+    for i in (0, 2):
+        assert torch.equal(plain[i].view(torch.uint8), cm[i].view(torch.uint8))
+
+
 def test_strided_input():
     x = _data(70, 520, seed=4)[:, ::2]  # non-contiguous columns
     q, s = quant_1x128(x)
@@ -248,10 +292,20 @@ def test_quant_grouped_matches_ref(counts):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("shape", [(4096, 7168), (1000, 2049)])
-def test_gpu_real_sizes(shape):
-    x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])   # fp32: master weights (a triton 3.6 bug)
+def test_gpu_real_sizes(shape, dtype):
+    x = torch.randn(*shape, device="cuda", dtype=dtype)
+    def q128_t(w):
+        return quant_128x128(w, with_transpose=True)
+
+    def q128_t_ref(w):
+        return quant_128x128_ref(w, with_transpose=True)
+
+    def q1t_cm(w):
+        return quant_1x128_with_transpose(w, col_major_scales=True)
     for fn, ref in [(quant_1x128, quant_1x128_ref), (quant_128x128, quant_128x128_ref),
-                    (quant_1x128_with_transpose, quant_1x128_with_transpose_ref)]:
+                    (quant_1x128_with_transpose, quant_1x128_with_transpose_ref), (q128_t, q128_t_ref),
+                    (q1t_cm, quant_1x128_with_transpose_ref)]:
         outs, refs = fn(x), ref(x)
         for o, r in zip(outs, refs):
             if o.dtype == torch.float32:

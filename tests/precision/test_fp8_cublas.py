@@ -17,6 +17,8 @@ from moetrain.precision import fp8_cublas  # noqa: E402
 from moetrain.precision.fp8 import Fp8Config, fp8_linear, resolve_backend  # noqa: E402
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# the contract and fallback tests run the Triton kernels on CPU tensors: only under the interpreter (not on a GPU host)
+interpreted = pytest.mark.skipif(not fp8_quant.INTERPRETED, reason="CPU tests: need TRITON_INTERPRET=1 (the CPU suite)")
 
 
 def _contract_mm(a, b, sa, sb, out_dtype, recipe_b):
@@ -63,6 +65,10 @@ def test_scale_layouts():
     assert tuple(u.shape) == (5, 3) and u.stride() == (1, 5) and torch.equal(u, s.t())
     a = fp8_cublas.scale_a_layout(s)
     assert a.stride() == (1, 3) and torch.equal(a, s)
+    assert fp8_cublas.scale_a_layout(a).data_ptr() == a.data_ptr()   # already in the layout: no copy
+    t = fp8_cublas.scale_b_block_layout(s.t())                         # W^T's blocks (the dgrad), non-contiguous
+    assert tuple(t.shape) == (4, 5) and t.stride() == (1, 4)
+    assert torch.equal(t[:3], s) and torch.equal(t[3:], torch.zeros(1, 5))
 
 
 def _whole_blocks_mm(a, b, sa, sb, out_dtype, recipe_b):
@@ -72,6 +78,7 @@ def _whole_blocks_mm(a, b, sa, sb, out_dtype, recipe_b):
     return _contract_mm(a, b, sa, sb, out_dtype, recipe_b)
 
 
+@interpreted
 def test_check_forms_picks_the_documented_layout_and_rejects_others():
     forms = (("lax", _lax_mm, False), ("contract", _contract_mm, False), ("contract", _contract_mm, True))
     form, ragged, detail = fp8_cublas.check_forms(forms, torch.device("cpu"))
@@ -86,6 +93,7 @@ def test_check_forms_picks_the_documented_layout_and_rejects_others():
     assert "contract (scale_b unpadded): ValueError: scale_b must be [L4" in why
 
 
+@interpreted
 @pytest.mark.parametrize("M,N,K", [(256, 384, 640), (128, 256, 128), (208, 336, 592)])
 def test_three_gemms_through_the_contract(M, N, K):
     """Forward, dgrad and wgrad with the documented layouts equal the dequantised references."""
@@ -101,10 +109,18 @@ def test_three_gemms_through_the_contract(M, N, K):
               gq, gs, wq, ws, torch.float32)),
              (fp8_cublas._wgrad(gtq, gts, xtq, xts, torch.float32, form), fp8_gemm.fp8_gemm_1x128_1x128_ref(
               gtq, gts, xtq, xts)))
+    # the training path: col-major 1x128 scales from the quantisers, and the dgrad as the forward GEMM on the
+    # transposed weight bytes with the transposed scales (fp8._BlockwiseLinearFn)
+    _, _, wtq = fp8_quant.quant_128x128(w, with_transpose=True)
+    gq2, gs2, gtq2, gts2 = fp8_quant.quant_1x128_with_transpose(g, col_major_scales=True)
+    xtq2, xts2 = fp8_quant.quant_1x128(x.t(), col_major_scales=True)
+    pairs += ((fp8_cublas._fwd(gq2, gs2, wtq, ws.t(), torch.float32, form), pairs[1][1]),
+              (fp8_cublas._wgrad(gtq2, gts2, xtq2, xts2, torch.float32, form), pairs[2][1]))
     for got, ref in pairs:
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
 
 
+@interpreted
 def test_cpu_falls_back_to_triton():
     ok, detail = fp8_cublas.status(torch.device("cpu"))
     assert not ok and "CUDA" in detail
@@ -117,6 +133,7 @@ def test_cpu_falls_back_to_triton():
     assert resolve_backend(Fp8Config("blockwise"), torch.device("cpu")) == "triton"
 
 
+@interpreted
 def test_explicit_scaled_mm_backend_on_cpu_runs_the_triton_gemms():
     """backend="scaled_mm" for blockwise is accepted; where cuBLAS is not usable its GEMMs fall back."""
     torch.manual_seed(2)
@@ -175,6 +192,7 @@ def test_gpu_cublas_blockwise_matches_reference():
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
 
 
+@interpreted
 def test_describe_backend_on_cpu():
     from moetrain.precision.fp8 import describe_backend
     cpu = torch.device("cpu")
