@@ -129,9 +129,11 @@ def _quant_1x128_kernel(x_ptr, q_ptr, s_ptr, M, K,
 
 @triton.jit
 def _quant_tile_rows_and_cols(x_ptr, q_ptr, s_ptr, offs_m, offs_k, mask_m, mask_k, pid_k,
-                              stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, EXACT_CAST: tl.constexpr):
+                              stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, EXACT_CAST: tl.constexpr,
+                              offs_qm, mask_qm):
     """One 128x128 tile of x (masked elements load as 0): stores its 1x128 quantisation along rows (q, and the
-    per-row scales in column ``pid_k`` of s) and returns the quantisation along columns, transposed
+    per-row scales in column ``pid_k`` of s) at rows ``offs_qm`` where ``mask_qm`` (the tile's own rows, or
+    tile-padded rows whose padding holds zeros / scale 1) and returns the quantisation along columns, transposed
     (qt [128 (k), 128 (m)] e4m3, st [128] per column), for the caller to store."""
     mask = mask_m[:, None] & mask_k[None, :]
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
@@ -141,8 +143,8 @@ def _quant_tile_rows_and_cols(x_ptr, q_ptr, s_ptr, offs_m, offs_k, mask_m, mask_
     s = _scale_from_amax(tl.max(ax, axis=1), tl.sum(zx, axis=1))      # [128] per row
     st = _scale_from_amax(tl.max(ax, axis=0), tl.sum(zx, axis=0))     # [128] per column
     q = _to_e4m3(x / s[:, None], EXACT_CAST)
-    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
-    tl.store(s_ptr + offs_m * stride_sm + pid_k * stride_sk, s, mask=mask_m)
+    tl.store(q_ptr + offs_qm[:, None] * stride_qm + offs_k[None, :], q, mask=mask_qm[:, None] & mask_k[None, :])
+    tl.store(s_ptr + offs_qm * stride_sm + pid_k * stride_sk, s, mask=mask_qm)
     return tl.trans(_to_e4m3(x / st[None, :], EXACT_CAST)), st
 
 
@@ -158,7 +160,8 @@ def _quant_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K,
     mask_m = offs_m < M
     mask_k = offs_k < K
     qt, st = _quant_tile_rows_and_cols(x_ptr, q_ptr, s_ptr, offs_m, offs_k, mask_m, mask_k, pid_k,
-                                       stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, EXACT_CAST)
+                                       stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, EXACT_CAST,
+                                       offs_m, mask_m)
     tl.store(qt_ptr + offs_k[:, None] * stride_qtk + offs_m[None, :], qt,
              mask=mask_k[:, None] & mask_m[None, :])
     tl.store(st_ptr + offs_k * stride_stk + pid_m * stride_stm, st, mask=mask_k)
@@ -451,9 +454,10 @@ def grouped_tiles(counts: torch.Tensor, M: int) -> GroupedTiles:
 @triton.jit
 def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, K,
                                   stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, stride_qtk, stride_stk,
-                                  stride_stt, EXACT_CAST: tl.constexpr):
+                                  stride_stt, EXACT_CAST: tl.constexpr, PAD_ROWS: tl.constexpr):
     # one (row tile of one group) x (128 columns): rows -> 1x128 scales of x; columns -> 1x128 scales of x^T,
-    # stored in the tile-padded transposed layout qt[K, n_tiles * 128] (tile t owns columns t*128 .. +128)
+    # stored in the tile-padded transposed layout qt[K, n_tiles * 128] (tile t owns columns t*128 .. +128);
+    # PAD_ROWS: q / s in the tile-padded row layout too (tile t owns rows t*128 .. +128, padding zeros / 1)
     t = tl.program_id(0)
     pid_k = tl.program_id(1)
     rs = tl.load(ts_ptr + t)
@@ -464,52 +468,74 @@ def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, t
     mask_m = offs_m < re
     mask_k = offs_k < K
     # masked rows load as 0 -> the padding columns of the transposed tile hold zeros
+    if PAD_ROWS:
+        offs_qm = t * 128 + offs_r
+        mask_qm = offs_r < 128
+    else:
+        offs_qm = offs_m
+        mask_qm = mask_m
     qt, st = _quant_tile_rows_and_cols(x_ptr, q_ptr, s_ptr, offs_m, offs_k, mask_m, mask_k, pid_k,
-                                       stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, EXACT_CAST)
+                                       stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, EXACT_CAST,
+                                       offs_qm, mask_qm)
     tl.store(qt_ptr + offs_k[:, None] * stride_qtk + (t * 128 + offs_r)[None, :], qt,
              mask=mask_k[:, None])
     tl.store(st_ptr + offs_k * stride_stk + t * stride_stt, st, mask=mask_k)
 
 
-def quant_1x128_with_transpose_grouped(x: torch.Tensor, tiles: GroupedTiles, col_major_scales: bool = False):
+def quant_1x128_with_transpose_grouped(x: torch.Tensor, tiles: GroupedTiles, col_major_scales: bool = False,
+                                       pad_rows: bool = False):
     """``quant_1x128_with_transpose`` for rows sorted by group, with x^T's 1x128 tiles never crossing groups.
 
     x: [M, K]. Returns (x_fp8 [M, K], scales [M, ceil(K/128)]  -- identical to quant_1x128(x) --,
     xt_fp8 [K, n_tiles * 128] e4m3 in the tile-padded layout: column t*128 + r holds row tiles.tile_start[t] + r
     (zeros past the tile's end), xt_scales [K, n_tiles] fp32 (scale 1 for empty tiles)). Scales row-major, or
     with strides (1, rows) when ``col_major_scales`` (the grouped wgrad GEMM's layout: one contiguous vector of
-    scales per token tile).
+    scales per token tile). ``pad_rows``: x_fp8 [n_tiles * 128, K] and scales [n_tiles * 128, ceil(K/128)] in the
+    tile-padded row layout instead (row t*128 + r holds row tiles.tile_start[t] + r; zeros / scale 1 past the
+    tile's end), so each group's rows start at a multiple of 128 (a per-group GEMM with whole 128-row blocks).
     """
     _check_input(x, "quant_1x128_with_transpose_grouped")
     M, K = x.shape
     T = tiles.n_tiles
     kt = triton.cdiv(K, TILE)
-    q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
-    s = _scales(M, kt, x.device, col_major_scales)
+    rows = T * TILE if pad_rows else M
+    q = torch.empty((rows, K), dtype=FP8_DTYPE, device=x.device)
+    s = _scales(rows, kt, x.device, col_major_scales)
     qt = torch.empty((K, T * TILE), dtype=FP8_DTYPE, device=x.device)
     st = _scales(K, T, x.device, col_major_scales)
     if M == 0:  # nothing to read (an empty tensor may have no storage): padding only
         qt.view(torch.uint8).zero_()
         st.fill_(1.0)
+        if pad_rows:
+            q.view(torch.uint8).zero_()
+            s.fill_(1.0)
     elif T and K:
         _quant_1x128_t_grouped_kernel[(T, kt)](x, q, s, qt, st, tiles.tile_start, tiles.tile_end, K,
                                                x.stride(0), x.stride(1), q.stride(0), s.stride(0), s.stride(1),
                                                qt.stride(0), st.stride(0), st.stride(1),
-                                               EXACT_CAST=INTERPRETED,
+                                               EXACT_CAST=INTERPRETED, PAD_ROWS=pad_rows,
                                                num_warps=CFG["warps_t"])
     return q, s, qt, st
 
 
-def quant_1x128_with_transpose_grouped_ref(x: torch.Tensor, tiles: GroupedTiles):
+def quant_1x128_with_transpose_grouped_ref(x: torch.Tensor, tiles: GroupedTiles, pad_rows: bool = False):
     """Pure-torch reference of quant_1x128_with_transpose_grouped (reads the tile table on the host)."""
     M, K = x.shape
     T = tiles.n_tiles
     q, s = quant_1x128_ref(x)
     qt = torch.zeros((K, T * TILE), dtype=FP8_DTYPE, device=x.device)
     st = torch.ones((K, T), dtype=torch.float32, device=x.device)
+    if pad_rows:
+        qp = torch.zeros((T * TILE, K), dtype=FP8_DTYPE, device=x.device)
+        sp = torch.ones((T * TILE, s.shape[1]), dtype=torch.float32, device=x.device)
     for t, (a, b) in enumerate(zip(tiles.tile_start.tolist(), tiles.tile_end.tolist())):
         if b > a:
             qq, ss = quant_1x128_ref(x[a:b].t())  # [K, rows], one tile along the rows
             qt[:, t * TILE:t * TILE + (b - a)] = qq
             st[:, t] = ss[:, 0]
+            if pad_rows:
+                qp[t * TILE:t * TILE + (b - a)] = q[a:b]
+                sp[t * TILE:t * TILE + (b - a)] = s[a:b]
+    if pad_rows:
+        q, s = qp, sp
     return q, s, qt, st

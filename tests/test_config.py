@@ -48,6 +48,7 @@ def test_resolved_config_is_saved(tmp_path):
     (["model.n_limited_groups=3", "model.n_expert_groups=2"], "model.n_limited_groups=3"),
     (["model.flavor=gpt5"], "model.flavor='gpt5': unknown flavor"),
     (["precision.fp8=int4"], "precision.fp8='int4': must be one of"),
+    (["precision.fp8_expert_gemm=looped"], "precision.fp8_expert_gemm='looped': must be one of"),
     (["data.corpus=/no/such/file.txt"], "data.corpus=/no/such/file.txt: file not found"),
     (["data.prepared_dir=/no/such/dir"], "data.prepared_dir=/no/such/dir: no meta.json"),
     (["resume=/no/such/ckpt"], "resume=/no/such/ckpt: no such checkpoint"),

@@ -64,10 +64,11 @@ def parallelize(model: torch.nn.Module, cfg: DictConfig, ctx: DistContext):
         apply_capacity(model, capacity, policy)  # ep = 1: the same per-rank capacity rule, no communication
     if cfg.precision.fp8 != "none":
         from moetrain.precision.fp8 import Fp8Config, apply_fp8, describe_backend
-        apply_fp8(model, cfg.precision.fp8)
+        expert_gemm = cfg.precision.get("fp8_expert_gemm", "grouped")
+        apply_fp8(model, cfg.precision.fp8, expert_gemm=expert_gemm)
         if ctx.is_main:
-            print(f"fp8     {cfg.precision.fp8}: {describe_backend(Fp8Config(cfg.precision.fp8), ctx.device)}",
-                  flush=True)
+            line = describe_backend(Fp8Config(cfg.precision.fp8, expert_gemm=expert_gemm), ctx.device)
+            print(f"fp8     {cfg.precision.fp8}: {line}", flush=True)
     if cfg.kernels.enabled:
         from moetrain.kernels_apply import apply_kernels, triton_unavailable
         reason = triton_unavailable(ctx.device)

@@ -74,6 +74,7 @@ __all__ = [
 RECIPES = ("tensorwise", "rowwise", "blockwise")
 GRAD_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 BACKENDS = ("auto", "scaled_mm", "triton", "emulate")
+EXPERT_GEMMS = ("grouped", "per_expert")
 E4M3 = torch.float8_e4m3fn
 _AMAX_EPS = 1e-12
 
@@ -87,6 +88,9 @@ class Fp8Config:
     use_fast_accum: _scaled_mm fast accumulation for the forward GEMM (tensorwise/rowwise on CUDA).
     backend: "auto" (by device, see module docstring) | "scaled_mm" | "triton" | "emulate".
     debug: check outputs for inf/nan after every forward and raise naming the module.
+    expert_gemm: blockwise routed experts on the scaled_mm backend: "grouped" (the Triton grouped kernels, no
+      host sync) | "per_expert" (one cuBLAS block-scaled GEMM per expert, ``fp8_experts_cublas``; the counts
+      are read on the host once per layer; the grouped kernels where cuBLAS is not usable).
     """
 
     recipe: str = "blockwise"
@@ -94,6 +98,7 @@ class Fp8Config:
     use_fast_accum: bool = True
     backend: str = "auto"
     debug: bool = False
+    expert_gemm: str = "grouped"
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -102,6 +107,8 @@ class Fp8Config:
             raise ValueError(f"fp8 grad_dtype must be one of {tuple(GRAD_DTYPES)}, got {self.grad_dtype!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"fp8 backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.expert_gemm not in EXPERT_GEMMS:
+            raise ValueError(f"fp8 expert_gemm must be one of {EXPERT_GEMMS}, got {self.expert_gemm!r}")
         if self.recipe != "blockwise" and self.backend == "triton":
             raise ValueError(f"fp8 {self.recipe} recipe has no triton backend; use 'auto', 'scaled_mm' or 'emulate'")
 
@@ -300,8 +307,10 @@ def describe_backend(cfg: Fp8Config, device: torch.device) -> str:
     if cfg.recipe == "blockwise":
         if backend == "scaled_mm":
             from moetrain.precision import fp8_cublas
+            experts = ("one cuBLAS block-scaled GEMM per expert (counts read on the host once a layer)"
+                       if cfg.expert_gemm == "per_expert" else "Triton grouped GEMMs")
             return (f"dense GEMMs on cuBLAS block-scaled {fp8_cublas.status(device)[1]} (other shapes: Triton); "
-                    "routed experts on Triton grouped GEMMs")
+                    f"routed experts on {experts}")
         if backend == "triton":
             why = ""
             if device.type == "cuda":
@@ -380,6 +389,25 @@ class _BlockwiseLinearFn(torch.autograd.Function):
         return dx, dw, None, None
 
 
+def save_grouped_blockwise_operands(ctx, x: torch.Tensor, weight: torch.Tensor, tiles, **quant_kw):
+    """The forward of a grouped blockwise GEMM (x [M, K] rows sorted by expert, weight [E, N, K]): quantises x
+    (1x128 along K, and along tokens for the wgrad: ``quant_1x128_with_transpose_grouped(x, tiles, **quant_kw)``)
+    and the weight (128x128, plus W^T's bytes for the dgrad), saves on ``ctx`` what the backward needs
+    (``saved_tensors`` = x^T fp8 and scales or None, W^T fp8 or None, the weight scales; ``x_dtype``,
+    ``w_dtype``) and returns ``(x_fp8, x_scales, w_fp8, w_scales)`` for the forward GEMM."""
+    q, _ = _kernels()
+    xq, xs, xtq, xts = q.quant_1x128_with_transpose_grouped(x, tiles, **quant_kw)
+    if ctx.needs_input_grad[0]:  # W^T's bytes for the dgrad, written by the same kernel
+        wq, ws, wtq = q.quant_128x128(weight, with_transpose=True)
+    else:
+        (wq, ws), wtq = q.quant_128x128(weight), None
+    if not ctx.needs_input_grad[1]:
+        xtq = xts = None
+    ctx.save_for_backward(xtq, xts, wtq, ws)
+    ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+    return xq, xs, wq, ws
+
+
 class _GroupedBlockwiseFn(torch.autograd.Function):
     """Per-expert y_e = x_e W_e^T for rows sorted by expert, blockwise FP8, Triton grouped kernels, no host sync.
 
@@ -387,16 +415,9 @@ class _GroupedBlockwiseFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, tiles, out_dtype: torch.dtype):
-        q, g = _kernels()
-        xq, xs, xtq, xts = q.quant_1x128_with_transpose_grouped(x, tiles)
-        if ctx.needs_input_grad[0]:  # W^T's bytes for the dgrad, written by the same kernel
-            wq, ws, wtq = q.quant_128x128(weight, with_transpose=True)
-        else:
-            (wq, ws), wtq = q.quant_128x128(weight), None
-        if not ctx.needs_input_grad[1]:
-            xtq = xts = None
-        ctx.save_for_backward(xtq, xts, wtq, ws)
-        ctx.tiles, ctx.x_dtype, ctx.w_dtype = tiles, x.dtype, weight.dtype
+        _, g = _kernels()
+        xq, xs, wq, ws = save_grouped_blockwise_operands(ctx, x, weight, tiles)
+        ctx.tiles = tiles
         return g.fp8_gemm_grouped(xq, xs, wq, ws, tiles, out_dtype=_gemm_dtype(out_dtype)).to(out_dtype)
 
     @staticmethod
@@ -515,6 +536,9 @@ class Fp8GroupedExperts(GroupedExperts):
       * blockwise, Triton backend: grouped kernels (kernels.fp8_gemm.fp8_gemm_grouped / fp8_gemm_grouped_wgrad
         over 128-row tiles that never straddle experts, tiled on the device): no host sync, a constant number
         of launches.
+      * blockwise, scaled_mm backend, ``expert_gemm="per_expert"`` and cuBLAS usable at D and I: one cuBLAS
+        block-scaled GEMM per expert with tokens (``moetrain.precision.fp8_experts_cublas``; one host sync per
+        layer for the counts).
       * tensorwise / rowwise, scaled_mm backend, where ``fp8_grouped.scaled_grouped_mm_supported`` (CUDA sm90,
         D and I multiples of 16, M > 0, E <= 1023): ``torch._scaled_grouped_mm`` for the forward and dgrad GEMMs
         (grad_out in E4M3 whatever ``grad_dtype`` says: the operator rejects E5M2), wgrad per
@@ -550,7 +574,9 @@ class Fp8GroupedExperts(GroupedExperts):
                              f"expected {E} experts")
         cfg = self.fp8_config
         backend = resolve_backend(cfg, x.device)
-        if cfg.recipe == "blockwise" and self.grouped_kernels and backend in ("triton", "scaled_mm"):
+        if cfg.recipe == "blockwise" and self.grouped_kernels and self._per_expert_cublas_ok(x, backend):
+            y = self._forward_per_expert_cublas(x, tokens_per_expert)
+        elif cfg.recipe == "blockwise" and self.grouped_kernels and backend in ("triton", "scaled_mm"):
             y = self._forward_grouped(x, tokens_per_expert)
         elif self._scaled_grouped_ok(x, backend):
             y = self._forward_scaled_grouped(x, tokens_per_expert)
@@ -575,6 +601,22 @@ class Fp8GroupedExperts(GroupedExperts):
         out_dtype = _out_dtype(x)
         tiles = q.grouped_tiles(tokens_per_expert, x.shape[0])
         return self._swiglu_experts(x, lambda a, w: _GroupedBlockwiseFn.apply(a, w, tiles, out_dtype))
+
+    def _per_expert_cublas_ok(self, x: torch.Tensor, backend: str) -> bool:
+        """``expert_gemm="per_expert"`` on the scaled_mm backend, rows present, and cuBLAS usable at D and I."""
+        if self.fp8_config.expert_gemm != "per_expert" or backend != "scaled_mm" or x.shape[0] == 0:
+            return False
+        from moetrain.precision import fp8_experts_cublas
+        return fp8_experts_cublas.usable(x.device, self.w1.shape[1:])
+
+    def _forward_per_expert_cublas(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Blockwise recipe, one cuBLAS block-scaled GEMM per expert (``fp8_experts_cublas``): the counts are read
+        on the host once (one sync), the plan is shared by both GEMMs; raises ValueError when they do not sum to
+        x's rows."""
+        from moetrain.precision import fp8_experts_cublas as pe
+        out_dtype = _out_dtype(x)
+        plan = pe.expert_plan(tokens_per_expert, x.shape[0])
+        return self._swiglu_experts(x, lambda a, w: pe.PerExpertBlockwiseFn.apply(a, w, plan, out_dtype))
 
     def _scaled_grouped_ok(self, x: torch.Tensor, backend: str) -> bool:
         """tensorwise/rowwise on the scaled_mm backend and ``fp8_grouped.scaled_grouped_mm_supported``."""
@@ -636,7 +678,7 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
 
 def apply_fp8(model: nn.Module, recipe: str | Fp8Config, skip: Iterable[str] = DEFAULT_SKIP, *,
               experts: bool = True, grad_dtype: str = "e5m2", debug: bool | None = None,
-              backend: str = "auto") -> list[str]:
+              backend: str = "auto", expert_gemm: str = "grouped") -> list[str]:
     """Swap every eligible ``nn.Linear`` for ``Fp8Linear`` (and, with ``experts=True``, every grouped-experts
     module for ``Fp8GroupedExperts``) in place; return the qualified names swapped, in module order.
 
@@ -646,6 +688,7 @@ def apply_fp8(model: nn.Module, recipe: str | Fp8Config, skip: Iterable[str] = D
     Linears that are not eligible are left alone: tensorwise/rowwise need in/out features that are multiples
       of 16 (torch._scaled_mm); blockwise takes any shape.
     debug (None: from the env var MOETRAIN_FP8_DEBUG=1): check outputs for inf/nan, raise naming the module.
+    expert_gemm: ``Fp8Config.expert_gemm`` (``precision.fp8_expert_gemm``).
     """
     if isinstance(recipe, Fp8Config):
         cfg = recipe
@@ -654,7 +697,8 @@ def apply_fp8(model: nn.Module, recipe: str | Fp8Config, skip: Iterable[str] = D
             return []
         if debug is None:
             debug = os.environ.get("MOETRAIN_FP8_DEBUG", "0") == "1"
-        cfg = Fp8Config(recipe=recipe, grad_dtype=grad_dtype, debug=bool(debug), backend=backend)
+        cfg = Fp8Config(recipe=recipe, grad_dtype=grad_dtype, debug=bool(debug), backend=backend,
+                        expert_gemm=expert_gemm)
     skip = tuple(skip)
     swapped: list[str] = []
 

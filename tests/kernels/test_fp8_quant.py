@@ -275,14 +275,23 @@ def test_grouped_tiles_table():
 
 
 @pytest.mark.parametrize("counts", [[0, 130, 3, 1, 200, 0], [257], [0, 0]])
-def test_quant_grouped_matches_ref(counts):
+@pytest.mark.parametrize("pad_rows", [False, True])
+def test_quant_grouped_matches_ref(counts, pad_rows):
     c = torch.tensor(counts, device=DEVICE)
     M = sum(counts)
     x = _data(M, 150, seed=8) if M else torch.zeros(0, 150, device=DEVICE)
     tiles = grouped_tiles(c, M)
-    q, s, qt, st = quant_1x128_with_transpose_grouped(x, tiles)
-    qr, sr, qtr, str_ = quant_1x128_with_transpose_grouped_ref(x, tiles)
+    q, s, qt, st = quant_1x128_with_transpose_grouped(x, tiles, pad_rows=pad_rows)
+    qr, sr, qtr, str_ = quant_1x128_with_transpose_grouped_ref(x, tiles, pad_rows=pad_rows)
     assert qt.shape == (150, tiles.n_tiles * 128) and st.shape == (150, tiles.n_tiles)
+    if pad_rows:   # each group's rows start at a multiple of 128; the padding rows are zeros with scale 1
+        assert q.shape == (tiles.n_tiles * 128, 150) and s.shape == (tiles.n_tiles * 128, 2)
+        q0, s0 = quant_1x128(x)
+        for t, (a, b) in enumerate(zip(tiles.tile_start.tolist(), tiles.tile_end.tolist())):
+            assert torch.equal(q[t * 128:t * 128 + b - a].view(torch.uint8), q0[a:b].view(torch.uint8))
+            assert torch.equal(s[t * 128:t * 128 + b - a], s0[a:b])
+            assert (q[t * 128 + b - a:(t + 1) * 128].view(torch.uint8) == 0).all()
+            assert (s[t * 128 + b - a:(t + 1) * 128] == 1).all()
     torch.testing.assert_close(s, sr, rtol=0, atol=0)
     torch.testing.assert_close(st, str_, rtol=0, atol=0)
     _same_fp8(q, qr)
