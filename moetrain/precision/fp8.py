@@ -303,6 +303,13 @@ class _ScaledLinearFn(torch.autograd.Function):
 
 def describe_backend(cfg: Fp8Config, device: torch.device) -> str:
     """One line for the run log: which GEMMs run where for ``cfg`` on ``device`` (runs the cuBLAS check)."""
+    line = _describe_backend(cfg, device)
+    if cfg.expert_gemm == "per_expert" and "per expert" not in line:
+        line += " (fp8_expert_gemm=per_expert has no effect here: it needs the blockwise recipe on cuBLAS)"
+    return line
+
+
+def _describe_backend(cfg: Fp8Config, device: torch.device) -> str:
     backend = resolve_backend(cfg, device)
     if cfg.recipe == "blockwise":
         if backend == "scaled_mm":

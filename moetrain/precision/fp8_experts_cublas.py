@@ -89,7 +89,8 @@ def _rows(plan: ExpertPlan, e: int) -> slice:
 
 
 def _per_expert_rows(plan, q, s, b, b_scales, out_dtype, form, n_out):
-    """sum over experts of q[rows of e] @ b[e]^T-form, gathered back to the unpadded rows: [M, n_out]."""
+    """For each expert with tokens, its padded rows of q (1x128 scales s) times b[e] (128x128 block scales), one
+    cuBLAS call each; the results concatenated and gathered back to the unpadded rows: [M, n_out] ``out_dtype``."""
     _, fn, _ = form
     outs = [fn(q[_rows(plan, e)], b[e].t(), fp8_cublas.scale_a_layout(s[_rows(plan, e)]), b_scales[e].t(),
                out_dtype, "128x128") for e, c in enumerate(plan.counts) if c]
@@ -136,7 +137,7 @@ class PerExpertBlockwiseFn(torch.autograd.Function):
                 cols, ts = _rows(plan, e), slice(plan.tile_off[e], plan.tile_off[e + 1])
                 # tokens are K here: the tile-padded columns of expert e (contiguous copies: whole rows for cuBLAS)
                 a, b = gtq[:, cols].contiguous(), xtq[:, cols].contiguous()
-                parts.append(fn(a, b.t(), fp8_cublas.scale_a_layout(gts[:, ts]), fp8_cublas.scale_a_layout(xts[:, ts]),
-                                torch.float32, "1x128"))
+                sa, sb = fp8_cublas.scale_a_layout(gts[:, ts]), fp8_cublas.scale_a_layout(xts[:, ts])
+                parts.append(fn(a, b.t(), sa, sb, torch.float32, "1x128"))
             dw = torch.stack(parts).to(ctx.w_dtype) if E else None
         return dx, dw, None, None

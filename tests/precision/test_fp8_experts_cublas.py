@@ -153,3 +153,19 @@ def test_apply_fp8_passes_expert_gemm():
     names = apply_fp8(model, "blockwise", expert_gemm="per_expert")
     assert names == ["experts", "proj"]
     assert model["experts"].fp8_config.expert_gemm == "per_expert"
+
+
+def test_run_log_says_when_per_expert_has_no_effect():
+    from moetrain.precision.fp8 import describe_backend
+    cpu = torch.device("cpu")
+    for recipe in ("blockwise", "rowwise"):
+        line = describe_backend(Fp8Config(recipe, expert_gemm="per_expert"), cpu)
+        assert line.endswith("(fp8_expert_gemm=per_expert has no effect here: it needs the blockwise recipe on cuBLAS)")
+    assert "no effect" not in describe_backend(Fp8Config("blockwise"), cpu)
+
+
+@interpreted
+def test_run_log_names_the_per_expert_path(contract_cublas):
+    from moetrain.precision.fp8 import describe_backend
+    line = describe_backend(Fp8Config("blockwise", backend="scaled_mm", expert_gemm="per_expert"), torch.device("cpu"))
+    assert "routed experts on one cuBLAS block-scaled GEMM per expert" in line and "no effect" not in line
