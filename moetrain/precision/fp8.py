@@ -303,14 +303,14 @@ class _ScaledLinearFn(torch.autograd.Function):
 
 def describe_backend(cfg: Fp8Config, device: torch.device) -> str:
     """One line for the run log: which GEMMs run where for ``cfg`` on ``device`` (runs the cuBLAS check)."""
-    line = _describe_backend(cfg, device)
-    if cfg.expert_gemm == "per_expert" and "per expert" not in line:
+    backend = resolve_backend(cfg, device)
+    line = _describe_gemms(cfg, backend, device)
+    if cfg.expert_gemm == "per_expert" and not (cfg.recipe == "blockwise" and backend == "scaled_mm"):
         line += " (fp8_expert_gemm=per_expert has no effect here: it needs the blockwise recipe on cuBLAS)"
     return line
 
 
-def _describe_backend(cfg: Fp8Config, device: torch.device) -> str:
-    backend = resolve_backend(cfg, device)
+def _describe_gemms(cfg: Fp8Config, backend: str, device: torch.device) -> str:
     if cfg.recipe == "blockwise":
         if backend == "scaled_mm":
             from moetrain.precision import fp8_cublas
@@ -358,6 +358,14 @@ def _gemm_dtype(dt: torch.dtype) -> torch.dtype:
     return dt if dt in (torch.bfloat16, torch.float32, torch.float16) else torch.float32
 
 
+def _weight_operands(quant_128x128, weight: torch.Tensor, dgrad: bool):
+    """``(w_fp8, w_scales, wt_fp8 or None)``: the weight's 128x128 quantisation, plus W^T's bytes (written by the
+    same launch) when the dgrad ``dX = G W`` will need them."""
+    if dgrad:
+        return quant_128x128(weight, with_transpose=True)
+    return (*quant_128x128(weight), None)
+
+
 class _BlockwiseLinearFn(torch.autograd.Function):
     """y = x W^T, DeepSeek-V3 fine-grained FP8: x 1x128, W 128x128, grad 1x128, all E4M3.
 
@@ -371,10 +379,7 @@ class _BlockwiseLinearFn(torch.autograd.Function):
             xq, xs, xtq, xts = ops["q1t"](x)
         else:
             (xq, xs), xtq, xts = ops["q1"](x), None, None
-        if ctx.needs_input_grad[0]:
-            wq, ws, wtq = ops["qb"](weight, with_transpose=True)
-        else:
-            (wq, ws), wtq = ops["qb"](weight), None
+        wq, ws, wtq = _weight_operands(ops["qb"], weight, ctx.needs_input_grad[0])
         ctx.save_for_backward(xtq, xts, wtq, ws)
         ctx.backend, ctx.x_dtype, ctx.w_dtype = backend, x.dtype, weight.dtype
         return ops["fwd"](xq, xs, wq, ws, out_dtype=_gemm_dtype(out_dtype)).to(out_dtype)
@@ -404,10 +409,7 @@ def save_grouped_blockwise_operands(ctx, x: torch.Tensor, weight: torch.Tensor, 
     ``w_dtype``) and returns ``(x_fp8, x_scales, w_fp8, w_scales)`` for the forward GEMM."""
     q, _ = _kernels()
     xq, xs, xtq, xts = q.quant_1x128_with_transpose_grouped(x, tiles, **quant_kw)
-    if ctx.needs_input_grad[0]:  # W^T's bytes for the dgrad, written by the same kernel
-        wq, ws, wtq = q.quant_128x128(weight, with_transpose=True)
-    else:
-        (wq, ws), wtq = q.quant_128x128(weight), None
+    wq, ws, wtq = _weight_operands(q.quant_128x128, weight, ctx.needs_input_grad[0])
     if not ctx.needs_input_grad[1]:
         xtq = xts = None
     ctx.save_for_backward(xtq, xts, wtq, ws)

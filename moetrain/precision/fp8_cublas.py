@@ -47,10 +47,11 @@ def scale_a_layout(s: torch.Tensor) -> torch.Tensor:
 def scale_b_block_layout(s: torch.Tensor, pad: bool = True) -> torch.Tensor:
     """128x128 scales ``s [N / 128, Kb]`` (output blocks x K blocks, row-major as ``quant_128x128`` writes them)
     -> ``[L4, N / 128]`` with stride (1, L4): K blocks zero-padded to a multiple of 4 (cuBLAS's layout; with
-    ``pad=False`` ``[Kb, N / 128]`` stride (1, Kb), the form some torch builds check for instead)."""
-    nb, kb = s.shape
+    ``pad=False`` ``[Kb, N / 128]`` stride (1, Kb), the form some torch builds check for instead). Batched
+    ``[E, N / 128, Kb]`` -> ``[E, L4, N / 128]`` in one launch (entry e is expert e's layout)."""
+    kb = s.shape[-1]
     l4 = -(-kb // 4) * 4 if pad else kb
-    return F.pad(s, (0, l4 - kb)).contiguous().t()  # one launch (the pad writes the zeros and the copy)
+    return F.pad(s, (0, l4 - kb)).contiguous().transpose(-1, -2)  # one launch (the pad writes zeros and copy)
 
 
 def _v1(a, b, sa, sb, out_dtype, _recipe_b):
@@ -75,10 +76,8 @@ def _fwd(a, a_s, b, b_s, out_dtype, form):
 
 
 def _dgrad(g, g_s, w, w_s, out_dtype, form):
-    # B = W [N (contracted), K]: a column-major copy; its 128x128 blocks seen from the K side are w_s^T
-    _, fn, pad = form
-    return fn(g, w.t().contiguous().t(), scale_a_layout(g_s), scale_b_block_layout(w_s.t(), pad), out_dtype,
-              "128x128")
+    # the forward GEMM on W^T [K, N] (a copy here; the recipe has the quantiser write it), whose blocks are w_s^T
+    return _fwd(g, g_s, w.t().contiguous(), w_s.t(), out_dtype, form)
 
 
 def _wgrad(a, a_s, b, b_s, out_dtype, form):
@@ -176,11 +175,20 @@ def available(device: torch.device) -> bool:
     return status(device)[0]
 
 
-def _cublas_or_triton(cublas, triton_name: str, dims: tuple, *args):
-    """``cublas(*args, form)`` when the check passed on ``args[0]``'s device and ``dims`` fit it (multiples of 128,
-    or of 16 where the check at partial blocks passed), else ``kernels.fp8_gemm.<triton_name>(*args)``."""
-    form, ragged, _ = _checked(args[0].device)
+def form_for(device, dims) -> tuple | None:
+    """The call form that passed the one-time check on ``device`` when every one of ``dims`` fits it (a positive
+    multiple of 128, or of 16 where the check at partial blocks passed), else None."""
+    form, ragged, _ = _checked(device)
     if form is None or not all(d > 0 and d % (16 if ragged else TILE) == 0 for d in dims):
+        return None
+    return form
+
+
+def _cublas_or_triton(cublas, triton_name: str, dims: tuple, *args):
+    """``cublas(*args, form)`` when :func:`form_for` ``args[0]``'s device and ``dims`` gives a form, else
+    ``kernels.fp8_gemm.<triton_name>(*args)``."""
+    form = form_for(args[0].device, dims)
+    if form is None:
         from kernels import fp8_gemm
         return getattr(fp8_gemm, triton_name)(*args)
     return cublas(*args, form)

@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from moetrain.precision import fp8_cublas
 
@@ -70,18 +69,8 @@ def expert_plan(tokens_per_expert: torch.Tensor, M: int) -> ExpertPlan:
 
 def usable(device: torch.device, dims) -> bool:
     """True when cuBLAS's block-scaled GEMMs passed their one-time check on ``device`` (``fp8_cublas.status``) and
-    every one of ``dims`` (the experts' N and K) is one it takes (a multiple of 128, or of 16 where the check at
-    partial blocks passed)."""
-    form, ragged, _ = fp8_cublas._checked(device)
-    return form is not None and all(d > 0 and d % (16 if ragged else TILE) == 0 for d in dims)
-
-
-def _pad_k_blocks(s: torch.Tensor, pad: bool) -> torch.Tensor:
-    """Block scales [E, out blocks, K blocks] -> K blocks zero-padded to a multiple of 4 when ``pad`` (cuBLAS's
-    layout per expert is then ``result[e].t()``: stride (1, L4))."""
-    kb = s.shape[-1]
-    l4 = -(-kb // 4) * 4 if pad else kb
-    return F.pad(s, (0, l4 - kb)).contiguous()
+    take every one of ``dims`` (the experts' N and K; ``fp8_cublas.form_for``)."""
+    return fp8_cublas.form_for(device, dims) is not None
 
 
 def _rows(plan: ExpertPlan, e: int) -> slice:
@@ -89,10 +78,10 @@ def _rows(plan: ExpertPlan, e: int) -> slice:
 
 
 def _per_expert_rows(plan, q, s, b, b_scales, out_dtype, form, n_out):
-    """For each expert with tokens, its padded rows of q (1x128 scales s) times b[e] (128x128 block scales), one
-    cuBLAS call each; the results concatenated and gathered back to the unpadded rows: [M, n_out] ``out_dtype``."""
+    """For each expert with tokens, its padded rows of q (1x128 scales s) times b[e] (128x128 block scales already
+    in cuBLAS's layout, ``fp8_cublas.scale_b_block_layout`` of all experts at once), one cuBLAS call each; the results concatenated and gathered back to the unpadded rows: [M, n_out] ``out_dtype``."""
     _, fn, _ = form
-    outs = [fn(q[_rows(plan, e)], b[e].t(), fp8_cublas.scale_a_layout(s[_rows(plan, e)]), b_scales[e].t(),
+    outs = [fn(q[_rows(plan, e)], b[e].t(), fp8_cublas.scale_a_layout(s[_rows(plan, e)]), b_scales[e],
                out_dtype, "128x128") for e, c in enumerate(plan.counts) if c]
     if not outs:
         return q.new_zeros((0, n_out), dtype=out_dtype)
@@ -113,7 +102,8 @@ class PerExpertBlockwiseFn(torch.autograd.Function):
         xq, xs, wq, ws = save_grouped_blockwise_operands(ctx, x, weight, plan.tiles, col_major_scales=True,
                                                          pad_rows=True)
         ctx.plan, ctx.form = plan, form
-        return _per_expert_rows(plan, xq, xs, wq, _pad_k_blocks(ws, form[2]), out_dtype, form, weight.shape[1])
+        return _per_expert_rows(plan, xq, xs, wq, fp8_cublas.scale_b_block_layout(ws, form[2]), out_dtype, form,
+                                weight.shape[1])
 
     @staticmethod
     def backward(ctx, grad):
@@ -124,10 +114,9 @@ class PerExpertBlockwiseFn(torch.autograd.Function):
                                                                 col_major_scales=True, pad_rows=True)
         dx = dw = None
         if wtq is not None:
-            dx = _per_expert_rows(plan, gq, gs, wtq, _pad_k_blocks(ws.transpose(1, 2), form[2]), ctx.x_dtype,
-                                  form, wtq.shape[1])
+            dx = _per_expert_rows(plan, gq, gs, wtq, fp8_cublas.scale_b_block_layout(ws.transpose(1, 2), form[2]),
+                                  ctx.x_dtype, form, wtq.shape[1])
         if xtq is not None:
-            _, fn, _ = form
             E, N, K = len(plan.counts), gtq.shape[0], xtq.shape[0]
             parts = []
             for e, c in enumerate(plan.counts):
@@ -136,8 +125,7 @@ class PerExpertBlockwiseFn(torch.autograd.Function):
                     continue
                 cols, ts = _rows(plan, e), slice(plan.tile_off[e], plan.tile_off[e + 1])
                 # tokens are K here: the tile-padded columns of expert e (contiguous copies: whole rows for cuBLAS)
-                a, b = gtq[:, cols].contiguous(), xtq[:, cols].contiguous()
-                sa, sb = fp8_cublas.scale_a_layout(gts[:, ts]), fp8_cublas.scale_a_layout(xts[:, ts])
-                parts.append(fn(a, b.t(), sa, sb, torch.float32, "1x128"))
+                parts.append(fp8_cublas._wgrad(gtq[:, cols].contiguous(), gts[:, ts], xtq[:, cols].contiguous(),
+                                               xts[:, ts], torch.float32, form))
             dw = torch.stack(parts).to(ctx.w_dtype) if E else None
         return dx, dw, None, None
