@@ -17,6 +17,12 @@ no checkpoints, evaluation only at the end, ``--steps`` steps logged every ``--l
     fp8-rowwise             + precision.fp8=rowwise
     fp8-blockwise           + precision.fp8=blockwise         (DeepSeek-V3's 1x128 / 128x128 scaling)
     fp8-blockwise+kernels   + precision.fp8=blockwise kernels.enabled=true
+  asked for by name:
+    bf16-foreach-adamw      + train.optimizer_impl=foreach    (the optimizer A/B)
+    fp8-blockwise+kernels+per-expert   + precision.fp8_expert_gemm=per_expert (routed experts on cuBLAS; the
+                            default "auto" picks it at ep = 1 when the experts average >= 1024 rows)
+    fp8-blockwise+kernels+grouped      + precision.fp8_expert_gemm=grouped (routed experts on the Triton kernels)
+    fp8-rowwise+kernels, fp8-tensorwise+kernels   the other recipes with the kernels
 
 The default order puts the runs issue 5 needs first (bf16, fp8-blockwise), so a deadline cuts the others.
 
@@ -64,11 +70,18 @@ VARIANTS = {
     "fp8-blockwise+kernels": ["precision.fp8=blockwise", "kernels.enabled=true"],
     "fp8-rowwise": ["precision.fp8=rowwise"],
     "fp8-tensorwise": ["precision.fp8=tensorwise"],
+    # asked for by name (GPU-sized configs):
     "bf16-foreach-adamw": ["train.optimizer_impl=foreach"],  # bf16 with the foreach AdamW instead of auto's fused
+    "fp8-blockwise+kernels+per-expert": ["precision.fp8=blockwise", "kernels.enabled=true",
+                                         "precision.fp8_expert_gemm=per_expert"],
+    "fp8-blockwise+kernels+grouped": ["precision.fp8=blockwise", "kernels.enabled=true",
+                                      "precision.fp8_expert_gemm=grouped"],
+    "fp8-rowwise+kernels": ["precision.fp8=rowwise", "kernels.enabled=true"],
+    "fp8-tensorwise+kernels": ["precision.fp8=tensorwise", "kernels.enabled=true"],
 }
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != "bf16-foreach-adamw"]  # the optimizer A/B is asked for by name
+DEFAULT_VARIANTS = ["bf16", "fp8-blockwise", "kernels", "fp8-blockwise+kernels", "fp8-rowwise", "fp8-tensorwise"]
 BASELINE = "bf16"
-KERNEL_PAIRS = (("kernels", "bf16"), ("fp8-blockwise+kernels", "fp8-blockwise"))
+KERNEL_PAIRS = (("kernels", "bf16"), ("fp8-blockwise+kernels", "fp8-blockwise"), ("fp8-rowwise+kernels", "fp8-rowwise"))
 TOL = {"kernels_rel": 0.01, "fp8_rel": 0.0025, "fp8_speedup": 1.3}
 LAST_N = 5
 CPU_CONFIG = "configs/debug.yaml"
@@ -80,9 +93,10 @@ CPU_SET = ("train.batch_size=2", "train.seq_len=32", "train.eval_batches=1", "tr
 # summaries, table, flags (pure functions; tests/test_train_step_script.py)
 # --------------------------------------------------------------------------------------------
 
-def final_loss(losses: dict[int, float], ref: Optional[dict[int, float]] = None, last_n: int = LAST_N) -> dict:
-    """Mean training loss over the last ``last_n`` logged steps (those shared with ``ref`` when given) and, with
-    ``ref``, the relative difference ``(mean - ref_mean) / ref_mean`` over the same steps."""
+def final_loss(losses: dict[int, float], ref: Optional[dict[int, float]] = None, last_n: Optional[int] = None) -> dict:
+    """Mean training loss over the last ``last_n`` (default ``LAST_N``, ``--last-n``) logged steps (those shared with
+    ``ref`` when given) and, with ``ref``, the relative difference ``(mean - ref_mean) / ref_mean`` over them."""
+    last_n = LAST_N if last_n is None else last_n
     steps = sorted(set(losses) & set(ref)) if ref is not None else sorted(losses)
     steps = [s for s in steps if math.isfinite(losses[s]) and (ref is None or math.isfinite(ref[s]))][-last_n:]
     if not steps:
@@ -278,6 +292,10 @@ def _parse_args(argv=None):
     p.add_argument("--steps", type=int, default=0, help="default 300 (8 with --cpu)")
     p.add_argument("--log-every", type=int, default=0, help="default 10 (2 with --cpu)")
     p.add_argument("--skip-windows", type=int, default=1, help="logging windows dropped as warm-up")
+    p.add_argument("--baseline", default=BASELINE, choices=list(VARIANTS),
+                   help="the variant the others are compared with (speed-up, loss difference, flags)")
+    p.add_argument("--last-n", type=int, default=LAST_N,
+                   help="final loss = mean over this many last logged steps (log every step for a long mean)")
     p.add_argument("--cpu", action="store_true", help="tiny CPU version (automatic without a GPU)")
     p.add_argument("--out", default="", help="default benchmarks/results/train_step_<gpu|cpu>_<date>")
     p.add_argument("--work", default="/tmp/moetrain-train-step", help="run directories and the data cache")
@@ -293,7 +311,9 @@ def _parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    global BASELINE, LAST_N
     a = _parse_args(argv)
+    BASELINE, LAST_N = a.baseline, a.last_n
     stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
     a.nproc = 1
     info = {"date": _dt.datetime.now().isoformat(timespec="seconds"), **_device_info(a),

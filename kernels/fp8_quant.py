@@ -37,7 +37,9 @@ Shapes / layouts (all outputs contiguous unless noted):
   grouped_tiles(counts[E], M)         -> GroupedTiles: 128-row tiles that never straddle two experts
   quant_1x128_with_transpose_grouped(x[M, K], tiles)
                                       -> x_fp8[M, K], scales[M, ceil(K/128)], xt_fp8[K, n_tiles*128] (tile-padded,
-                                         zeros past each tile's rows), xt_scales[K, n_tiles]
+                                         zeros past each tile's rows), xt_scales[K, n_tiles]; pad_rows=True: x's
+                                         rows tile-padded too; group_major=True: each expert's operands one
+                                         contiguous block (group_block), for one GEMM per expert without copies
 
 Quantising the transpose of a 128x128-blocked matrix gives the transposed fp8 matrix and the transposed
 scale grid exactly (amax over a block is transpose invariant), so W^T never needs requantising.
@@ -71,6 +73,7 @@ __all__ = [
     "quant_1x128_ref", "quant_1x128_with_transpose_ref", "quant_128x128_ref",
     "scale_from_amax_ref", "cast_to_fp8_ref",
     "GroupedTiles", "grouped_tiles", "quant_1x128_with_transpose_grouped", "quant_1x128_with_transpose_grouped_ref",
+    "group_block",
 ]
 
 
@@ -283,7 +286,7 @@ def quant_1x128_with_transpose(x: torch.Tensor, check_finite: bool = False, col_
     return q, s, qt, st
 
 
-def quant_128x128(w: torch.Tensor, check_finite: bool = False, with_transpose: bool = False):
+def quant_128x128(w: torch.Tensor, check_finite: bool = False, with_transpose: bool = False, out=None):
     """128x128 block E4M3 quantisation (weights).
 
     w: [N, K] (or a batch [E, N, K], e.g. expert weights) float32/bfloat16/float16. Returns (w_fp8 [..., N, K]
@@ -292,24 +295,37 @@ def quant_128x128(w: torch.Tensor, check_finite: bool = False, with_transpose: b
     [..., K, N] contiguous, the same bytes transposed (the kernel re-reads each tile transposed, from L2). It is
     W^T's 128x128 quantisation, whose scales are ``scales.transpose(-1, -2)``: the operand of the dgrad GEMM
     ``dX = G W``.
+    ``out``: the outputs to write instead, ``(w_fp8, scales)`` or with ``with_transpose`` ``(w_fp8, scales,
+    wt_fp8)``, of those shapes with unit stride in the last dim (e.g. views into a larger buffer holding several
+    weights side by side); returned as given. Raises ValueError for a wrong shape, dtype or last-dim stride.
     """
     _check_input(w, "quant_128x128", (2, 3))
     wb = w if w.dim() == 3 else w.unsqueeze(0)
     E, N, K = wb.shape
     nt, kt = triton.cdiv(N, TILE), triton.cdiv(K, TILE)
-    q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w.device)
-    s = torch.empty((E, nt, kt), dtype=torch.float32, device=w.device)
-    qt = torch.empty((E, K, N) if with_transpose else (1, 1, 1), dtype=FP8_DTYPE, device=w.device)
+    if out is None:
+        q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w.device)
+        s = torch.empty((E, nt, kt), dtype=torch.float32, device=w.device)
+        qt = torch.empty((E, K, N) if with_transpose else (1, 1, 1), dtype=FP8_DTYPE, device=w.device)
+    else:
+        want = [((N, K), FP8_DTYPE), ((nt, kt), torch.float32)] + ([((K, N), FP8_DTYPE)] if with_transpose else [])
+        if len(out) != len(want) or any(tuple(o.shape[-2:]) != sh or o.dtype != dt or o.dim() != w.dim()
+                                        or (o.numel() and o.stride(-1) != 1) for o, (sh, dt) in zip(out, want)):
+            raise ValueError(f"quant_128x128: out must be {len(want)} tensors shaped like the outputs "
+                             f"{[list(w.shape[:-2]) + list(sh) for sh, _ in want]} with unit last-dim stride")
+        q, s, qt = (o if o.dim() == 3 else o.unsqueeze(0) for o in (*out, *(() if with_transpose else (out[0],))))
     if E and N and K:
         _quant_128x128_kernel[(nt, kt, E)](wb, q, s, qt, N, K, wb.stride(0), wb.stride(1), wb.stride(2),
                                            q.stride(0), q.stride(1), s.stride(0), s.stride(1),
                                            qt.stride(0), qt.stride(1),
                                            EXACT_CAST=INTERPRETED, WRITE_T=with_transpose,
                                            num_warps=CFG["warps_128"])
-    if w.dim() != 3:
-        q, s, qt = q[0], s[0], qt[0]
     if check_finite:
         _check_scales_finite("quant_128x128", s)
+    if out is not None:
+        return tuple(out)
+    if w.dim() != 3:
+        q, s, qt = q[0], s[0], qt[0]
     return (q, s, qt) if with_transpose else (q, s)
 
 
@@ -452,12 +468,16 @@ def grouped_tiles(counts: torch.Tensor, M: int) -> GroupedTiles:
 
 
 @triton.jit
-def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, K,
+def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, tg_ptr, gts_ptr, K, E, T,
                                   stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, stride_qtk, stride_stk,
-                                  stride_stt, EXACT_CAST: tl.constexpr, PAD_ROWS: tl.constexpr):
+                                  stride_stt, EXACT_CAST: tl.constexpr, PAD_ROWS: tl.constexpr,
+                                  GROUP_MAJOR: tl.constexpr):
     # one (row tile of one group) x (128 columns): rows -> 1x128 scales of x; columns -> 1x128 scales of x^T,
     # stored in the tile-padded transposed layout qt[K, n_tiles * 128] (tile t owns columns t*128 .. +128);
-    # PAD_ROWS: q / s in the tile-padded row layout too (tile t owns rows t*128 .. +128, padding zeros / 1)
+    # PAD_ROWS: q / s in the tile-padded row layout too (tile t owns rows t*128 .. +128, padding zeros / 1);
+    # GROUP_MAJOR (with PAD_ROWS): qt and s are flat, group g's part a row-major [K, n_g * 128] (qt) /
+    # [ceil(K/128), n_g * 128] (s) block at element offset g0 * 128 * K (qt) / g0 * 128 * ceil(K/128) (s), where
+    # g0 = its first tile and n_g its tiles; the empty tiles past the real ones form one more block at the end
     t = tl.program_id(0)
     pid_k = tl.program_id(1)
     rs = tl.load(ts_ptr + t)
@@ -474,16 +494,33 @@ def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, t
     else:
         offs_qm = offs_m
         mask_qm = mask_m
-    qt, st = _quant_tile_rows_and_cols(x_ptr, q_ptr, s_ptr, offs_m, offs_k, mask_m, mask_k, pid_k,
-                                       stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, EXACT_CAST,
+    if GROUP_MAJOR:
+        g = tl.load(tg_ptr + t)
+        g0 = tl.load(gts_ptr + g)
+        g1 = tl.load(gts_ptr + g + 1, mask=g < E, other=T)
+        pitch = (g1 - g0) * 128            # the block's row length; its element (i, j) is at i * pitch + j
+        # element (i, t*128 + r) of a block lands at g0*128*width + i*pitch + (t - g0)*128 + r
+        s_base = s_ptr + g0 * 128 * (tl.cdiv(K, 128) - 1)
+        qt_base = qt_ptr + g0 * 128 * (K - 1)
+        stride_sm_ = 1
+        stride_sk_ = pitch
+        stride_qtk_ = pitch
+    else:
+        s_base = s_ptr
+        qt_base = qt_ptr
+        stride_sm_ = stride_sm
+        stride_sk_ = stride_sk
+        stride_qtk_ = stride_qtk
+    qt, st = _quant_tile_rows_and_cols(x_ptr, q_ptr, s_base, offs_m, offs_k, mask_m, mask_k, pid_k,
+                                       stride_xm, stride_xk, stride_qm, stride_sm_, stride_sk_, EXACT_CAST,
                                        offs_qm, mask_qm)
-    tl.store(qt_ptr + offs_k[:, None] * stride_qtk + (t * 128 + offs_r)[None, :], qt,
+    tl.store(qt_base + offs_k[:, None] * stride_qtk_ + (t * 128 + offs_r)[None, :], qt,
              mask=mask_k[:, None])
     tl.store(st_ptr + offs_k * stride_stk + t * stride_stt, st, mask=mask_k)
 
 
 def quant_1x128_with_transpose_grouped(x: torch.Tensor, tiles: GroupedTiles, col_major_scales: bool = False,
-                                       pad_rows: bool = False):
+                                       pad_rows: bool = False, group_major: bool = False):
     """``quant_1x128_with_transpose`` for rows sorted by group, with x^T's 1x128 tiles never crossing groups.
 
     x: [M, K]. Returns (x_fp8 [M, K], scales [M, ceil(K/128)]  -- identical to quant_1x128(x) --,
@@ -493,16 +530,28 @@ def quant_1x128_with_transpose_grouped(x: torch.Tensor, tiles: GroupedTiles, col
     scales per token tile). ``pad_rows``: x_fp8 [n_tiles * 128, K] and scales [n_tiles * 128, ceil(K/128)] in the
     tile-padded row layout instead (row t*128 + r holds row tiles.tile_start[t] + r; zeros / scale 1 past the
     tile's end), so each group's rows start at a multiple of 128 (a per-group GEMM with whole 128-row blocks).
+    ``group_major`` (needs ``pad_rows``; implies ``col_major_scales``): x's scales and xt_fp8 come back flat (1-D),
+    each group's part one contiguous block, so a per-group GEMM reads its operands without a copy: take them with
+    :func:`group_block` (group g: scales [rows_g, ceil(K/128)] stride (1, rows_g), xt_fp8 [K, rows_g] row-major,
+    rows_g = its tiles x 128). x_fp8 and xt_scales are as with ``pad_rows`` / ``col_major_scales``.
+    Raises ValueError for ``group_major`` without ``pad_rows``.
     """
     _check_input(x, "quant_1x128_with_transpose_grouped")
+    if group_major and not pad_rows:
+        raise ValueError("quant_1x128_with_transpose_grouped: group_major=True needs pad_rows=True")
     M, K = x.shape
     T = tiles.n_tiles
     kt = triton.cdiv(K, TILE)
     rows = T * TILE if pad_rows else M
     q = torch.empty((rows, K), dtype=FP8_DTYPE, device=x.device)
-    s = _scales(rows, kt, x.device, col_major_scales)
-    qt = torch.empty((K, T * TILE), dtype=FP8_DTYPE, device=x.device)
-    st = _scales(K, T, x.device, col_major_scales)
+    if group_major:
+        s = torch.empty(rows * kt, dtype=torch.float32, device=x.device)
+        qt = torch.empty(K * T * TILE, dtype=FP8_DTYPE, device=x.device)
+        st = _scales(K, T, x.device, True)
+    else:
+        s = _scales(rows, kt, x.device, col_major_scales)
+        qt = torch.empty((K, T * TILE), dtype=FP8_DTYPE, device=x.device)
+        st = _scales(K, T, x.device, col_major_scales)
     if M == 0:  # nothing to read (an empty tensor may have no storage): padding only
         qt.view(torch.uint8).zero_()
         st.fill_(1.0)
@@ -510,16 +559,29 @@ def quant_1x128_with_transpose_grouped(x: torch.Tensor, tiles: GroupedTiles, col
             q.view(torch.uint8).zero_()
             s.fill_(1.0)
     elif T and K:
-        _quant_1x128_t_grouped_kernel[(T, kt)](x, q, s, qt, st, tiles.tile_start, tiles.tile_end, K,
-                                               x.stride(0), x.stride(1), q.stride(0), s.stride(0), s.stride(1),
-                                               qt.stride(0), st.stride(0), st.stride(1),
-                                               EXACT_CAST=INTERPRETED, PAD_ROWS=pad_rows,
+        stride_s = (1, 1) if group_major else (s.stride(0), s.stride(1))
+        _quant_1x128_t_grouped_kernel[(T, kt)](x, q, s, qt, st, tiles.tile_start, tiles.tile_end, tiles.tile_group,
+                                               tiles.group_tile_start, K, tiles.n_groups, T,
+                                               x.stride(0), x.stride(1), q.stride(0), *stride_s,
+                                               1 if group_major else qt.stride(0), st.stride(0), st.stride(1),
+                                               EXACT_CAST=INTERPRETED, PAD_ROWS=pad_rows, GROUP_MAJOR=group_major,
                                                num_warps=CFG["warps_t"])
     return q, s, qt, st
 
 
-def quant_1x128_with_transpose_grouped_ref(x: torch.Tensor, tiles: GroupedTiles, pad_rows: bool = False):
-    """Pure-torch reference of quant_1x128_with_transpose_grouped (reads the tile table on the host)."""
+def group_block(flat: torch.Tensor, group_tile_start: list, g: int, width: int) -> torch.Tensor:
+    """Group ``g``'s block of a ``group_major`` output of :func:`quant_1x128_with_transpose_grouped`: the
+    row-major ``[width, rows_g]`` view of ``flat`` (width = K for xt_fp8, ceil(K/128) for the scales, whose
+    [rows_g, ceil(K/128)] matrix is this view's ``.t()``), rows_g = 128 x the group's tiles. ``group_tile_start``:
+    the tiles' ``group_tile_start`` on the host (E + 1 ints). No copy."""
+    a, b = group_tile_start[g] * TILE, group_tile_start[g + 1] * TILE
+    return flat[a * width:b * width].view(width, b - a)
+
+
+def quant_1x128_with_transpose_grouped_ref(x: torch.Tensor, tiles: GroupedTiles, pad_rows: bool = False,
+                                           group_major: bool = False):
+    """Pure-torch reference of quant_1x128_with_transpose_grouped (reads the tile table on the host; scales
+    row-major, or flat with ``group_major``)."""
     M, K = x.shape
     T = tiles.n_tiles
     q, s = quant_1x128_ref(x)
@@ -538,4 +600,9 @@ def quant_1x128_with_transpose_grouped_ref(x: torch.Tensor, tiles: GroupedTiles,
                 sp[t * TILE:t * TILE + (b - a)] = s[a:b]
     if pad_rows:
         q, s = qp, sp
+    if group_major:   # each group's (then the empty tiles') block, flattened row-major: [kt, rows_g], [K, rows_g]
+        ends = tiles.group_tile_start.tolist() + [T]
+        bounds = [(ends[g] * TILE, ends[g + 1] * TILE) for g in range(len(ends) - 1)]
+        s = torch.cat([s[a:b].t().reshape(-1) for a, b in bounds])
+        qt = torch.cat([qt[:, a:b].reshape(-1) for a, b in bounds])
     return q, s, qt, st

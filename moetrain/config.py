@@ -101,8 +101,9 @@ class ParallelConfig:
 class PrecisionConfig:
     dtype: str = "auto"              # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     fp8: str = "none"                # none | tensorwise | rowwise | blockwise
-    fp8_expert_gemm: str = "grouped"  # blockwise routed experts on Hopper: grouped (Triton grouped GEMMs, no host
-                                     # sync) | per_expert (one cuBLAS block-scaled GEMM per expert, one sync a layer)
+    fp8_expert_gemm: str = "auto"    # blockwise routed experts on Hopper: auto (per_expert where the counts are on
+                                     # the host already, ep = 1) | grouped (Triton grouped GEMMs, no host sync) |
+                                     # per_expert (one cuBLAS block-scaled GEMM per expert)
 
 
 @dataclass
@@ -167,7 +168,7 @@ CHOICES = {
     "parallel.ep_exchange": ("all_to_all", "per_expert", "pipelined", "symmetric"),
     "precision.dtype": ("auto", "bf16", "fp32"),
     "precision.fp8": ("none", "tensorwise", "rowwise", "blockwise"),
-    "precision.fp8_expert_gemm": ("grouped", "per_expert"),
+    "precision.fp8_expert_gemm": ("auto", "grouped", "per_expert"),
     "logging.wandb": ("disabled", "offline", "online"),
     "model.score_func": ("softmax", "sigmoid"),
     "cost.gpu_type": ("auto", *GPU_SPECS),

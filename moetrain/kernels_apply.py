@@ -2,7 +2,7 @@
 
 Each op replaces one swappable attribute the model exposes (docs/interfaces.md): ``MLA.attn_core``
 (flash-style MLA attention), ``MLA.rope_fn``, ``RMSNorm`` modules, ``MLP.act_fn`` and
-``GroupedExperts.act_fn`` (SwiGLU), ``Gate.topk_fn`` (fused router) and the dispatcher's
+``GroupedExperts.act_fn`` / ``act_packed_fn`` (SwiGLU), ``Gate.topk_fn`` (fused router) and the dispatcher's
 ``permute_fn`` / ``unpermute_fn``. Parameters and state-dict keys are unchanged, so checkpoints move
 freely between kernels on and off. Where Triton cannot run (not installed, or a CPU tensor without
 ``TRITON_INTERPRET=1``) nothing is replaced and the reason is returned.
@@ -88,7 +88,7 @@ def apply_kernels(model: nn.Module, kcfg, device: Optional[torch.device] = None)
     from kernels.mla_attention import mla_attention
     from kernels.permute import RowOps, permute, stable_order, unpermute
     from kernels.rope import rope
-    from kernels.swiglu import swiglu
+    from kernels.swiglu import swiglu, swiglu_packed
 
     changed = {op: 0 for op in OPS}
     for name, module in list(model.named_modules()):
@@ -99,6 +99,8 @@ def apply_kernels(model: nn.Module, kcfg, device: Optional[torch.device] = None)
                 module.rope_fn, changed["rope"] = rope, changed["rope"] + 1
         elif isinstance(module, (MLP, GroupedExperts)) and kcfg.swiglu:
             module.act_fn, changed["swiglu"] = swiglu, changed["swiglu"] + 1
+            if isinstance(module, GroupedExperts):
+                module.act_packed_fn = swiglu_packed
         elif isinstance(module, Gate) and kcfg.router:
             fn = _router_for(module)
             if fn is not None:

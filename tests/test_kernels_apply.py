@@ -12,6 +12,9 @@ from moetrain.model.args import ModelArgs  # noqa: E402
 from moetrain.model.transformer import Transformer  # noqa: E402
 
 ALL_ON = OmegaConf.create({op: True for op in OPS})
+# the kernels on CPU tensors: under the Triton interpreter only (the CPU suite), not on a GPU host
+cpu_kernels = pytest.mark.skipif(bool(triton_unavailable(torch.device("cpu"))),
+                                 reason="CPU tests: need TRITON_INTERPRET=1 (the CPU suite)")
 TOL = {torch.float32: (2e-4, 2e-3)}
 
 
@@ -23,6 +26,7 @@ def _small(**kw) -> ModelArgs:
     return ModelArgs(**base)
 
 
+@cpu_kernels
 @pytest.mark.parametrize("args", [
     _small(),
     _small(score_func="sigmoid", n_expert_groups=4, n_limited_groups=2, q_lora_rank=12, n_activated_experts=3),
@@ -47,6 +51,7 @@ def test_kernels_match_pytorch_forward_and_grads(args):
         torch.testing.assert_close(p.grad, p_ref.grad, atol=atol, rtol=rtol, msg=name)
 
 
+@cpu_kernels
 def test_softmax_groups_with_learned_bias_keep_the_torch_router():
     args = _small(score_func="softmax", n_expert_groups=2, n_limited_groups=1, bias_update_speed=1e-3)
     changed = apply_kernels(Transformer(args), ALL_ON, torch.device("cpu"))
@@ -70,3 +75,32 @@ def test_trainer_runs_with_kernels_and_fp8(tmp_path, capsys, extra):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "done: step 2/2" in out and "using the PyTorch ops" not in out
+
+
+@cpu_kernels
+def test_fp8_experts_take_the_packed_swiglu():
+    """After apply_fp8 + apply_kernels, the FP8 experts run SwiGLU on the packed [M, 2I] GEMM output
+    (act_packed_fn: the gradient comes back packed, no slice copies) with the same output and gradients as the
+    two-argument kernel on its halves."""
+    from kernels.swiglu import swiglu_packed
+    from moetrain.model.moe import GroupedExperts
+    from moetrain.precision.fp8 import Fp8Config, Fp8GroupedExperts
+    torch.manual_seed(0)
+    base = GroupedExperts(3, 128, 144, init_std=0.05)
+    base.reset_parameters()
+    model = torch.nn.ModuleDict({"experts": Fp8GroupedExperts.convert(base, Fp8Config("blockwise", backend="triton"),
+                                                                       "experts")})
+    apply_kernels(model, ALL_ON, torch.device("cpu"))
+    assert model["experts"].act_packed_fn is swiglu_packed
+    counts = torch.tensor([5, 0, 9])
+    x = torch.randn(14, 128)
+    res = []
+    for packed in (swiglu_packed, None):
+        m = copy.deepcopy(model["experts"])
+        m.act_packed_fn = packed
+        xi = x.clone().requires_grad_()
+        y = m(xi, counts)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        res.append((y, xi.grad, m.w1.grad, m.w2.grad, m.w3.grad))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

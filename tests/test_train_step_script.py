@@ -107,3 +107,24 @@ def test_plan_variants_and_overrides(ts):
     assert "c.d=2" in runs[1]["overrides"]
     assert runs[1]["overrides"][-2:] == ["precision.fp8=blockwise", "kernels.enabled=true"]
     assert "train.eval_every=0" in runs[0]["overrides"] and "checkpoint.every=0" in runs[0]["overrides"]
+
+
+def test_other_baseline_and_longer_final_mean(ts, tmp_path, monkeypatch):
+    """--baseline kernels compares the FP8 variants with bf16 + kernels; --last-n sets the final-loss window."""
+    a = ts._parse_args(["--cpu", "--baseline", "kernels", "--last-n", "2"])
+    assert (a.baseline, a.last_n) == ("kernels", 2)
+    monkeypatch.setattr(ts, "BASELINE", "kernels")
+    monkeypatch.setattr(ts, "LAST_N", 2)
+    kern = _recs(tps=100_000.0)
+    fp8 = _recs(tps=125_000.0)
+    for r in fp8:                      # +1% on the last two logged steps only
+        if "loss" in r and r["step"] >= 40:
+            r["loss"] *= 1.01
+    rows = _rows(ts, [("kernels", kern, "ok"), ("fp8-blockwise+kernels+per-expert", fp8, "ok")], tmp_path)
+    s = rows[1]["summary"]
+    assert s["speedup"] == pytest.approx(1.25) and s["loss_steps"] == [40, 50]
+    assert s["loss_rel_vs_base"] == pytest.approx(0.01)
+    flags = {(f["kind"], f["target"].split(":")[1].split(" vs ")[0].split(" >=")[0].strip()): f
+             for f in ts.check_flags(rows)}
+    assert flags[("loss", "fp8-blockwise+kernels+per-expert")]["ok"] is False
+    assert "| vs kernels |" in ts.table(rows) and "last 2 logs" in ts.table(rows)

@@ -13,6 +13,14 @@ lives in ``moetrain/parallel/expert_parallel.py`` and can reuse :func:`permute` 
 
 Neither function synchronises with the host: the sort is on device and the per-expert counts are a
 ``scatter_add_`` into ``E`` bins (``torch.bincount`` would read ``max()`` back on CUDA).
+
+Experts that need the per-expert counts on the host (one GEMM per expert, e.g. the blockwise FP8 experts on
+cuBLAS) read them with :func:`host_counts`: a dispatcher that already has them attaches them to
+``tokens_per_expert`` (:func:`attach_host_counts`). :class:`LocalDispatcher` does so when its
+``prefetch_host_counts`` is set: ``dispatch`` queues a copy of the counts to pinned host memory right after the
+sort, and ``wait`` (called after the shared experts are queued) waits for that copy only, so the device keeps
+running the shared experts while the host goes on; reading them later in the experts would wait for all queued
+work instead.
 """
 from __future__ import annotations
 
@@ -20,7 +28,20 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["permute", "unpermute", "inverse_permutation", "DispatchState", "LocalDispatcher"]
+__all__ = ["permute", "unpermute", "inverse_permutation", "DispatchState", "LocalDispatcher", "attach_host_counts",
+           "host_counts"]
+
+
+def attach_host_counts(tokens_per_expert: torch.Tensor, counts: list) -> torch.Tensor:
+    """Attaches ``counts`` (host ints, one per expert: the values of ``tokens_per_expert``) to the tensor, for
+    :func:`host_counts`; returns the tensor."""
+    tokens_per_expert.moetrain_host_counts = counts
+    return tokens_per_expert
+
+
+def host_counts(tokens_per_expert: torch.Tensor) -> list | None:
+    """The host copy attached by :func:`attach_host_counts`, or None (the caller then reads the tensor: a sync)."""
+    return getattr(tokens_per_expert, "moetrain_host_counts", None)
 
 
 def permute(x: torch.Tensor, topk_ids: torch.Tensor, n_experts: int):
@@ -80,30 +101,48 @@ class DispatchState:
     sorted_idx: torch.Tensor
     topk_weights: torch.Tensor
     dtype: torch.dtype
+    host_copy: tuple | None = None   # (pinned int64 [E], CUDA event) when the counts are being copied to the host
 
 
 class LocalDispatcher:
     """Dispatcher for ``ep = 1``: all ``n_experts`` experts are local.
 
     ``permute_fn`` / ``unpermute_fn`` are instance attributes (defaults :func:`permute` /
-    :func:`unpermute`) so a fused kernel can be swapped in from outside.
+    :func:`unpermute`) so a fused kernel can be swapped in from outside. ``prefetch_host_counts`` (default
+    False; set from outside by experts that need the counts on the host): see the module docstring.
     """
 
     def __init__(self, n_experts: int):
         self.n_experts = n_experts
         self.permute_fn = permute
         self.unpermute_fn = unpermute
+        self.prefetch_host_counts = False
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> DispatchState:
         """Sort token copies by expert. ``x [N, D]``, ``topk_ids [N, K]`` int64,
         ``topk_weights [N, K]``."""
         expert_x, tpe, sorted_idx = self.permute_fn(x, topk_ids, self.n_experts)
-        return DispatchState(expert_x, tpe, sorted_idx, topk_weights, x.dtype)
+        state = DispatchState(expert_x, tpe, sorted_idx, topk_weights, x.dtype)
+        if self.prefetch_host_counts and tpe.is_cuda:
+            pinned = torch.empty(tpe.shape, dtype=tpe.dtype, pin_memory=True)
+            pinned.copy_(tpe, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(tpe.device))
+            state.host_copy = (pinned, done)
+        return state
 
     def wait(self, state: DispatchState):
-        """Returns ``(expert_x [N*K, D], tokens_per_expert [E] int64)``; nothing to wait for."""
-        return state.expert_x, state.tokens_per_expert
+        """Returns ``(expert_x [N*K, D], tokens_per_expert [E] int64)``. With ``prefetch_host_counts``, the counts
+        also on the host (:func:`host_counts`): on CUDA, waits for their copy (queued by ``dispatch``) only."""
+        tpe = state.tokens_per_expert
+        if state.host_copy is not None:
+            pinned, done = state.host_copy
+            done.synchronize()
+            attach_host_counts(tpe, pinned.tolist())
+        elif self.prefetch_host_counts:
+            attach_host_counts(tpe, tpe.tolist())
+        return state.expert_x, tpe
 
     def combine(self, expert_y: torch.Tensor, state: DispatchState) -> torch.Tensor:
         """``expert_y [N*K, D]`` -> ``[N, D]`` weighted by ``topk_weights``, in the dtype of x."""

@@ -312,7 +312,9 @@ class GroupedExperts(nn.Module):
     Parameters ``w1 [E, I, D]``, ``w2 [E, D, I]``, ``w3 [E, I, D]`` (``I = moe_inter_dim``).
     Uses one ``torch._grouped_mm`` per weight where :func:`_grouped_mm_supported`, otherwise an
     exact per-expert loop (reads ``tokens_per_expert`` on the host).
-    ``act_fn`` (default :func:`swiglu`) is swappable.
+    ``act_fn`` (default :func:`swiglu`) is swappable. ``act_packed_fn`` (default None): the same activation on the
+    packed ``[M, 2I] = cat(w1 x, w3 x)`` when set (a fused kernel that returns the packed gradient, no slice
+    copies), used by modules that compute W1 and W3 as one GEMM (the FP8 experts).
     """
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, init_std: float = 0.02,
@@ -325,6 +327,7 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.act_fn = swiglu
+        self.act_packed_fn = None
 
     def reset_parameters(self) -> None:
         """``w1, w3 ~ N(0, init_std)``, ``w2 ~ N(0, out_std)`` (residual-scaled)."""

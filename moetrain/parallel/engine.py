@@ -14,7 +14,9 @@ this interface (``parallel.engine`` picks the implementation)::
     engine.save(run_dir, step, trainer_state, keep) / engine.load(path) -> trainer_state
 
 * :class:`NativeEngine` (``native``): plain PyTorch — (DDP or expert-parallel ``grad_sync``) ->
-  global-norm clipping -> ``optimizer.step()``; checkpoints through :mod:`moetrain.checkpoint` (DCP).
+  global-norm clipping -> ``optimizer.step()``; checkpoints through :mod:`moetrain.checkpoint` (DCP). With
+  torch's fused AdamW the clip coefficient goes into the optimizer's own pass (``optimizer.grad_scale``)
+  instead of a separate multiply of every gradient (see :meth:`NativeEngine.step`).
 * :class:`moetrain.parallel.deepspeed_engine.DeepSpeedEngineAdapter` (``deepspeed``): ZeRO stage 1/2
   through ``deepspeed.initialize``; DeepSpeed owns gradient averaging, accumulation, clipping, BF16 and
   the checkpoint files.
@@ -92,16 +94,47 @@ class NativeEngine:
         (loss / self.accum).backward()
 
     def step(self) -> Optional[torch.Tensor]:
+        """At the accumulation boundary: grad sync, global-norm clipping, ``optimizer.step()``, zero grads.
+
+        With torch's fused Adam/AdamW (every param group ``fused``) and ``grad_clip > 0`` the gradients are
+        not multiplied by the clip coefficient in a pass of their own: ``optimizer.grad_scale = 1 / coef``
+        (torch's GradScaler hook; the fused kernel divides every gradient by it as it reads it) for this one
+        step. That removes the clip's separate multiply pass (a read and a write of every gradient), 7.3 ms a
+        step on fp8-v3-layers on an H200 (benchmarks/README.md, seventh GPU session). With ``grad_scale`` set
+        the fused kernel writes the divided gradient back to ``.grad`` (one write of every gradient, so the
+        net saving is about half that pass; not yet measured): after the step ``.grad`` holds the clipped
+        gradient as before (to rounding: ``g / (1 / coef)`` instead of ``g * coef``), then it is zeroed.
+        Returns the pre-clip global norm (a 0-d device tensor; no host sync).
+        """
         self._micro += 1
         if self._micro % self.accum:
             return None
-        from moetrain.parallel.grad_sync import clip_grad_norm  # expert shards counted once when ep > 1
+        from moetrain.parallel.grad_sync import clip_grad_norm, grad_norm_and_coef  # experts counted once (ep > 1)
         self.grad_sync()
-        clip = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm(self.raw_model, clip, self.ctx)
-        self.optimizer.step()
+        if self.grad_clip > 0 and self._fused_step_scales_grads():
+            grad_norm, coef = grad_norm_and_coef(self.raw_model, self.grad_clip, self.ctx)
+            # NaN norm: 1/coef is NaN and every gradient becomes NaN; inf norm: 1/coef = inf, finite gradients
+            # become 0 and inf ones NaN -- exactly what clip_grad_norm's multiply by coef (NaN / 0) does
+            self.optimizer.grad_scale = coef.float().reciprocal()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale
+        else:
+            clip = self.grad_clip if self.grad_clip > 0 else float("inf")
+            grad_norm = clip_grad_norm(self.raw_model, clip, self.ctx)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def _fused_step_scales_grads(self) -> bool:
+        """torch's fused optimizer step divides the gradients by ``optimizer.grad_scale`` (set for GradScaler;
+        ``_step_supports_amp_scaling`` is True exactly for fused Adam / AdamW / SGD / Adagrad). FSDP2 keeps the
+        multiply pass: its ``auto`` optimizer is the foreach one, and torch's fused AdamW did not run on its
+        DTensor parameters in the CPU tests ("got mixed torch.Tensor and DTensor", with or without grad_scale)."""
+        return (getattr(self.optimizer, "_step_supports_amp_scaling", False)
+                and all(g.get("fused") for g in self.optimizer.param_groups)
+                and getattr(self.raw_model, "fsdp_mesh", None) is None)
 
     def save(self, run_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
         return ckpt.save_checkpoint(run_dir, step, self.raw_model, self.optimizer, trainer_state, keep=keep)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-__all__ = ["GradSync", "clip_grad_norm", "split_parameters"]
+__all__ = ["GradSync", "clip_grad_norm", "grad_norm_and_coef", "split_parameters"]
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -137,12 +137,51 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ctx, norm_type: float = 2.
     With FSDP2 (``model.fsdp_mesh``, :mod:`moetrain.parallel.fsdp`) the dense gradients are DTensor shards
     over the world: their squares (max) are summed (maxed) over the ``"fsdp"`` group, expert shards over the
     ``"ep"`` group as above.
+
+    :func:`grad_norm_and_coef` gives the same norm and the coefficient without multiplying the gradients.
     """
-    if getattr(model, "fsdp_mesh", None) is not None:
-        return _clip_grad_norm_fsdp(model, max_norm, ctx, norm_type)
-    ep = getattr(ctx, "ep", 1)
-    if ep <= 1 or getattr(ctx, "mesh", None) is None:
+    if _plain(model, ctx):
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type=norm_type, foreach=foreach)
+    total, grads = _total_norm(model, ctx, norm_type, foreach)
+    coef = _clip_coef(max_norm, total)
+    by_kind: dict = {}
+    for g in grads:
+        by_kind.setdefault((g.device, g.dtype), []).append(g)
+    for (dev, _), gs in by_kind.items():
+        torch._foreach_mul_(gs, coef.to(dev))
+    return total
+
+
+def grad_norm_and_coef(model: nn.Module, max_norm: float, ctx, norm_type: float = 2.0,
+                       foreach: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm, coef)`` of :func:`clip_grad_norm` (same layouts, same norm) without touching the gradients.
+
+    ``coef = min(1, max_norm / (norm + 1e-6))`` (a 0-d tensor on the gradients' device, no host sync) is the
+    factor :func:`clip_grad_norm` multiplies every gradient by; NaN when the norm is NaN, 0 when it is inf.
+    ``ep <= 1`` without FSDP: the norm is ``torch.nn.utils.get_total_norm`` (what ``clip_grad_norm_`` computes).
+    """
+    total, _ = _total_norm(model, ctx, norm_type, foreach)
+    return total, _clip_coef(max_norm, total)
+
+
+def _plain(model: nn.Module, ctx) -> bool:
+    """No FSDP and no expert parallelism: torch's own ``clip_grad_norm_`` / ``get_total_norm`` apply."""
+    return getattr(model, "fsdp_mesh", None) is None and (getattr(ctx, "ep", 1) <= 1
+                                                          or getattr(ctx, "mesh", None) is None)
+
+
+def _clip_coef(max_norm: float, total: torch.Tensor) -> torch.Tensor:
+    return (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s coefficient
+
+
+def _total_norm(model: nn.Module, ctx, norm_type: float,
+                foreach: Optional[bool]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The global norm of :func:`clip_grad_norm` and the local gradient tensors it covers."""
+    if _plain(model, ctx):
+        grads = _grads(model.parameters())
+        return torch.nn.utils.get_total_norm(grads, norm_type, foreach=foreach), grads
+    if getattr(model, "fsdp_mesh", None) is not None:
+        return _total_norm_fsdp(model, ctx, norm_type)
     dense, expert = split_parameters(model)
     dg, eg = _grads(dense), _grads(expert)
     device = (dg or eg or [next(model.parameters())])[0].device
@@ -160,17 +199,11 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ctx, norm_type: float = 2.
         total = torch.maximum(_max(dg), e_max)
     else:
         raise ValueError(f"clip_grad_norm: norm_type={norm_type} not supported with ep > 1 (use 2.0 or inf)")
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    by_kind: dict = {}
-    for g in dg + eg:
-        by_kind.setdefault((g.device, g.dtype), []).append(g)
-    for (dev, _), gs in by_kind.items():
-        torch._foreach_mul_(gs, coef.to(dev))
-    return total
+    return total, dg + eg
 
 
-def _clip_grad_norm_fsdp(model: nn.Module, max_norm: float, ctx, norm_type: float) -> torch.Tensor:
-    """:func:`clip_grad_norm` when FSDP2 shards the dense gradients (DTensors on ``model.fsdp_mesh``)."""
+def _total_norm_fsdp(model: nn.Module, ctx, norm_type: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`_total_norm` when FSDP2 shards the dense gradients (DTensors on ``model.fsdp_mesh``)."""
     from torch.distributed.tensor import DTensor
 
     if norm_type not in (2.0, float("inf")):
@@ -202,11 +235,4 @@ def _clip_grad_norm_fsdp(model: nn.Module, max_norm: float, ctx, norm_type: floa
         e_part = _part(expert)
         dist.all_reduce(e_part, op=op, group=ctx.mesh.get_group("ep"))
         total = combine(total, e_part)
-    total = finish(total)
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    by_kind: dict = {}
-    for g in sharded + expert + replicated:
-        by_kind.setdefault((g.device, g.dtype), []).append(g)
-    for (dev, _), gs in by_kind.items():
-        torch._foreach_mul_(gs, coef.to(dev))
-    return total
+    return finish(total), sharded + expert + replicated

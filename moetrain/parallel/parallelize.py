@@ -64,7 +64,7 @@ def parallelize(model: torch.nn.Module, cfg: DictConfig, ctx: DistContext):
         apply_capacity(model, capacity, policy)  # ep = 1: the same per-rank capacity rule, no communication
     if cfg.precision.fp8 != "none":
         from moetrain.precision.fp8 import Fp8Config, apply_fp8, describe_backend
-        expert_gemm = cfg.precision.get("fp8_expert_gemm", "grouped")
+        expert_gemm = cfg.precision.get("fp8_expert_gemm", "auto")
         apply_fp8(model, cfg.precision.fp8, expert_gemm=expert_gemm)
         if ctx.is_main:
             line = describe_backend(Fp8Config(cfg.precision.fp8, expert_gemm=expert_gemm), ctx.device)

@@ -74,7 +74,11 @@ __all__ = [
 RECIPES = ("tensorwise", "rowwise", "blockwise")
 GRAD_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 BACKENDS = ("auto", "scaled_mm", "triton", "emulate")
-EXPERT_GEMMS = ("grouped", "per_expert")
+EXPERT_GEMMS = ("auto", "grouped", "per_expert")
+#: ``expert_gemm="auto"`` takes the per-expert cuBLAS path only when the experts average at least this many rows:
+#: measured faster than the grouped kernels at 2048 and 8192 rows per expert (16 experts, H200,
+#: benchmarks/README.md, eighth GPU session); below, one launch per expert and GEMM was not measured
+AUTO_MIN_ROWS_PER_EXPERT = 1024
 E4M3 = torch.float8_e4m3fn
 _AMAX_EPS = 1e-12
 
@@ -89,8 +93,10 @@ class Fp8Config:
     backend: "auto" (by device, see module docstring) | "scaled_mm" | "triton" | "emulate".
     debug: check outputs for inf/nan after every forward and raise naming the module.
     expert_gemm: blockwise routed experts on the scaled_mm backend: "grouped" (the Triton grouped kernels, no
-      host sync) | "per_expert" (one cuBLAS block-scaled GEMM per expert, ``fp8_experts_cublas``; the counts
-      are read on the host once per layer; the grouped kernels where cuBLAS is not usable).
+      host sync) | "per_expert" (one cuBLAS block-scaled GEMM per expert, ``fp8_experts_cublas``; the counts on
+      the host: prefetched by the dispatcher at ep = 1, else read once per layer; the grouped kernels where
+      cuBLAS is not usable) | "auto" (per_expert where the dispatcher has the counts on the host already and the
+      experts average >= ``AUTO_MIN_ROWS_PER_EXPERT`` rows, so no extra sync; grouped otherwise).
     """
 
     recipe: str = "blockwise"
@@ -98,7 +104,7 @@ class Fp8Config:
     use_fast_accum: bool = True
     backend: str = "auto"
     debug: bool = False
-    expert_gemm: str = "grouped"
+    expert_gemm: str = "auto"
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -314,8 +320,11 @@ def _describe_gemms(cfg: Fp8Config, backend: str, device: torch.device) -> str:
     if cfg.recipe == "blockwise":
         if backend == "scaled_mm":
             from moetrain.precision import fp8_cublas
-            experts = ("one cuBLAS block-scaled GEMM per expert (counts read on the host once a layer)"
-                       if cfg.expert_gemm == "per_expert" else "Triton grouped GEMMs")
+            experts = {"per_expert": "one cuBLAS block-scaled GEMM per expert (counts on the host: prefetched by "
+                                     "the dispatcher at ep = 1, else read once a layer)",
+                       "auto": "one cuBLAS block-scaled GEMM per expert where the dispatcher has the counts on the "
+                               f"host (ep = 1) and the experts average >= {AUTO_MIN_ROWS_PER_EXPERT} rows, else "
+                               "Triton grouped GEMMs"}.get(cfg.expert_gemm, "Triton grouped GEMMs")
             return (f"dense GEMMs on cuBLAS block-scaled {fp8_cublas.status(device)[1]} (other shapes: Triton); "
                     f"routed experts on {experts}")
         if backend == "triton":
@@ -358,12 +367,24 @@ def _gemm_dtype(dt: torch.dtype) -> torch.dtype:
     return dt if dt in (torch.bfloat16, torch.float32, torch.float16) else torch.float32
 
 
-def _weight_operands(quant_128x128, weight: torch.Tensor, dgrad: bool):
+def _weight_operands(quant_128x128, weight: torch.Tensor, dgrad: bool, weight2: torch.Tensor | None = None):
     """``(w_fp8, w_scales, wt_fp8 or None)``: the weight's 128x128 quantisation, plus W^T's bytes (written by the
-    same launch) when the dgrad ``dX = G W`` will need them."""
-    if dgrad:
-        return quant_128x128(weight, with_transpose=True)
-    return (*quant_128x128(weight), None)
+    same launch) when the dgrad ``dX = G W`` will need them. With ``weight2`` (same shape [E, N, K], N a multiple of
+    128): the operands of ``cat([weight, weight2], -2)`` (the experts' W1 and W3 as one GEMM), each weight quantised
+    straight into its half (the same blocks as quantising the concatenation, without an fp32 copy of it)."""
+    if weight2 is None:
+        if dgrad:
+            return quant_128x128(weight, with_transpose=True)
+        return (*quant_128x128(weight), None)
+    E, N, K = weight.shape
+    nb, kb = N // 128, -(-K // 128)
+    q = torch.empty((E, 2 * N, K), dtype=torch.float8_e4m3fn, device=weight.device)
+    s = torch.empty((E, 2 * nb, kb), dtype=torch.float32, device=weight.device)
+    qt = torch.empty((E, K, 2 * N), dtype=torch.float8_e4m3fn, device=weight.device) if dgrad else None
+    for i, w in enumerate((weight, weight2)):
+        out = (q[:, i * N:(i + 1) * N], s[:, i * nb:(i + 1) * nb]) + ((qt[..., i * N:(i + 1) * N],) if dgrad else ())
+        quant_128x128(w, with_transpose=dgrad, out=out)
+    return q, s, qt
 
 
 class _BlockwiseLinearFn(torch.autograd.Function):
@@ -401,31 +422,41 @@ class _BlockwiseLinearFn(torch.autograd.Function):
         return dx, dw, None, None
 
 
-def save_grouped_blockwise_operands(ctx, x: torch.Tensor, weight: torch.Tensor, tiles, **quant_kw):
-    """The forward of a grouped blockwise GEMM (x [M, K] rows sorted by expert, weight [E, N, K]): quantises x
-    (1x128 along K, and along tokens for the wgrad: ``quant_1x128_with_transpose_grouped(x, tiles, **quant_kw)``)
-    and the weight (128x128, plus W^T's bytes for the dgrad), saves on ``ctx`` what the backward needs
-    (``saved_tensors`` = x^T fp8 and scales or None, W^T fp8 or None, the weight scales; ``x_dtype``,
-    ``w_dtype``) and returns ``(x_fp8, x_scales, w_fp8, w_scales)`` for the forward GEMM."""
+def save_grouped_blockwise_operands(ctx, x: torch.Tensor, weight: torch.Tensor, weight2, tiles, **quant_kw):
+    """The forward of a grouped blockwise GEMM (x [M, K] rows sorted by expert, weight [E, N, K], or the pair
+    ``cat([weight, weight2], 1)`` when ``weight2`` is not None; the Function's inputs are (x, weight, weight2, ...)):
+    quantises x (1x128 along K, and along tokens for the wgrad: ``quant_1x128_with_transpose_grouped(x, tiles,
+    **quant_kw)``) and the weight (128x128, plus W^T's bytes for the dgrad), saves on ``ctx`` what the backward
+    needs (``saved_tensors`` = x^T fp8 and scales or None, W^T fp8 or None, the weight scales; ``x_dtype``,
+    ``w_dtype``, ``pair``) and returns ``(x_fp8, x_scales, w_fp8, w_scales)`` for the forward GEMM."""
     q, _ = _kernels()
     xq, xs, xtq, xts = q.quant_1x128_with_transpose_grouped(x, tiles, **quant_kw)
-    wq, ws, wtq = _weight_operands(q.quant_128x128, weight, ctx.needs_input_grad[0])
-    if not ctx.needs_input_grad[1]:
+    wq, ws, wtq = _weight_operands(q.quant_128x128, weight, ctx.needs_input_grad[0], weight2)
+    if not any(ctx.needs_input_grad[1:3]):
         xtq = xts = None
     ctx.save_for_backward(xtq, xts, wtq, ws)
-    ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+    ctx.x_dtype, ctx.w_dtype, ctx.pair = x.dtype, weight.dtype, weight2 is not None
     return xq, xs, wq, ws
+
+
+def split_pair_grad(ctx, dw: torch.Tensor | None):
+    """The weight gradients a grouped blockwise Function returns for (weight, weight2): ``dw`` and None, or for a
+    pair (``ctx.pair``) the two halves of ``dw`` [E, 2N, K] along dim 1."""
+    if dw is None or not ctx.pair:
+        return dw, None
+    return dw.chunk(2, dim=1)
 
 
 class _GroupedBlockwiseFn(torch.autograd.Function):
     """Per-expert y_e = x_e W_e^T for rows sorted by expert, blockwise FP8, Triton grouped kernels, no host sync.
 
-    x [M, K], weight [E, N, K]; ``tiles`` from kernels.fp8_quant.grouped_tiles(counts, M)."""
+    x [M, K], weight [E, N, K] (with weight2 [E, N, K], N a multiple of 128: W = cat([weight, weight2], 1), the
+    experts' W1 and W3; else weight2 None); ``tiles`` from kernels.fp8_quant.grouped_tiles(counts, M)."""
 
     @staticmethod
-    def forward(ctx, x, weight, tiles, out_dtype: torch.dtype):
+    def forward(ctx, x, weight, weight2, tiles, out_dtype: torch.dtype):
         _, g = _kernels()
-        xq, xs, wq, ws = save_grouped_blockwise_operands(ctx, x, weight, tiles)
+        xq, xs, wq, ws = save_grouped_blockwise_operands(ctx, x, weight, weight2, tiles)
         ctx.tiles = tiles
         return g.fp8_gemm_grouped(xq, xs, wq, ws, tiles, out_dtype=_gemm_dtype(out_dtype)).to(out_dtype)
 
@@ -439,9 +470,9 @@ class _GroupedBlockwiseFn(torch.autograd.Function):
         if wtq is not None:
             dx = g.fp8_gemm_grouped(gq, gs, wtq, ws.transpose(1, 2).contiguous(),
                                     tiles, out_dtype=_gemm_dtype(ctx.x_dtype)).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
+        if xtq is not None:
             dw = g.fp8_gemm_grouped_wgrad(gtq, gts, xtq, xts, tiles, out_dtype=torch.float32).to(ctx.w_dtype)
-        return dx, dw, None, None
+        return (dx, *split_pair_grad(ctx, dw), None, None)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -545,9 +576,10 @@ class Fp8GroupedExperts(GroupedExperts):
       * blockwise, Triton backend: grouped kernels (kernels.fp8_gemm.fp8_gemm_grouped / fp8_gemm_grouped_wgrad
         over 128-row tiles that never straddle experts, tiled on the device): no host sync, a constant number
         of launches.
-      * blockwise, scaled_mm backend, ``expert_gemm="per_expert"`` and cuBLAS usable at D and I: one cuBLAS
-        block-scaled GEMM per expert with tokens (``moetrain.precision.fp8_experts_cublas``; one host sync per
-        layer for the counts).
+      * blockwise, scaled_mm backend, ``expert_gemm="per_expert"`` (or ``"auto"`` with the counts on the host and
+        >= ``AUTO_MIN_ROWS_PER_EXPERT`` rows per expert on average) and cuBLAS usable at D and I: one cuBLAS
+        block-scaled GEMM per expert with tokens (``moetrain.precision.fp8_experts_cublas``; the counts on the host:
+        prefetched by the dispatcher at ep = 1, see ``apply_fp8``, else one host sync per layer).
       * tensorwise / rowwise, scaled_mm backend, where ``fp8_grouped.scaled_grouped_mm_supported`` (CUDA sm90,
         D and I multiples of 16, M > 0, E <= 1023): ``torch._scaled_grouped_mm`` for the forward and dgrad GEMMs
         (grad_out in E4M3 whatever ``grad_dtype`` says: the operator rejects E5M2), wgrad per
@@ -583,7 +615,8 @@ class Fp8GroupedExperts(GroupedExperts):
                              f"expected {E} experts")
         cfg = self.fp8_config
         backend = resolve_backend(cfg, x.device)
-        if cfg.recipe == "blockwise" and self.grouped_kernels and self._per_expert_cublas_ok(x, backend):
+        if cfg.recipe == "blockwise" and self.grouped_kernels and self._per_expert_cublas_ok(x, backend,
+                                                                                             tokens_per_expert):
             y = self._forward_per_expert_cublas(x, tokens_per_expert)
         elif cfg.recipe == "blockwise" and self.grouped_kernels and backend in ("triton", "scaled_mm"):
             y = self._forward_grouped(x, tokens_per_expert)
@@ -595,12 +628,17 @@ class Fp8GroupedExperts(GroupedExperts):
             _check_finite(self.fp8_name, "Fp8GroupedExperts", y, cfg.recipe)
         return y
 
-    def _swiglu_experts(self, x: torch.Tensor, linear) -> torch.Tensor:
+    def _swiglu_experts(self, x: torch.Tensor, linear, pair=None) -> torch.Tensor:
         """``w2(act(w1 x, w3 x))`` per expert with ``linear(x, w [E, N, K]) -> [M, N]`` a grouped FP8 GEMM; W1 and
-        W3 run as one GEMM ([E, 2I, D]: one quantisation of x)."""
+        W3 run as one GEMM ([E, 2I, D]: one quantisation of x): ``pair(x, w1, w3)`` where given and I is a multiple
+        of 128 (the weights quantised into their halves directly), else ``linear`` on their concatenation."""
         inter = self.w1.shape[1]
-        h = linear(x.contiguous(), torch.cat([self.w1, self.w3], dim=1))
-        h = self.act_fn(h[:, :inter], h[:, inter:])
+        if pair is not None and inter % 128 == 0:
+            h = pair(x.contiguous(), self.w1, self.w3)
+        else:
+            h = linear(x.contiguous(), torch.cat([self.w1, self.w3], dim=1))
+        packed = getattr(self, "act_packed_fn", None)   # a fused kernel on [M, 2I]: the packed gradient, no slices
+        h = packed(h) if packed is not None else self.act_fn(h[:, :inter], h[:, inter:])
         return linear(h.contiguous(), self.w2)
 
     def _forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -609,23 +647,39 @@ class Fp8GroupedExperts(GroupedExperts):
         q, _ = _kernels()
         out_dtype = _out_dtype(x)
         tiles = q.grouped_tiles(tokens_per_expert, x.shape[0])
-        return self._swiglu_experts(x, lambda a, w: _GroupedBlockwiseFn.apply(a, w, tiles, out_dtype))
+        return self._swiglu_experts(x, lambda a, w: _GroupedBlockwiseFn.apply(a, w, None, tiles, out_dtype),
+                                    lambda a, w1, w3: _GroupedBlockwiseFn.apply(a, w1, w3, tiles, out_dtype))
 
-    def _per_expert_cublas_ok(self, x: torch.Tensor, backend: str) -> bool:
-        """``expert_gemm="per_expert"`` on the scaled_mm backend, rows present, and cuBLAS usable at D and I."""
-        if self.fp8_config.expert_gemm != "per_expert" or backend != "scaled_mm" or x.shape[0] == 0:
+    def _per_expert_cublas_ok(self, x: torch.Tensor, backend: str, tokens_per_expert=None) -> bool:
+        """The per-expert cuBLAS path applies: ``expert_gemm`` "per_expert", or "auto" with the counts attached on
+        the host (``moetrain.model.dispatch.host_counts`` of ``tokens_per_expert``) and enough rows per expert; the
+        scaled_mm backend, rows present, and cuBLAS usable at D and I."""
+        mode = self.fp8_config.expert_gemm
+        if mode == "grouped" or backend != "scaled_mm" or x.shape[0] == 0:
+            return False
+        if mode == "auto":
+            from moetrain.model.dispatch import host_counts
+            if (tokens_per_expert is None or host_counts(tokens_per_expert) is None
+                    or x.shape[0] < AUTO_MIN_ROWS_PER_EXPERT * self.w1.shape[0]):
+                return False
+        return self._per_expert_possible(x.device, backend)
+
+    def _per_expert_possible(self, device: torch.device, backend: str) -> bool:
+        """cuBLAS's block-scaled GEMMs usable on ``device`` at D and I with the scaled_mm backend (blockwise)."""
+        if self.fp8_config.recipe != "blockwise" or backend != "scaled_mm":
             return False
         from moetrain.precision import fp8_experts_cublas
-        return fp8_experts_cublas.usable(x.device, self.w1.shape[1:])
+        return fp8_experts_cublas.usable(device, self.w1.shape[1:])
 
     def _forward_per_expert_cublas(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """Blockwise recipe, one cuBLAS block-scaled GEMM per expert (``fp8_experts_cublas``): the counts are read
-        on the host once (one sync), the plan is shared by both GEMMs; raises ValueError when they do not sum to
-        x's rows."""
+        """Blockwise recipe, one cuBLAS block-scaled GEMM per expert (``fp8_experts_cublas``): the counts on the
+        host (attached by the dispatcher, else read here: one sync), the plan shared by both GEMMs; raises
+        ValueError when they do not sum to x's rows."""
         from moetrain.precision import fp8_experts_cublas as pe
         out_dtype = _out_dtype(x)
         plan = pe.expert_plan(tokens_per_expert, x.shape[0])
-        return self._swiglu_experts(x, lambda a, w: pe.PerExpertBlockwiseFn.apply(a, w, plan, out_dtype))
+        return self._swiglu_experts(x, lambda a, w: pe.PerExpertBlockwiseFn.apply(a, w, None, plan, out_dtype),
+                                    lambda a, w1, w3: pe.PerExpertBlockwiseFn.apply(a, w1, w3, plan, out_dtype))
 
     def _scaled_grouped_ok(self, x: torch.Tensor, backend: str) -> bool:
         """tensorwise/rowwise on the scaled_mm backend and ``fp8_grouped.scaled_grouped_mm_supported``."""
@@ -687,7 +741,7 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
 
 def apply_fp8(model: nn.Module, recipe: str | Fp8Config, skip: Iterable[str] = DEFAULT_SKIP, *,
               experts: bool = True, grad_dtype: str = "e5m2", debug: bool | None = None,
-              backend: str = "auto", expert_gemm: str = "grouped") -> list[str]:
+              backend: str = "auto", expert_gemm: str = "auto") -> list[str]:
     """Swap every eligible ``nn.Linear`` for ``Fp8Linear`` (and, with ``experts=True``, every grouped-experts
     module for ``Fp8GroupedExperts``) in place; return the qualified names swapped, in module order.
 
@@ -697,7 +751,9 @@ def apply_fp8(model: nn.Module, recipe: str | Fp8Config, skip: Iterable[str] = D
     Linears that are not eligible are left alone: tensorwise/rowwise need in/out features that are multiples
       of 16 (torch._scaled_mm); blockwise takes any shape.
     debug (None: from the env var MOETRAIN_FP8_DEBUG=1): check outputs for inf/nan, raise naming the module.
-    expert_gemm: ``Fp8Config.expert_gemm`` (``precision.fp8_expert_gemm``).
+    expert_gemm: ``Fp8Config.expert_gemm`` (``precision.fp8_expert_gemm``); where the per-expert cuBLAS path can
+      run ("per_expert" or "auto", blockwise, cuBLAS usable on the experts' device) it also sets
+      ``prefetch_host_counts`` on the MoE layers' dispatchers that have it.
     """
     if isinstance(recipe, Fp8Config):
         cfg = recipe
@@ -728,4 +784,12 @@ def apply_fp8(model: nn.Module, recipe: str | Fp8Config, skip: Iterable[str] = D
                 visit(child, qname)
 
     visit(model, "")
+    if experts and cfg.expert_gemm != "grouped":
+        # one GEMM per expert needs the counts on the host: have the dispatchers that can fetch them early
+        # (moetrain.model.dispatch.LocalDispatcher) do so, overlapping the shared experts
+        for m in model.modules():
+            ex, dispatcher = getattr(m, "experts", None), getattr(m, "dispatcher", None)
+            if (isinstance(ex, Fp8GroupedExperts) and hasattr(dispatcher, "prefetch_host_counts")
+                    and ex._per_expert_possible(ex.w1.device, resolve_backend(ex.fp8_config, ex.w1.device))):
+                dispatcher.prefetch_host_counts = True
     return swapped

@@ -54,35 +54,50 @@ def scale_b_block_layout(s: torch.Tensor, pad: bool = True) -> torch.Tensor:
     return F.pad(s, (0, l4 - kb)).contiguous().transpose(-1, -2)  # one launch (the pad writes zeros and copy)
 
 
-def _v1(a, b, sa, sb, out_dtype, _recipe_b):
-    return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+def _v1(a, b, sa, sb, out_dtype, _recipe_b, out=None):
+    if out is None:
+        return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+    return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=out_dtype, out=out)
 
 
-def _v2(a, b, sa, sb, out_dtype, recipe_b):
+def _v2(a, b, sa, sb, out_dtype, recipe_b, out=None):
     st = F.ScalingType
     rb = st.BlockWise128x128 if recipe_b == "128x128" else st.BlockWise1x128
-    return F.scaled_mm(a, b, sa, st.BlockWise1x128, sb, rb, output_dtype=out_dtype)
+    if out is not None and _V2_OUT.get("ok", True):
+        # F.scaled_mm has no out=; the operator under it has (torch._scaled_mm_v2.out, same arguments as F.scaled_mm
+        # passes them). A build without it copies instead (remembered).
+        try:
+            return torch._scaled_mm_v2(a, b, [sa], [st.BlockWise1x128.value], [], [sb], [rb.value], [], None,
+                                       out_dtype, [], False, out=out)
+        except (AttributeError, TypeError, RuntimeError) as e:
+            _V2_OUT.update(ok=False, why=_why(e))
+    y = F.scaled_mm(a, b, sa, st.BlockWise1x128, sb, rb, output_dtype=out_dtype)
+    return y if out is None else out.copy_(y)
 
 
-# call forms tried in this order by the one-time check: (name, function, scale_b padded to 4 K-blocks)
+_V2_OUT: dict = {}   # {"ok": False, "why": ...} once torch._scaled_mm_v2's out= overload failed here
+
+
+# call forms tried in this order by the one-time check: (name, function, scale_b padded to 4 K-blocks); each
+# function(a, b, scale_a, scale_b, out_dtype, recipe_b, out=None) writes into ``out`` (contiguous) when given
 _FORMS = (("torch._scaled_mm", _v1, True), ("torch._scaled_mm", _v1, False),
           ("torch.nn.functional.scaled_mm", _v2, True), ("torch.nn.functional.scaled_mm", _v2, False))
 
 
 # ``form`` = (name, function, pad) from _FORMS; a [M, K] row-major fp8, B passed as the column-major [K, N]
-def _fwd(a, a_s, b, b_s, out_dtype, form):
+def _fwd(a, a_s, b, b_s, out_dtype, form, out=None):
     _, fn, pad = form
-    return fn(a, b.t(), scale_a_layout(a_s), scale_b_block_layout(b_s, pad), out_dtype, "128x128")
+    return fn(a, b.t(), scale_a_layout(a_s), scale_b_block_layout(b_s, pad), out_dtype, "128x128", out=out)
 
 
-def _dgrad(g, g_s, w, w_s, out_dtype, form):
+def _dgrad(g, g_s, w, w_s, out_dtype, form, out=None):
     # the forward GEMM on W^T [K, N] (a copy here; the recipe has the quantiser write it), whose blocks are w_s^T
-    return _fwd(g, g_s, w.t().contiguous(), w_s.t(), out_dtype, form)
+    return _fwd(g, g_s, w.t().contiguous(), w_s.t(), out_dtype, form, out=out)
 
 
-def _wgrad(a, a_s, b, b_s, out_dtype, form):
+def _wgrad(a, a_s, b, b_s, out_dtype, form, out=None):
     _, fn, _ = form
-    return fn(a, b.t(), scale_a_layout(a_s), scale_a_layout(b_s), out_dtype, "1x128")
+    return fn(a, b.t(), scale_a_layout(a_s), scale_a_layout(b_s), out_dtype, "1x128", out=out)
 
 
 def _probe(device: torch.device):
@@ -113,13 +128,18 @@ def _cases(device: torch.device, M: int, N: int, K: int):
 
 
 def _run_cases(form, cases) -> None:
-    """Raises unless every case of ``form`` equals its reference (max error relative to the largest entry)."""
+    """Raises unless every case of ``form`` equals its reference (max error relative to the largest entry), both
+    as a new tensor and written into a given one (``out=``, filled with NaN first)."""
     for case, gemm, args, out_dtype, ref in cases:
-        out = gemm(*args, out_dtype, form).float()
-        err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-        tol = 1e-2 if out_dtype == torch.bfloat16 else 1e-3
-        if not err <= tol:
-            raise ValueError(f"{case} differs from the dequantised reference (max relative error {err:.1e})")
+        into = torch.full(tuple(ref.shape), float("nan"), dtype=out_dtype, device=ref.device)
+        for how, out in (("", gemm(*args, out_dtype, form)), (" (out=)", gemm(*args, out_dtype, form, out=into))):
+            if how and out.data_ptr() != into.data_ptr():
+                raise ValueError(f"{case}{how} did not write into the given tensor")
+            out = out.float()
+            err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+            tol = 1e-2 if out_dtype == torch.bfloat16 else 1e-3
+            if not err <= tol:
+                raise ValueError(f"{case}{how} differs from the dequantised reference (max relative error {err:.1e})")
 
 
 def _why(e: Exception) -> str:

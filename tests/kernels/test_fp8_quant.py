@@ -16,6 +16,7 @@ from kernels import fp8_quant as fq  # noqa: E402
 from kernels.fp8_quant import (  # noqa: E402
     dequant_128x128, dequant_1x128, grouped_tiles, quant_128x128, quant_128x128_ref, quant_1x128, quant_1x128_ref,
     quant_1x128_with_transpose, quant_1x128_with_transpose_grouped, quant_1x128_with_transpose_grouped_ref,
+    group_block,
     quant_1x128_with_transpose_ref,
 )
 
@@ -296,6 +297,54 @@ def test_quant_grouped_matches_ref(counts, pad_rows):
     torch.testing.assert_close(st, str_, rtol=0, atol=0)
     _same_fp8(q, qr)
     _same_fp8(qt, qtr)   # includes the zero padding past each tile's rows
+
+
+def test_quant_128x128_into_given_outputs():
+    """out=: two weights quantised into the halves of one operand equal the quantisation of their concatenation
+    (rows a multiple of 128: the same blocks); wrong shapes are refused."""
+    w1, w3 = _data(256, 300, seed=13).view(2, 128, 300), _data(256, 300, seed=14).view(2, 128, 300)
+    q, s, qt = quant_128x128(torch.cat([w1, w3], 1), with_transpose=True)
+    oq = torch.empty_like(q)
+    os_ = torch.full_like(s, float("nan"))
+    oqt = torch.empty_like(qt)
+    for i, w in enumerate((w1, w3)):
+        got = quant_128x128(w, with_transpose=True,
+                            out=(oq[:, i * 128:(i + 1) * 128], os_[:, i:i + 1], oqt[..., i * 128:(i + 1) * 128]))
+        assert got[0].data_ptr() == oq[:, i * 128].data_ptr()
+    _same_fp8(oq, q)
+    _same_fp8(oqt, qt)
+    torch.testing.assert_close(os_, s, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out must be 2 tensors"):
+        quant_128x128(w1, out=(oq[:, :128], os_[:, :2]))
+
+
+@pytest.mark.parametrize("counts", [[0, 130, 3, 1, 200, 0], [257], [0, 0], [5]])
+def test_quant_grouped_group_major(counts):
+    """group_major: the same bytes as pad_rows, each group's x^T and scales one contiguous block (group_block)."""
+    c = torch.tensor(counts, device=DEVICE)
+    M, K = sum(counts), 300
+    x = _data(M, K, seed=9) if M else torch.zeros(0, K, device=DEVICE)
+    tiles = grouped_tiles(c, M)
+    q, s, qt, st = quant_1x128_with_transpose_grouped(x, tiles, pad_rows=True, group_major=True)
+    qp, sp, qtp, stp = quant_1x128_with_transpose_grouped(x, tiles, col_major_scales=True, pad_rows=True)
+    qr, sr, qtr, str_ = quant_1x128_with_transpose_grouped_ref(x, tiles, pad_rows=True, group_major=True)
+    assert s.dim() == 1 and qt.dim() == 1 and s.numel() == sp.numel() and qt.numel() == qtp.numel()
+    torch.testing.assert_close(s, sr, rtol=0, atol=0)
+    torch.testing.assert_close(st, str_, rtol=0, atol=0)
+    _same_fp8(q, qr)
+    _same_fp8(qt, qtr)
+    _same_fp8(q, qp)
+    torch.testing.assert_close(st, stp, rtol=0, atol=0)
+    gts = tiles.group_tile_start.tolist()
+    for g in range(len(counts)):
+        a, b = gts[g] * 128, gts[g + 1] * 128
+        blk_s, blk_qt = group_block(s, gts, g, 3).t(), group_block(qt, gts, g, K)
+        assert blk_s.shape == (b - a, 3) and (b == a or blk_s.stride() == (1, b - a))
+        assert blk_qt.shape == (K, b - a) and blk_qt.is_contiguous()
+        torch.testing.assert_close(blk_s, sp[a:b], rtol=0, atol=0)
+        _same_fp8(blk_qt, qtp[:, a:b])
+    with pytest.raises(ValueError, match="needs pad_rows"):
+        quant_1x128_with_transpose_grouped(x, tiles, group_major=True)
 
 
 @pytest.mark.gpu

@@ -254,6 +254,23 @@ def test_local_dispatcher_roundtrip():
     assert d.combine(ex.double(), state).dtype == x.dtype
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_local_dispatcher_prefetches_host_counts(device):
+    """prefetch_host_counts: wait() attaches the counts as host ints (on CUDA from the copy queued in dispatch);
+    off by default (nothing attached)."""
+    from moetrain.model.dispatch import host_counts
+    ids = torch.tensor([[4, 0], [0, 2], [2, 4], [0, 1], [3, 4], [4, 2]], device=device)
+    x, w = torch.randn(6, 3, device=device), torch.rand(6, 2, device=device)
+    d = LocalDispatcher(5)
+    assert host_counts(d.wait(d.dispatch(x, ids, w))[1]) is None
+    d.prefetch_host_counts = True
+    state = d.dispatch(x, ids, w)
+    assert (state.host_copy is not None) == (device == "cuda")
+    _, tpe = d.wait(state)
+    assert host_counts(tpe) == [3, 1, 3, 1, 4] == tpe.tolist()
+
+
 # ---- balance losses ------------------------------------------------------------------------
 
 def test_balance_losses_values_and_grads():

@@ -16,6 +16,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.parallel import workers
 from tests.parallel._dist import run_workers
@@ -100,6 +101,87 @@ def test_fsdp_ep1_and_ep2_match_single_process():
     ep1, ep2 = out[0]
     assert ep1["expert_params"] == 0 and ep2["expert_params"] > 0 and ep1["dtensor_params"] > ep2["dtensor_params"]
     assert all(n > 0.05 for n in ep1["norms"])  # clipping was active
+    assert out[0] == out[1]
+
+
+def _local(t) -> torch.Tensor:
+    return t.to_local() if type(t).__name__ == "DTensor" else t
+
+
+def run_fused_clip_case(rank: int, world: int, dp: int, ep: int, steps: int = 4) -> list:
+    """Fused AdamW with clipping on: the native engine (norm only, ``optimizer.grad_scale = 1 / coef``) against
+    the multiply path (``clip_grad_norm`` then ``optimizer.step()``) on the same rank-local model; clipping
+    active on even steps and inactive on odd ones (loss scaled by 1e-4). No FSDP layout: torch's fused AdamW does
+    not run on FSDP2's DTensor parameters ("got mixed torch.Tensor and DTensor"); FSDP keeps the multiply path."""
+    from moetrain.config import load_config
+    from moetrain.model.transformer import Transformer
+    from moetrain.parallel.engine import build_engine
+    from moetrain.parallel.grad_sync import clip_grad_norm
+    from moetrain.parallel.parallelize import parallelize
+    from moetrain.train import build_optimizer
+
+    name = f"fused clip dp={dp} ep={ep}"
+    cfg = load_config(None, [f"parallel.ep={ep}", "train.grad_clip=0.05", "train.lr=1e-2",
+                             "train.optimizer_impl=fused", "precision.dtype=fp32"])
+    ctx = workers.make_ctx(rank, world, dp, ep)
+    args = workers.tiny_args()
+    torch.manual_seed(0)
+    model, raw, grad_sync = parallelize(Transformer(args), cfg, ctx)
+    opt = build_optimizer(raw, cfg)
+    engine = build_engine(cfg, ctx, model, raw, opt, grad_sync, workers.B, 1)
+    torch.manual_seed(0)
+    model_ref, raw_ref, grad_sync_ref = parallelize(Transformer(args), cfg, ctx)
+    opt_ref = build_optimizer(raw_ref, cfg)
+    assert all(g["fused"] for g in opt.param_groups), name
+    scales = []
+    inner = opt.step
+
+    def spy(*a, **k):
+        scales.append(getattr(opt, "grad_scale", None))
+        return inner(*a, **k)
+    opt.step = spy
+
+    def loss_of(m, r, tokens):  # DDP (dp=2) wraps the model: the aux loss is the plain model's
+        logits = m(tokens[:, :-1]).float()
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)) + r.aux_loss()
+
+    norms = []
+    for step in range(steps):
+        data = workers._batch(step, world * workers.B, args.vocab_size)[rank * workers.B:(rank + 1) * workers.B]
+        factor = 1.0 if step % 2 == 0 else 1e-4
+        with engine.micro_batch(last=True):
+            engine.backward(loss_of(model, raw, data) * factor)
+        norm = engine.step()
+        (loss_of(model_ref, raw_ref, data) * factor).backward()
+        grad_sync_ref()
+        norm_ref = clip_grad_norm(raw_ref, 0.05, ctx)
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=True)
+        assert not hasattr(opt, "grad_scale"), name
+        assert torch.equal(norm, norm_ref), f"{name} step {step}: norm {norm} vs {norm_ref}"
+        coef_ref = (0.05 / (norm_ref + 1e-6)).clamp(max=1.0)  # what clip_grad_norm multiplied by
+        assert torch.equal(scales[-1], coef_ref.reciprocal()), f"{name} step {step}: grad_scale {scales[-1]}"
+        # g / (1 / coef) and g * coef differ in the last bit; the next forward amplifies that a little:
+        # rtol 1e-5 of each tensor's scale (workers._close), a wrong coefficient is off by O(1)
+        for (n, p), p_ref in zip(raw.named_parameters(), raw_ref.parameters()):
+            for what, a, b in [("param", p, p_ref)] + [(k, opt.state[p][k], opt_ref.state[p_ref][k])
+                                                       for k in ("exp_avg", "exp_avg_sq")]:
+                workers._close(f"{name} step {step} {what} {n}", _local(a.detach()), _local(b.detach()), 1e-5, 0)
+        norms.append(float(norm))
+    return norms
+
+
+def run_fused_clip_cases(rank: int, world: int, layouts: list) -> list:
+    return [run_fused_clip_case(rank, world, *layout) for layout in layouts]
+
+
+@pytest.mark.timeout(150)
+def test_fused_adamw_clip_via_grad_scale_matches_multiply_path():
+    """ep=2 (expert-parallel norm, all-reduced over the ep group) and dp=2 (DDP): the same norms, parameters and
+    moments as the multiply path."""
+    out = run_workers(run_fused_clip_cases, 2, [(1, 2), (2, 1)], timeout=140)
+    for norms in out[0]:
+        assert norms[0] > 0.05 and norms[1] < 0.05  # clipping active, then not
     assert out[0] == out[1]
 
 

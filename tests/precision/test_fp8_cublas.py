@@ -21,8 +21,9 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 interpreted = pytest.mark.skipif(not fp8_quant.INTERPRETED, reason="CPU tests: need TRITON_INTERPRET=1 (the CPU suite)")
 
 
-def _contract_mm(a, b, sa, sb, out_dtype, recipe_b):
-    """C = A @ B with cuBLAS's block-scale layouts checked (ValueError otherwise), fp32 math."""
+def _contract_mm(a, b, sa, sb, out_dtype, recipe_b, out=None):
+    """C = A @ B with cuBLAS's block-scale layouts checked (ValueError otherwise), fp32 math; written into ``out``
+    (which must be contiguous, as ``torch._scaled_mm``'s is) when given."""
     M, K = a.shape
     N = b.shape[1]
     kb = -(-K // 128)
@@ -41,10 +42,15 @@ def _contract_mm(a, b, sa, sb, out_dtype, recipe_b):
         if tuple(sb.shape) != (N, kb) or sb.stride(0) != 1:
             raise ValueError(f"scale_b must be [N, Kb] stride (1, N), got {tuple(sb.shape)} {sb.stride()}")
         full = sb.t().repeat_interleave(128, 0)[:K]
-    return (af @ (b.float() * full)).to(out_dtype)
+    y = (af @ (b.float() * full)).to(out_dtype)
+    if out is None:
+        return y
+    if not out.is_contiguous() or tuple(out.shape) != (M, N) or out.dtype != out_dtype:
+        raise ValueError(f"out must be a contiguous [{M}, {N}] {out_dtype}, got {tuple(out.shape)} {out.stride()}")
+    return out.copy_(y)
 
 
-def _lax_mm(a, b, sa, sb, out_dtype, recipe_b):
+def _lax_mm(a, b, sa, sb, out_dtype, recipe_b, out=None):
     """Takes the unpadded 128x128 layout but reads it as if padded (what a layout mix-up would compute)."""
     if recipe_b == "128x128":
         kb, nb = sb.shape
@@ -53,7 +59,7 @@ def _lax_mm(a, b, sa, sb, out_dtype, recipe_b):
         wrong = torch.zeros(nb * l4, dtype=sb.dtype)
         wrong[:flat.numel()] = flat
         sb = wrong.view(nb, l4).t()                     # read with row pitch L4: blocks shifted
-    return _contract_mm(a, b, sa, sb, out_dtype, recipe_b)
+    return _contract_mm(a, b, sa, sb, out_dtype, recipe_b, out)
 
 
 def test_scale_layouts():
@@ -71,11 +77,22 @@ def test_scale_layouts():
     assert torch.equal(t[:3], s) and torch.equal(t[3:], torch.zeros(1, 5))
 
 
-def _whole_blocks_mm(a, b, sa, sb, out_dtype, recipe_b):
+def _whole_blocks_mm(a, b, sa, sb, out_dtype, recipe_b, out=None):
     """The contract, refusing dims that are not multiples of 128 (a cuBLAS without partial blocks)."""
     if any(d % 128 for d in (*a.shape, b.shape[1])):
         raise ValueError("dims must be multiples of 128")
+    return _contract_mm(a, b, sa, sb, out_dtype, recipe_b, out)
+
+
+def _ignores_out_mm(a, b, sa, sb, out_dtype, recipe_b, out=None):
+    """The contract, but a given ``out`` is left unwritten (a build whose out= overload did not take effect)."""
     return _contract_mm(a, b, sa, sb, out_dtype, recipe_b)
+
+
+@interpreted
+def test_check_forms_rejects_a_form_that_ignores_out():
+    none, _, why = fp8_cublas.check_forms((("no-out", _ignores_out_mm, True),), torch.device("cpu"))
+    assert none is None and "forward (out=) did not write into the given tensor" in why, why
 
 
 @interpreted
@@ -199,3 +216,28 @@ def test_describe_backend_on_cpu():
     assert describe_backend(Fp8Config("blockwise"), cpu) == "Triton block-scaled GEMMs"  # the interpreter here
     assert describe_backend(Fp8Config("rowwise"), cpu).startswith("emulated")
     assert describe_backend(Fp8Config("blockwise", backend="emulate"), cpu).startswith("emulated")
+
+
+def test_scaled_mm_form_writes_through_the_out_overload(monkeypatch):
+    """The torch.nn.functional.scaled_mm form writes a given ``out`` through torch._scaled_mm_v2's out= overload
+    (no copy); where that overload fails it computes and copies, and remembers not to try again."""
+    import torch.nn.functional as F
+    calls = []
+
+    def v2_out(a, b, sa, ra, swa, sb, rb, swb, bias, out_dtype, cdim, fast, *, out):
+        calls.append((ra, rb, out_dtype))
+        return out.fill_(1.0)
+    monkeypatch.setattr(fp8_cublas, "_V2_OUT", {})
+    monkeypatch.setattr(torch, "_scaled_mm_v2", v2_out)
+    out = torch.zeros(2, 3)
+    args = (torch.zeros(2, 4), torch.zeros(4, 3), torch.ones(2, 1), torch.ones(1, 1))
+    assert fp8_cublas._v2(*args, torch.float32, "128x128", out=out) is out and (out == 1).all()
+    assert calls == [([F.ScalingType.BlockWise1x128.value], [F.ScalingType.BlockWise128x128.value], torch.float32)]
+
+    def missing(*a, **k):
+        raise TypeError("no out= overload")
+    monkeypatch.setattr(torch, "_scaled_mm_v2", missing)
+    monkeypatch.setattr(F, "scaled_mm", lambda *a, **k: torch.full((2, 3), 2.0))
+    for _ in range(2):
+        assert fp8_cublas._v2(*args, torch.float32, "1x128", out=out) is out and (out == 2).all()
+    assert fp8_cublas._V2_OUT == {"ok": False, "why": "TypeError: no out= overload"}

@@ -44,11 +44,26 @@ def test_expert_plan_layout():
     counts = torch.tensor([0, 130, 3, 1, 200, 0])
     plan = pe.expert_plan(counts, 334)
     assert plan.counts == [0, 130, 3, 1, 200, 0]
-    assert plan.tile_off == [0, 0, 2, 3, 4, 6, 6]
-    want = (list(range(0, 130)) + list(range(256, 259)) + [384] + list(range(512, 712)))
-    assert plan.pad_index.tolist() == want
+    assert plan.tile_off == [0, 0, 2, 3, 4, 6, 6] == plan.tiles.group_tile_start.tolist()
+    assert plan.row_off == [0, 0, 130, 133, 134, 334, 334]
     with pytest.raises(ValueError, match="sum to the 333 rows"):
         pe.expert_plan(counts, 333)
+
+
+def test_expert_plan_takes_the_dispatchers_host_counts(monkeypatch):
+    """Counts attached by the dispatcher are used as they are (no read of the tensor), and still checked."""
+    from moetrain.model.dispatch import attach_host_counts
+    counts = torch.tensor([2, 0, 3])
+
+    def no_read(*a, **k):
+        raise AssertionError("read the device tensor")
+    attach_host_counts(counts, [2, 0, 3])
+    monkeypatch.setattr(torch.Tensor, "tolist", no_read)
+    assert pe.expert_plan(counts, 5).row_off == [0, 2, 2, 5]
+    monkeypatch.undo()
+    attach_host_counts(counts, [2, 0, 4])
+    with pytest.raises(ValueError, match="sum to the 5 rows"):
+        pe.expert_plan(counts, 5)
 
 
 def test_not_usable_without_the_check():
@@ -99,7 +114,7 @@ def test_one_gemm_and_its_gradients_match_grouped_kernels(contract_cublas):
     w = (torch.randn(6, N, K) * 0.05).requires_grad_()
     g = torch.randn(M, N)
     plan = pe.expert_plan(counts, M)
-    y = pe.PerExpertBlockwiseFn.apply(x, w, plan, torch.float32)
+    y = pe.PerExpertBlockwiseFn.apply(x, w, None, plan, torch.float32)
     dx, dw = torch.autograd.grad(y, (x, w), g)
     tiles = plan.tiles
     xq, xs, xtq, xts = fp8_quant.quant_1x128_with_transpose_grouped(x.detach(), tiles)
@@ -169,3 +184,83 @@ def test_run_log_names_the_per_expert_path(contract_cublas):
     from moetrain.precision.fp8 import describe_backend
     line = describe_backend(Fp8Config("blockwise", backend="scaled_mm", expert_gemm="per_expert"), torch.device("cpu"))
     assert "routed experts on one cuBLAS block-scaled GEMM per expert" in line and "no effect" not in line
+
+
+@pytest.mark.parametrize("gemm,backend,want", [("grouped", "scaled_mm", False), ("per_expert", "scaled_mm", True),
+                                                ("auto", "scaled_mm", True), ("auto", "triton", False)])
+def test_apply_fp8_prefetches_the_counts_where_per_expert_can_run(contract_cublas, gemm, backend, want):
+    """The MoE layers' host-count prefetch is on only where the per-expert cuBLAS path can run."""
+    from moetrain.model import MoE, ModelArgs
+    from moetrain.precision.fp8 import apply_fp8
+    args = ModelArgs(dim=128, moe_inter_dim=128, n_routed_experts=4, n_activated_experts=2, n_shared_experts=1)
+    layer = torch.nn.ModuleDict({"moe": MoE(args)})
+    apply_fp8(layer, Fp8Config("blockwise", backend=backend, expert_gemm=gemm))
+    assert layer["moe"].dispatcher.prefetch_host_counts is want
+
+
+def test_apply_fp8_prefetch_off_without_cublas():
+    from moetrain.model import MoE, ModelArgs
+    from moetrain.precision.fp8 import apply_fp8
+    args = ModelArgs(dim=128, moe_inter_dim=128, n_routed_experts=4, n_activated_experts=2, n_shared_experts=1)
+    layer = torch.nn.ModuleDict({"moe": MoE(args)})
+    apply_fp8(layer, "blockwise", expert_gemm="per_expert")       # CPU: no cuBLAS block-scaled GEMMs
+    assert layer["moe"].dispatcher.prefetch_host_counts is False
+
+
+def test_auto_takes_per_expert_only_with_host_counts_and_enough_rows(contract_cublas):
+    """expert_gemm="auto": the per-expert path needs the counts attached on the host (no sync of its own) and
+    >= AUTO_MIN_ROWS_PER_EXPERT rows per expert on average; "per_expert" needs neither."""
+    from moetrain.model.dispatch import attach_host_counts
+    from moetrain.precision.fp8 import AUTO_MIN_ROWS_PER_EXPERT as MIN
+    auto = Fp8GroupedExperts.convert(_experts(2, 128, 128, seed=7),
+                                     Fp8Config("blockwise", backend="scaled_mm", expert_gemm="auto"), "ex")
+    forced = Fp8GroupedExperts.convert(_experts(2, 128, 128, seed=7),
+                                       Fp8Config("blockwise", backend="scaled_mm", expert_gemm="per_expert"), "ex")
+    big, small = torch.empty(2 * MIN, 128), torch.empty(2 * MIN - 1, 128)
+    bare = torch.tensor([MIN, MIN])
+    attached = attach_host_counts(torch.tensor([MIN, MIN]), [MIN, MIN])
+    short = attach_host_counts(torch.tensor([MIN, MIN - 1]), [MIN, MIN - 1])
+    assert auto._per_expert_cublas_ok(big, "scaled_mm", attached)
+    assert not auto._per_expert_cublas_ok(big, "scaled_mm", bare)          # would need a sync of its own
+    assert not auto._per_expert_cublas_ok(small, "scaled_mm", short)       # too few rows per expert
+    assert not auto._per_expert_cublas_ok(big, "triton", attached)
+    assert forced._per_expert_cublas_ok(small, "scaled_mm", bare)
+
+
+def test_default_is_auto():
+    from moetrain.config import PrecisionConfig
+    assert Fp8Config().expert_gemm == "auto" == PrecisionConfig().fp8_expert_gemm
+
+
+@interpreted
+@pytest.mark.parametrize("path", ["per_expert", "grouped"])
+def test_w1_w3_pair_equals_their_concatenation(contract_cublas, path):
+    """W1 and W3 quantised into the halves of one operand (no fp32 concatenation) give the same output and
+    gradients as the concatenated weight, bit for bit (the same 128x128 blocks), on both routed-expert paths; the
+    weight gradients come back as the two halves."""
+    from moetrain.precision.fp8 import _GroupedBlockwiseFn
+    counts = torch.tensor([130, 0, 3])
+    M, I, D = 133, 128, 256
+    torch.manual_seed(8)
+    x = torch.randn(M, D)
+    w1, w3 = (torch.randn(3, I, D) * 0.05 for _ in range(2))
+    g = torch.randn(M, 2 * I)
+    if path == "per_expert":
+        plan = pe.expert_plan(counts, M)
+
+        def fn(a, u, v):
+            return pe.PerExpertBlockwiseFn.apply(a, u, v, plan, torch.float32)
+    else:
+        tiles = fp8_quant.grouped_tiles(counts, M)
+
+        def fn(a, u, v):
+            return _GroupedBlockwiseFn.apply(a, u, v, tiles, torch.float32)
+    res = []
+    for pair in (True, False):
+        xi, a, b = (t.clone().requires_grad_() for t in (x, w1, w3))
+        y = fn(xi, a, b) if pair else fn(xi, torch.cat([a, b], 1), None)
+        y.backward(g)
+        res.append((y, xi.grad, a.grad, b.grad))
+    for name, p, c in zip(("y", "dx", "dw1", "dw3"), *res):
+        assert torch.equal(p, c), name
+    assert res[0][2].shape == (3, I, D)
