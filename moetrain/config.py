@@ -102,8 +102,9 @@ class PrecisionConfig:
     dtype: str = "auto"              # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     fp8: str = "none"                # none | tensorwise | rowwise | blockwise
     fp8_expert_gemm: str = "auto"    # blockwise routed experts on Hopper: auto (per_expert where the counts are on
-                                     # the host already, ep = 1) | grouped (Triton grouped GEMMs, no host sync) |
-                                     # per_expert (one cuBLAS block-scaled GEMM per expert)
+                                     # the host already, ep = 1, and the experts average >= 1024 rows; else grouped)
+                                     # | grouped (Triton grouped GEMMs, no host sync) | per_expert (one cuBLAS
+                                     # block-scaled GEMM per expert)
 
 
 @dataclass

@@ -312,7 +312,9 @@ def describe_backend(cfg: Fp8Config, device: torch.device) -> str:
     backend = resolve_backend(cfg, device)
     line = _describe_gemms(cfg, backend, device)
     if cfg.expert_gemm == "per_expert" and not (cfg.recipe == "blockwise" and backend == "scaled_mm"):
-        line += " (fp8_expert_gemm=per_expert has no effect here: it needs the blockwise recipe on cuBLAS)"
+        why = ("it applies to the blockwise recipe only" if cfg.recipe != "blockwise"
+               else "it needs cuBLAS's block-scaled GEMMs (Hopper)")
+        line += f"; fp8_expert_gemm=per_expert has no effect here: {why}"
     return line
 
 

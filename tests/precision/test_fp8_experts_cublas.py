@@ -173,9 +173,10 @@ def test_apply_fp8_passes_expert_gemm():
 def test_run_log_says_when_per_expert_has_no_effect():
     from moetrain.precision.fp8 import describe_backend
     cpu = torch.device("cpu")
-    for recipe in ("blockwise", "rowwise"):
+    for recipe, why in (("blockwise", "it needs cuBLAS's block-scaled GEMMs (Hopper)"),
+                        ("rowwise", "it applies to the blockwise recipe only")):
         line = describe_backend(Fp8Config(recipe, expert_gemm="per_expert"), cpu)
-        assert line.endswith("(fp8_expert_gemm=per_expert has no effect here: it needs the blockwise recipe on cuBLAS)")
+        assert line.endswith(f"; fp8_expert_gemm=per_expert has no effect here: {why}"), line
     assert "no effect" not in describe_backend(Fp8Config("blockwise"), cpu)
 
 
