@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import step_losses  # noqa: E402
+from scale import read_metrics, step_losses  # noqa: E402
 from train_step import TOL, final_loss  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def load_run(folder: Path, variant: str) -> tuple[str, dict[int, float], float |
     runs = sorted(folder.glob(f"runs_*/{variant.replace('+', '_')}/metrics.jsonl"))
     if not runs:
         raise FileNotFoundError(f"{folder}: no metrics.jsonl for variant {variant}")
-    recs = [json.loads(line) for line in runs[-1].read_text().splitlines() if line.strip()]
+    recs = read_metrics(runs[-1])
     vals = [r["val/loss"] for r in recs if "val/loss" in r]
     return seed, step_losses(recs), (vals[-1] if vals else None)
 

@@ -657,7 +657,7 @@ class Fp8GroupedExperts(GroupedExperts):
         the host (``moetrain.model.dispatch.host_counts`` of ``tokens_per_expert``) and enough rows per expert; the
         scaled_mm backend, rows present, and cuBLAS usable at D and I."""
         mode = self.fp8_config.expert_gemm
-        if mode == "grouped" or backend != "scaled_mm" or x.shape[0] == 0:
+        if mode == "grouped" or x.shape[0] == 0:
             return False
         if mode == "auto":
             from moetrain.model.dispatch import host_counts
