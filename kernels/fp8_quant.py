@@ -37,9 +37,9 @@ Shapes / layouts (all outputs contiguous unless noted):
   grouped_tiles(counts[E], M)         -> GroupedTiles: 128-row tiles that never straddle two experts
   quant_1x128_with_transpose_grouped(x[M, K], tiles)
                                       -> x_fp8[M, K], scales[M, ceil(K/128)], xt_fp8[K, n_tiles*128] (tile-padded,
-                                         zeros past each tile's rows), xt_scales[K, n_tiles]; pad_rows=True: x's
-                                         rows tile-padded too; group_major=True: each expert's operands one
-                                         contiguous block (group_block), for one GEMM per expert without copies
+                                         zeros past each tile's rows), xt_scales[K, n_tiles]; group_major=True:
+                                         x's rows tile-padded too and each expert's operands one contiguous block
+                                         (group_block), for one GEMM per expert without copies
 
 Quantising the transpose of a 128x128-blocked matrix gives the transposed fp8 matrix and the transposed
 scale grid exactly (amax over a block is transpose invariant), so W^T never needs requantising.
@@ -470,12 +470,11 @@ def grouped_tiles(counts: torch.Tensor, M: int) -> GroupedTiles:
 @triton.jit
 def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, tg_ptr, gts_ptr, K, E, T,
                                   stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, stride_qtk, stride_stk,
-                                  stride_stt, EXACT_CAST: tl.constexpr, PAD_ROWS: tl.constexpr,
-                                  GROUP_MAJOR: tl.constexpr):
+                                  stride_stt, EXACT_CAST: tl.constexpr, GROUP_MAJOR: tl.constexpr):
     # one (row tile of one group) x (128 columns): rows -> 1x128 scales of x; columns -> 1x128 scales of x^T,
     # stored in the tile-padded transposed layout qt[K, n_tiles * 128] (tile t owns columns t*128 .. +128);
-    # PAD_ROWS: q / s in the tile-padded row layout too (tile t owns rows t*128 .. +128, padding zeros / 1);
-    # GROUP_MAJOR (with PAD_ROWS): qt and s are flat, group g's part a row-major [K, n_g * 128] (qt) /
+    # GROUP_MAJOR: q / s in the tile-padded row layout too (tile t owns rows t*128 .. +128, padding zeros / 1),
+    # and qt and s are flat, group g's part a row-major [K, n_g * 128] (qt) /
     # [ceil(K/128), n_g * 128] (s) block at element offset g0 * 128 * K (qt) / g0 * 128 * ceil(K/128) (s), where
     # g0 = its first tile and n_g its tiles; the empty tiles past the real ones form one more block at the end
     t = tl.program_id(0)
@@ -488,13 +487,9 @@ def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, t
     mask_m = offs_m < re
     mask_k = offs_k < K
     # masked rows load as 0 -> the padding columns of the transposed tile hold zeros
-    if PAD_ROWS:
+    if GROUP_MAJOR:
         offs_qm = t * 128 + offs_r
         mask_qm = offs_r < 128
-    else:
-        offs_qm = offs_m
-        mask_qm = mask_m
-    if GROUP_MAJOR:
         g = tl.load(tg_ptr + t)
         g0 = tl.load(gts_ptr + g)
         g1 = tl.load(gts_ptr + g + 1, mask=g < E, other=T)
@@ -506,6 +501,8 @@ def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, t
         stride_sk_ = pitch
         stride_qtk_ = pitch
     else:
+        offs_qm = offs_m
+        mask_qm = mask_m
         s_base = s_ptr
         qt_base = qt_ptr
         stride_sm_ = stride_sm
@@ -519,43 +516,37 @@ def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, t
     tl.store(st_ptr + offs_k * stride_stk + t * stride_stt, st, mask=mask_k)
 
 
-def quant_1x128_with_transpose_grouped(x: torch.Tensor, tiles: GroupedTiles, col_major_scales: bool = False,
-                                       pad_rows: bool = False, group_major: bool = False):
+def quant_1x128_with_transpose_grouped(x: torch.Tensor, tiles: GroupedTiles, group_major: bool = False):
     """``quant_1x128_with_transpose`` for rows sorted by group, with x^T's 1x128 tiles never crossing groups.
 
     x: [M, K]. Returns (x_fp8 [M, K], scales [M, ceil(K/128)]  -- identical to quant_1x128(x) --,
     xt_fp8 [K, n_tiles * 128] e4m3 in the tile-padded layout: column t*128 + r holds row tiles.tile_start[t] + r
-    (zeros past the tile's end), xt_scales [K, n_tiles] fp32 (scale 1 for empty tiles)). Scales row-major, or
-    with strides (1, rows) when ``col_major_scales`` (the grouped wgrad GEMM's layout: one contiguous vector of
-    scales per token tile). ``pad_rows``: x_fp8 [n_tiles * 128, K] and scales [n_tiles * 128, ceil(K/128)] in the
-    tile-padded row layout instead (row t*128 + r holds row tiles.tile_start[t] + r; zeros / scale 1 past the
-    tile's end), so each group's rows start at a multiple of 128 (a per-group GEMM with whole 128-row blocks).
-    ``group_major`` (needs ``pad_rows``; implies ``col_major_scales``): x's scales and xt_fp8 come back flat (1-D),
-    each group's part one contiguous block, so a per-group GEMM reads its operands without a copy: take them with
-    :func:`group_block` (group g: scales [rows_g, ceil(K/128)] stride (1, rows_g), xt_fp8 [K, rows_g] row-major,
-    rows_g = its tiles x 128). x_fp8 and xt_scales are as with ``pad_rows`` / ``col_major_scales``.
-    Raises ValueError for ``group_major`` without ``pad_rows``.
+    (zeros past the tile's end), xt_scales [K, n_tiles] fp32 (scale 1 for empty tiles)), scales row-major: the
+    operands of the grouped Triton GEMMs.
+    ``group_major``: the operands of one GEMM per group instead, each read in place. x_fp8 [n_tiles * 128, K] in
+    the tile-padded row layout (row t*128 + r holds row tiles.tile_start[t] + r; zeros past the tile's end), so each
+    group's rows start at a multiple of 128 (whole 128-row blocks); x's scales (scale 1 for the padding rows) and
+    xt_fp8 flat (1-D), each group's part one contiguous block: take them with :func:`group_block` (group g: scales
+    [rows_g, ceil(K/128)] stride (1, rows_g), xt_fp8 [K, rows_g] row-major, rows_g = its tiles x 128);
+    xt_scales [K, n_tiles] with strides (1, K) (cuBLAS's layout: a group's columns are its scales in place).
     """
     _check_input(x, "quant_1x128_with_transpose_grouped")
-    if group_major and not pad_rows:
-        raise ValueError("quant_1x128_with_transpose_grouped: group_major=True needs pad_rows=True")
     M, K = x.shape
     T = tiles.n_tiles
     kt = triton.cdiv(K, TILE)
-    rows = T * TILE if pad_rows else M
+    rows = T * TILE if group_major else M
     q = torch.empty((rows, K), dtype=FP8_DTYPE, device=x.device)
     if group_major:
         s = torch.empty(rows * kt, dtype=torch.float32, device=x.device)
         qt = torch.empty(K * T * TILE, dtype=FP8_DTYPE, device=x.device)
-        st = _scales(K, T, x.device, True)
     else:
-        s = _scales(rows, kt, x.device, col_major_scales)
+        s = _scales(rows, kt, x.device, False)
         qt = torch.empty((K, T * TILE), dtype=FP8_DTYPE, device=x.device)
-        st = _scales(K, T, x.device, col_major_scales)
+    st = _scales(K, T, x.device, group_major)
     if M == 0:  # nothing to read (an empty tensor may have no storage): padding only
         qt.view(torch.uint8).zero_()
         st.fill_(1.0)
-        if pad_rows:
+        if group_major:
             q.view(torch.uint8).zero_()
             s.fill_(1.0)
     elif T and K:
@@ -564,7 +555,7 @@ def quant_1x128_with_transpose_grouped(x: torch.Tensor, tiles: GroupedTiles, col
                                                tiles.group_tile_start, K, tiles.n_groups, T,
                                                x.stride(0), x.stride(1), q.stride(0), *stride_s,
                                                1 if group_major else qt.stride(0), st.stride(0), st.stride(1),
-                                               EXACT_CAST=INTERPRETED, PAD_ROWS=pad_rows, GROUP_MAJOR=group_major,
+                                               EXACT_CAST=INTERPRETED, GROUP_MAJOR=group_major,
                                                num_warps=CFG["warps_t"])
     return q, s, qt, st
 
@@ -578,8 +569,7 @@ def group_block(flat: torch.Tensor, group_tile_start: list, g: int, width: int) 
     return flat[a * width:b * width].view(width, b - a)
 
 
-def quant_1x128_with_transpose_grouped_ref(x: torch.Tensor, tiles: GroupedTiles, pad_rows: bool = False,
-                                           group_major: bool = False):
+def quant_1x128_with_transpose_grouped_ref(x: torch.Tensor, tiles: GroupedTiles, group_major: bool = False):
     """Pure-torch reference of quant_1x128_with_transpose_grouped (reads the tile table on the host; scales
     row-major, or flat with ``group_major``)."""
     M, K = x.shape
@@ -587,7 +577,7 @@ def quant_1x128_with_transpose_grouped_ref(x: torch.Tensor, tiles: GroupedTiles,
     q, s = quant_1x128_ref(x)
     qt = torch.zeros((K, T * TILE), dtype=FP8_DTYPE, device=x.device)
     st = torch.ones((K, T), dtype=torch.float32, device=x.device)
-    if pad_rows:
+    if group_major:
         qp = torch.zeros((T * TILE, K), dtype=FP8_DTYPE, device=x.device)
         sp = torch.ones((T * TILE, s.shape[1]), dtype=torch.float32, device=x.device)
     for t, (a, b) in enumerate(zip(tiles.tile_start.tolist(), tiles.tile_end.tolist())):
@@ -595,12 +585,11 @@ def quant_1x128_with_transpose_grouped_ref(x: torch.Tensor, tiles: GroupedTiles,
             qq, ss = quant_1x128_ref(x[a:b].t())  # [K, rows], one tile along the rows
             qt[:, t * TILE:t * TILE + (b - a)] = qq
             st[:, t] = ss[:, 0]
-            if pad_rows:
+            if group_major:
                 qp[t * TILE:t * TILE + (b - a)] = q[a:b]
                 sp[t * TILE:t * TILE + (b - a)] = s[a:b]
-    if pad_rows:
+    if group_major:   # the padded rows; each group's (then the empty tiles') block flattened: [kt, rows_g], [K, rows_g]
         q, s = qp, sp
-    if group_major:   # each group's (then the empty tiles') block, flattened row-major: [kt, rows_g], [K, rows_g]
         ends = tiles.group_tile_start.tolist() + [T]
         bounds = [(ends[g] * TILE, ends[g + 1] * TILE) for g in range(len(ends) - 1)]
         s = torch.cat([s[a:b].t().reshape(-1) for a, b in bounds])

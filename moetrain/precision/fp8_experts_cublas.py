@@ -10,7 +10,7 @@ call per expert with tokens, in place of the Triton grouped kernels of :mod:`ker
     wgrad    dW_e [N, K]   = g_e^T(1x128 along tokens) @ x_e(1x128 along tokens)
 
 The quantisers write each expert's rows in the tile-padded row layout, each expert's operands one contiguous block
-(``quant_1x128_with_transpose_grouped(pad_rows=True, group_major=True)``): expert e's rows start at a multiple of
+(``quant_1x128_with_transpose_grouped(group_major=True)``): expert e's rows start at a multiple of
 128 and its row count is padded to one (zeros), so every GEMM has whole 128-row blocks and reads its operands and
 their scales in place (the token dimension of the wgrad is tile-padded the same way). Each GEMM writes its result
 in place (``out=``): expert e's output rows (whole blocks) start at its first unpadded row, and the next expert's
@@ -109,8 +109,7 @@ class PerExpertBlockwiseFn(torch.autograd.Function):
     def forward(ctx, x, weight, weight2, plan: ExpertPlan, out_dtype: torch.dtype):
         from moetrain.precision.fp8 import save_grouped_blockwise_operands
         form = fp8_cublas._checked(x.device)[0]
-        xq, xs, wq, ws = save_grouped_blockwise_operands(ctx, x, weight, weight2, plan.tiles, pad_rows=True,
-                                                         group_major=True)
+        xq, xs, wq, ws = save_grouped_blockwise_operands(ctx, x, weight, weight2, plan.tiles, group_major=True)
         ctx.plan, ctx.form = plan, form
         return _per_expert_rows(plan, xq, xs, wq, fp8_cublas.scale_b_block_layout(ws, form[2]), out_dtype, form,
                                 wq.shape[1])
@@ -121,8 +120,7 @@ class PerExpertBlockwiseFn(torch.autograd.Function):
         from moetrain.precision.fp8 import split_pair_grad
         xtq, xts, wtq, ws = ctx.saved_tensors
         plan, form = ctx.plan, ctx.form
-        gq, gs, gtq, gts = q.quant_1x128_with_transpose_grouped(grad.contiguous(), plan.tiles, pad_rows=True,
-                                                                group_major=True)
+        gq, gs, gtq, gts = q.quant_1x128_with_transpose_grouped(grad.contiguous(), plan.tiles, group_major=True)
         dx = dw = None
         if wtq is not None:
             dx = _per_expert_rows(plan, gq, gs, wtq, fp8_cublas.scale_b_block_layout(ws.transpose(1, 2), form[2]),

@@ -134,11 +134,8 @@ def test_col_major_scales(shape):
     counts = torch.tensor([0, M - M // 3, M // 3], device=DEVICE)
     tiles = grouped_tiles(counts, M)
     plain = quant_1x128_with_transpose_grouped(x, tiles)
-    cm = quant_1x128_with_transpose_grouped(x, tiles, col_major_scales=True)
-    for i in (1, 3):
-        assert col_major(cm[i]) and torch.equal(plain[i], cm[i])
-    for i in (0, 2):
-        assert torch.equal(plain[i].view(torch.uint8), cm[i].view(torch.uint8))
+    gm = quant_1x128_with_transpose_grouped(x, tiles, group_major=True)   # its x^T scales: cuBLAS's layout
+    assert col_major(gm[3]) and torch.equal(plain[3], gm[3])
 
 
 def test_strided_input():
@@ -276,27 +273,61 @@ def test_grouped_tiles_table():
 
 
 @pytest.mark.parametrize("counts", [[0, 130, 3, 1, 200, 0], [257], [0, 0]])
-@pytest.mark.parametrize("pad_rows", [False, True])
-def test_quant_grouped_matches_ref(counts, pad_rows):
+@pytest.mark.parametrize("group_major", [False, True])
+def test_quant_grouped_matches_ref(counts, group_major):
     c = torch.tensor(counts, device=DEVICE)
     M = sum(counts)
     x = _data(M, 150, seed=8) if M else torch.zeros(0, 150, device=DEVICE)
     tiles = grouped_tiles(c, M)
-    q, s, qt, st = quant_1x128_with_transpose_grouped(x, tiles, pad_rows=pad_rows)
-    qr, sr, qtr, str_ = quant_1x128_with_transpose_grouped_ref(x, tiles, pad_rows=pad_rows)
-    assert qt.shape == (150, tiles.n_tiles * 128) and st.shape == (150, tiles.n_tiles)
-    if pad_rows:   # each group's rows start at a multiple of 128; the padding rows are zeros with scale 1
-        assert q.shape == (tiles.n_tiles * 128, 150) and s.shape == (tiles.n_tiles * 128, 2)
+    q, s, qt, st = quant_1x128_with_transpose_grouped(x, tiles, group_major=group_major)
+    qr, sr, qtr, str_ = quant_1x128_with_transpose_grouped_ref(x, tiles, group_major=group_major)
+    assert st.shape == (150, tiles.n_tiles)
+    if group_major:   # each group's rows start at a multiple of 128; the padding rows are zeros with scale 1
+        assert q.shape == (tiles.n_tiles * 128, 150) and s.shape == (tiles.n_tiles * 128 * 2,)
+        assert qt.shape == (150 * tiles.n_tiles * 128,)
         q0, s0 = quant_1x128(x)
+        gts, groups = tiles.group_tile_start.tolist(), tiles.tile_group.tolist()
         for t, (a, b) in enumerate(zip(tiles.tile_start.tolist(), tiles.tile_end.tolist())):
             assert torch.equal(q[t * 128:t * 128 + b - a].view(torch.uint8), q0[a:b].view(torch.uint8))
-            assert torch.equal(s[t * 128:t * 128 + b - a], s0[a:b])
             assert (q[t * 128 + b - a:(t + 1) * 128].view(torch.uint8) == 0).all()
-            assert (s[t * 128 + b - a:(t + 1) * 128] == 1).all()
+            if groups[t] < len(counts):   # a real tile: its rows of its group's scale block
+                r = (t - gts[groups[t]]) * 128
+                blk = group_block(s, gts, groups[t], 2).t()
+                assert torch.equal(blk[r:r + b - a], s0[a:b]) and (blk[r + b - a:r + 128] == 1).all()
+    else:
+        assert qt.shape == (150, tiles.n_tiles * 128)
     torch.testing.assert_close(s, sr, rtol=0, atol=0)
     torch.testing.assert_close(st, str_, rtol=0, atol=0)
     _same_fp8(q, qr)
     _same_fp8(qt, qtr)   # includes the zero padding past each tile's rows
+
+
+@pytest.mark.parametrize("counts", [[0, 130, 3, 1, 200, 0], [257], [0, 0], [5]])
+def test_quant_grouped_group_major(counts):
+    """group_major: each group's x^T and scales one contiguous block (group_block), the same values as the grouped
+    Triton GEMMs' layout (x^T's tile-padded columns, x's per-row scales)."""
+    c = torch.tensor(counts, device=DEVICE)
+    M, K = sum(counts), 300
+    x = _data(M, K, seed=9) if M else torch.zeros(0, K, device=DEVICE)
+    tiles = grouped_tiles(c, M)
+    q, s, qt, st = quant_1x128_with_transpose_grouped(x, tiles, group_major=True)
+    _, sx, qtp, stp = quant_1x128_with_transpose_grouped(x, tiles)
+    qr, sr, qtr, str_ = quant_1x128_with_transpose_grouped_ref(x, tiles, group_major=True)
+    assert s.dim() == 1 and qt.dim() == 1 and s.numel() == tiles.n_tiles * 128 * 3 and qt.numel() == qtp.numel()
+    torch.testing.assert_close(s, sr, rtol=0, atol=0)
+    torch.testing.assert_close(st, str_, rtol=0, atol=0)
+    _same_fp8(q, qr)
+    _same_fp8(qt, qtr)
+    torch.testing.assert_close(st, stp, rtol=0, atol=0)
+    gts = tiles.group_tile_start.tolist()
+    row_off = [0] + torch.cumsum(c, 0).tolist()
+    for g in range(len(counts)):
+        a, b = gts[g] * 128, gts[g + 1] * 128
+        blk_s, blk_qt = group_block(s, gts, g, 3).t(), group_block(qt, gts, g, K)
+        assert blk_s.shape == (b - a, 3) and (b == a or blk_s.stride() == (1, b - a))
+        assert blk_qt.shape == (K, b - a) and blk_qt.is_contiguous()
+        torch.testing.assert_close(blk_s[:counts[g]], sx[row_off[g]:row_off[g + 1]], rtol=0, atol=0)
+        _same_fp8(blk_qt, qtp[:, a:b])
 
 
 def test_quant_128x128_into_given_outputs():
@@ -316,35 +347,6 @@ def test_quant_128x128_into_given_outputs():
     torch.testing.assert_close(os_, s, rtol=0, atol=0)
     with pytest.raises(ValueError, match="out must be 2 tensors"):
         quant_128x128(w1, out=(oq[:, :128], os_[:, :2]))
-
-
-@pytest.mark.parametrize("counts", [[0, 130, 3, 1, 200, 0], [257], [0, 0], [5]])
-def test_quant_grouped_group_major(counts):
-    """group_major: the same bytes as pad_rows, each group's x^T and scales one contiguous block (group_block)."""
-    c = torch.tensor(counts, device=DEVICE)
-    M, K = sum(counts), 300
-    x = _data(M, K, seed=9) if M else torch.zeros(0, K, device=DEVICE)
-    tiles = grouped_tiles(c, M)
-    q, s, qt, st = quant_1x128_with_transpose_grouped(x, tiles, pad_rows=True, group_major=True)
-    qp, sp, qtp, stp = quant_1x128_with_transpose_grouped(x, tiles, col_major_scales=True, pad_rows=True)
-    qr, sr, qtr, str_ = quant_1x128_with_transpose_grouped_ref(x, tiles, pad_rows=True, group_major=True)
-    assert s.dim() == 1 and qt.dim() == 1 and s.numel() == sp.numel() and qt.numel() == qtp.numel()
-    torch.testing.assert_close(s, sr, rtol=0, atol=0)
-    torch.testing.assert_close(st, str_, rtol=0, atol=0)
-    _same_fp8(q, qr)
-    _same_fp8(qt, qtr)
-    _same_fp8(q, qp)
-    torch.testing.assert_close(st, stp, rtol=0, atol=0)
-    gts = tiles.group_tile_start.tolist()
-    for g in range(len(counts)):
-        a, b = gts[g] * 128, gts[g + 1] * 128
-        blk_s, blk_qt = group_block(s, gts, g, 3).t(), group_block(qt, gts, g, K)
-        assert blk_s.shape == (b - a, 3) and (b == a or blk_s.stride() == (1, b - a))
-        assert blk_qt.shape == (K, b - a) and blk_qt.is_contiguous()
-        torch.testing.assert_close(blk_s, sp[a:b], rtol=0, atol=0)
-        _same_fp8(blk_qt, qtp[:, a:b])
-    with pytest.raises(ValueError, match="needs pad_rows"):
-        quant_1x128_with_transpose_grouped(x, tiles, group_major=True)
 
 
 @pytest.mark.gpu
