@@ -64,7 +64,10 @@ def _parse_args(argv=None):
                    help="also time the grouped GEMM of the first G shape for every candidate config")
     p.add_argument("--sweep-quant", action="store_true",
                    help="also time the quantisation kernels (GB/s vs a copy) for every launch config in "
-                        "kernels.fp8_quant.CFG's candidates, on the first shape's x [M, K] and W [N, K]")
+                        "kernels.fp8_quant.CFG's candidates, on the first shape's x [M, K] and W [N, K], and the "
+                        "grouped with-transpose kernel (group_major) on --quant-grouped")
+    p.add_argument("--quant-grouped", default="G16:131072x7168",
+                   help="GE:MxK of --sweep-quant's grouped kernel: M rows over E experts (random routing counts)")
     return p.parse_args(argv)
 
 
@@ -246,7 +249,7 @@ def main(argv=None):
         else:
             print("--sweep-grouped: no G shape given, skipped")
     if args.sweep_quant:
-        sweep_rows += _sweep_quant(bench, args.shapes[0])
+        sweep_rows += _sweep_quant(bench, args.shapes[0], args.quant_grouped)
 
     os.makedirs(args.out, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -323,7 +326,7 @@ def _time_config(bench, fn, ref, flops, cfg, title):
 
 
 
-def _sweep_quant(bench, spec):
+def _sweep_quant(bench, spec, grouped_spec=""):
     """Time each fp8_quant kernel per launch config; the outputs must equal the default config's bit for bit."""
     import itertools
 
@@ -342,9 +345,19 @@ def _sweep_quant(bench, spec):
         "quant_1x128": (lambda: FQ.quant_1x128(x), M * K * 3 + sc(M * K // 128),
                         [dict(block_m=bm, warps_1x128=wp) for bm, wp in itertools.product((8, 16, 32, 64), (2, 4, 8))]),
         "quant_1x128_t": (lambda: FQ.quant_1x128_with_transpose(x), M * K * 4 + 2 * sc(M * K // 128),
-                          [dict(warps_t=wp) for wp in (4, 8, 16)]),
+                          [dict(warps_t=wp, k_fastest_t=kf) for wp, kf in itertools.product((4, 8, 16), (0, 1))]),
         "quant_128x128": (lambda: FQ.quant_128x128(w), N * K * 3, [dict(warps_128=wp) for wp in (4, 8, 16)]),
     }
+    if grouped_spec:
+        E, (Mg, Kg) = int(grouped_spec.split(":")[0][1:]), (int(v) for v in grouped_spec.split(":")[1].split("x"))
+        xg = torch.randn(Mg, Kg, device="cuda", dtype=torch.bfloat16)
+        counts = torch.bincount(torch.randint(0, E, (Mg,), device="cuda"), minlength=E)
+        tiles = FQ.grouped_tiles(counts, Mg)
+        print(f"grouped: x [{Mg}, {Kg}] over {E} experts, {tiles.n_tiles} row tiles (group_major)")
+        jobs["quant_1x128_t_grouped"] = (
+            lambda: FQ.quant_1x128_with_transpose_grouped(xg, tiles, group_major=True),
+            Mg * Kg * 4 + 2 * sc(Mg * Kg // 128),
+            [dict(warps_tg=wp, k_fastest_tg=kf) for wp, kf in itertools.product((4, 8, 16), (0, 1))])
     rows = []
     saved = dict(FQ.CFG)
     for name, (fn, nbytes, cands) in jobs.items():
@@ -367,6 +380,10 @@ def _sweep_quant(bench, spec):
                 res.append((cfg, None, f"failed: {type(e).__name__}: {str(e)[:80]}"))
         FQ.CFG.clear()
         FQ.CFG.update(saved)
+        timed = [r for r in res if r[1]]
+        if timed:
+            best = min(timed, key=lambda r: r[1])[0]
+            print(f"BEST {name}: " + ",".join(f"{k}={v}" for k, v in best.items()), flush=True)
         for cfg, ms, note in sorted(res, key=lambda r: (r[1] is None, r[1] or 0)):
             gbs = nbytes / ms / 1e6 if ms else None
             tag = " ".join(f"{k}={v}" for k, v in cfg.items())

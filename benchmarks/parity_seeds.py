@@ -53,12 +53,39 @@ def compare(folders: list[Path], baseline: str, variant: str, last_n: int) -> di
         seed, base, base_val = load_run(f, baseline)
         _, var, var_val = load_run(f, variant)
         cmp = final_loss(var, base, last_n=last_n)
+        val_rel = (var_val - base_val) / base_val if base_val and var_val is not None else None
         rows.append({"seed": seed, "base": cmp["ref_loss"], "var": cmp["loss"], "rel": cmp["rel_vs_ref"],
-                     "base_val": base_val, "var_val": var_val, "curves": (base, var)})
-    finals = [r["base"] for r in rows if r["base"] is not None]
-    spread = (max(finals) - min(finals)) / (sum(finals) / len(finals)) if len(finals) > 1 else None
-    rels = [r["rel"] for r in rows if r["rel"] is not None]
-    return {"rows": rows, "baseline_spread": spread, "mean_rel": sum(rels) / len(rels) if rels else None}
+                     "base_val": base_val, "var_val": var_val, "val_rel": val_rel, "curves": (base, var)})
+
+    def spread(vals):
+        vals = [v for v in vals if v is not None]
+        return (max(vals) - min(vals)) / (sum(vals) / len(vals)) if len(vals) > 1 else None
+
+    def mean(vals):
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return {"rows": rows, "baseline_spread": spread([r["base"] for r in rows]),
+            "baseline_val_spread": spread([r["base_val"] for r in rows]),
+            "mean_rel": mean([r["rel"] for r in rows]), "mean_val_rel": mean([r["val_rel"] for r in rows]),
+            "ci_rel": ci95([r["rel"] for r in rows]), "ci_val_rel": ci95([r["val_rel"] for r in rows])}
+
+
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def ci95(vals) -> float | None:
+    """Half-width of the 95% confidence interval of the mean of ``vals`` (Student's t; None values skipped):
+    t(0.975, n - 1) * sample standard deviation / sqrt(n). None for fewer than two values."""
+    vals = [v for v in vals if v is not None]
+    n = len(vals)
+    if n < 2:
+        return None
+    m = sum(vals) / n
+    sd = (sum((v - m) ** 2 for v in vals) / (n - 1)) ** 0.5
+    return (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * sd / n ** 0.5
 
 
 def _smooth(losses: dict[int, float], alpha: float) -> tuple[list[int], list[float]]:
@@ -103,12 +130,15 @@ def table(res: dict, baseline: str, variant: str, last_n: int) -> str:
     def f(v, fmt="{:.4f}"):
         return "n/a" if v is None else fmt.format(v)
     lines = [f"| seed | {baseline} final (last {last_n}) | {variant} final | difference | {baseline} val | "
-             f"{variant} val |", "|---|---:|---:|---:|---:|---:|"]
+             f"{variant} val | val difference |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
-        lines.append(f"| {r['seed']} | {f(r['base'])} | {f(r['var'])} | {f(r['rel'], '{:+.2%}')} | "
-                     f"{f(r['base_val'])} | {f(r['var_val'])} |")
-    lines += ["", f"{baseline} spread over the seeds: {f(res['baseline_spread'], '{:.2%}')}; mean difference "
-              f"{variant} - {baseline}: {f(res['mean_rel'], '{:+.2%}')}"]
+        lines.append(f"| {r['seed']} | {f(r['base'])} | {f(r['var'])} | {f(r['rel'], '{:+.3%}')} | "
+                     f"{f(r['base_val'])} | {f(r['var_val'])} | {f(r['val_rel'], '{:+.3%}')} |")
+    lines += ["", f"{baseline} spread over the seeds: {f(res['baseline_spread'], '{:.3%}')} (final), "
+              f"{f(res['baseline_val_spread'], '{:.3%}')} (val); mean difference {variant} - {baseline} over "
+              f"{len(res['rows'])} seeds (95% confidence interval): {f(res['mean_rel'], '{:+.3%}')} "
+              f"+- {f(res['ci_rel'], '{:.3%}')} (final), {f(res['mean_val_rel'], '{:+.3%}')} "
+              f"+- {f(res['ci_val_rel'], '{:.3%}')} (val)"]
     return "\n".join(lines)
 
 

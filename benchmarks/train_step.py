@@ -56,6 +56,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -263,12 +264,20 @@ def plan(a) -> tuple[str, list[dict]]:
 
 
 def run_all(a, runner: Runner) -> list[dict]:
+    """Every variant of ``plan(a)``, one after another, or all at once with ``--concurrent`` (then the speeds
+    are of runs sharing the GPU and mean nothing; the losses are unaffected)."""
     config, runs = plan(a)
-    rows = []
-    for p in runs:
+
+    def one(p: dict) -> dict:
         res = runner.run(p["variant"].replace("+", "_"), config, 1, p["overrides"])
-        rows.append({**p, "status": res["status"], "seconds": res.get("seconds", 0.0), "cmd": res["cmd"],
-                     "records": res["records"]})
+        return {**p, "status": res["status"], "seconds": res.get("seconds", 0.0), "cmd": res["cmd"],
+                "records": res["records"]}
+
+    if a.concurrent:
+        with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+            rows = list(pool.map(one, runs))
+    else:
+        rows = [one(p) for p in runs]
     finish(rows, a.skip_windows)
     return rows
 
@@ -303,6 +312,9 @@ def _parse_args(argv=None):
     p.add_argument("--deadline-s", type=float, default=540.0, help="wall budget of the whole script")
     p.add_argument("--run-timeout-s", type=float, default=240.0, help="wall limit of one run")
     p.add_argument("--min-run-s", type=float, default=20.0, help="do not start a run with less time left than this")
+    p.add_argument("--concurrent", action="store_true",
+                   help="start every variant at once (loss studies of small models: the GPU is shared, so the "
+                        "tokens/s columns are not speeds of the variants)")
     a = p.parse_args(argv)
     a.cpu = a.cpu or _gpu_count() == 0
     a.steps = a.steps or (8 if a.cpu else 300)
@@ -340,6 +352,9 @@ def main(argv=None) -> int:
                  f"- config: `{config}` {' '.join(a.set)}; {a.steps} steps, logged every {a.log_every}; "
                  f"tokens/s without the first {a.skip_windows} logging window(s)",
                  f"- wall time: {time.monotonic() - runner.t0:.0f} s", ""]
+        if a.concurrent:
+            parts += ["The variants ran at the same time on one device (`--concurrent`): tokens/s, step ms and "
+                      "MFU are of runs sharing it, not the variants' speeds.", ""]
         if a.cpu:
             parts += ["CPU in fp32 with the Triton interpreter: this exercises the script only; the numbers say "
                       "nothing about GPU speed or FP8 numerics.", ""]

@@ -55,6 +55,7 @@ This module never imports moetrain.
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -154,10 +155,15 @@ def _quant_tile_rows_and_cols(x_ptr, q_ptr, s_ptr, offs_m, offs_k, mask_m, mask_
 @triton.jit
 def _quant_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K,
                           stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, stride_qtk, stride_stk, stride_stm,
-                          EXACT_CAST: tl.constexpr):
-    # one 128x128 tile of x: row amax -> 1x128 scales of x, column amax -> 1x128 scales of x^T
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+                          EXACT_CAST: tl.constexpr, K_FASTEST: tl.constexpr):
+    # one 128x128 tile of x: row amax -> 1x128 scales of x, column amax -> 1x128 scales of x^T;
+    # K_FASTEST: grid (k tiles, m tiles), so consecutive programs read neighbouring column tiles of the same rows
+    if K_FASTEST:
+        pid_k = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
     offs_m = pid_m * 128 + tl.arange(0, 128)
     offs_k = pid_k * 128 + tl.arange(0, 128)
     mask_m = offs_m < M
@@ -204,10 +210,30 @@ INTERPRETED: bool = type(_quant_1x128_kernel).__name__ == "InterpretedFunction"
 """True when this module's kernels were built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
 
 #: GPU launch tunables (``benchmarks/bench_fp8.py --sweep-quant`` times the candidates): rows per program and warps
-#: of the 1x128 kernel, warps of the with-transpose (128x128 tile) and 128x128 weight kernels.
+#: of the 1x128 kernel, warps and grid order (``k_fastest``: column tiles of the same rows on consecutive programs)
+#: of the with-transpose kernels (128x128 tile; ``_t`` dense, ``_tg`` grouped) and warps of the 128x128 weight kernel.
 #: H200 (2026-11-30, x [4096, 2048], W [7168, 2048]): 1x128 32 rows / 2 warps 12.4 us (16 / 4: 13.0), with-transpose
-#: 4 warps 25.6 us (8: 32.5), 128x128 8 warps 19.2 us (4: 20.8).
-CFG = {"block_m": 32, "warps_1x128": 2, "warps_t": 4, "warps_128": 8}
+#: 4 warps 25.6 us (8: 32.5), 128x128 8 warps 19.2 us (4: 20.8). H200 (2026-12-01, ninth session, x [16384, 7168];
+#: grouped x [131072, 7168] over 16 experts): with-transpose k_fastest 235.0 us vs 242.4 (4 warps; 8: 340.8, 16: 439.2),
+#: grouped 1770 us vs 1814 (4 warps; 8: 2681): about half of a bf16 copy's bandwidth either way.
+#: ``MOETRAIN_FP8_QUANT_CFG="warps_tg=8,k_fastest_tg=1"`` (read at import) overrides entries, for sweeps in a training run.
+CFG = {"block_m": 32, "warps_1x128": 2, "warps_t": 4, "k_fastest_t": 1, "warps_tg": 4, "k_fastest_tg": 1,
+       "warps_128": 8}
+
+
+def _cfg_from_env(text: str) -> dict:
+    """``"key=int,key=int"`` -> {key: int} for keys of CFG; ValueError naming the bad entry otherwise."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, val = item.partition("=")
+        if key not in CFG or not val.strip().lstrip("-").isdigit():
+            raise ValueError(f"MOETRAIN_FP8_QUANT_CFG: bad entry {item!r}; expected KEY=INT with KEY one of "
+                             f"{', '.join(CFG)}")
+        out[key] = int(val)
+    return out
+
+
+CFG.update(_cfg_from_env(os.environ.get("MOETRAIN_FP8_QUANT_CFG", "")))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -277,10 +303,10 @@ def quant_1x128_with_transpose(x: torch.Tensor, check_finite: bool = False, col_
     qt = torch.empty((K, M), dtype=FP8_DTYPE, device=x.device)
     st = _scales(K, mt, x.device, col_major_scales)
     if M and K:
-        _quant_1x128_t_kernel[(mt, kt)](x, q, s, qt, st, M, K, x.stride(0), x.stride(1), q.stride(0),
-                                        s.stride(0), s.stride(1), qt.stride(0), st.stride(0), st.stride(1),
-                                        EXACT_CAST=INTERPRETED,
-                                        num_warps=CFG["warps_t"])
+        kf = bool(CFG["k_fastest_t"]) and mt <= 65535      # grid dims past the first hold at most 65535
+        _quant_1x128_t_kernel[(kt, mt) if kf else (mt, kt)](
+            x, q, s, qt, st, M, K, x.stride(0), x.stride(1), q.stride(0), s.stride(0), s.stride(1), qt.stride(0),
+            st.stride(0), st.stride(1), EXACT_CAST=INTERPRETED, K_FASTEST=kf, num_warps=CFG["warps_t"])
     if check_finite:
         _check_scales_finite("quant_1x128_with_transpose", s, st)
     return q, s, qt, st
@@ -470,15 +496,21 @@ def grouped_tiles(counts: torch.Tensor, M: int) -> GroupedTiles:
 @triton.jit
 def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, tg_ptr, gts_ptr, K, E, T,
                                   stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, stride_qtk, stride_stk,
-                                  stride_stt, EXACT_CAST: tl.constexpr, GROUP_MAJOR: tl.constexpr):
+                                  stride_stt, EXACT_CAST: tl.constexpr, GROUP_MAJOR: tl.constexpr,
+                                  K_FASTEST: tl.constexpr):
     # one (row tile of one group) x (128 columns): rows -> 1x128 scales of x; columns -> 1x128 scales of x^T,
     # stored in the tile-padded transposed layout qt[K, n_tiles * 128] (tile t owns columns t*128 .. +128);
     # GROUP_MAJOR: q / s in the tile-padded row layout too (tile t owns rows t*128 .. +128, padding zeros / 1),
     # and qt and s are flat, group g's part a row-major [K, n_g * 128] (qt) /
     # [ceil(K/128), n_g * 128] (s) block at element offset g0 * 128 * K (qt) / g0 * 128 * ceil(K/128) (s), where
-    # g0 = its first tile and n_g its tiles; the empty tiles past the real ones form one more block at the end
-    t = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    # g0 = its first tile and n_g its tiles; the empty tiles past the real ones form one more block at the end.
+    # K_FASTEST: grid (k tiles, row tiles) instead of (row tiles, k tiles)
+    if K_FASTEST:
+        pid_k = tl.program_id(0)
+        t = tl.program_id(1)
+    else:
+        t = tl.program_id(0)
+        pid_k = tl.program_id(1)
     rs = tl.load(ts_ptr + t)
     re = tl.load(te_ptr + t)
     offs_r = tl.arange(0, 128)
@@ -551,12 +583,12 @@ def quant_1x128_with_transpose_grouped(x: torch.Tensor, tiles: GroupedTiles, gro
             s.fill_(1.0)
     elif T and K:
         stride_s = (1, 1) if group_major else (s.stride(0), s.stride(1))
-        _quant_1x128_t_grouped_kernel[(T, kt)](x, q, s, qt, st, tiles.tile_start, tiles.tile_end, tiles.tile_group,
-                                               tiles.group_tile_start, K, tiles.n_groups, T,
-                                               x.stride(0), x.stride(1), q.stride(0), *stride_s,
-                                               1 if group_major else qt.stride(0), st.stride(0), st.stride(1),
-                                               EXACT_CAST=INTERPRETED, GROUP_MAJOR=group_major,
-                                               num_warps=CFG["warps_t"])
+        kf = bool(CFG["k_fastest_tg"]) and T <= 65535
+        _quant_1x128_t_grouped_kernel[(kt, T) if kf else (T, kt)](
+            x, q, s, qt, st, tiles.tile_start, tiles.tile_end, tiles.tile_group, tiles.group_tile_start, K,
+            tiles.n_groups, T, x.stride(0), x.stride(1), q.stride(0), *stride_s, 1 if group_major else qt.stride(0),
+            st.stride(0), st.stride(1), EXACT_CAST=INTERPRETED, GROUP_MAJOR=group_major, K_FASTEST=kf,
+            num_warps=CFG["warps_tg"])
     return q, s, qt, st
 
 

@@ -372,3 +372,39 @@ def test_gpu_real_sizes(shape, dtype):
                 torch.testing.assert_close(o, r, rtol=1e-6, atol=0)
             else:
                 _same_fp8(o, r)
+
+
+@pytest.mark.parametrize("warps", [4, 8])
+@pytest.mark.parametrize("k_fastest", [0, 1])
+def test_with_transpose_grid_order_and_warps_same_bytes(monkeypatch, warps, k_fastest):
+    """The with-transpose kernels' launch tunables (CFG: grid order k_fastest, warps) change the schedule only:
+    every output equals the reference, dense and grouped (both layouts)."""
+    monkeypatch.setitem(fq.CFG, "k_fastest_t", k_fastest)
+    monkeypatch.setitem(fq.CFG, "k_fastest_tg", k_fastest)
+    monkeypatch.setitem(fq.CFG, "warps_t", warps)
+    monkeypatch.setitem(fq.CFG, "warps_tg", warps)
+    x = _data(130, 300, seed=11)
+    for got, ref in zip(quant_1x128_with_transpose(x), quant_1x128_with_transpose_ref(x)):
+        if got.dtype == torch.float8_e4m3fn:
+            _same_fp8(got, ref)
+        else:
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    c = torch.tensor([0, 130, 3, 0, 200], device=DEVICE)
+    xg = _data(333, 300, seed=12)
+    tiles = grouped_tiles(c, 333)
+    for gm in (False, True):
+        got = quant_1x128_with_transpose_grouped(xg, tiles, group_major=gm)
+        ref = quant_1x128_with_transpose_grouped_ref(xg, tiles, group_major=gm)
+        for a, b in zip(got, ref):
+            if a.dtype == torch.float8_e4m3fn:
+                _same_fp8(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_cfg_from_env():
+    assert fq._cfg_from_env("warps_tg=8, k_fastest_tg=1,") == {"warps_tg": 8, "k_fastest_tg": 1}
+    assert fq._cfg_from_env("") == {}
+    for bad in ("warps=8", "warps_tg=eight", "warps_tg"):
+        with pytest.raises(ValueError, match="MOETRAIN_FP8_QUANT_CFG: bad entry"):
+            fq._cfg_from_env(bad)
