@@ -326,6 +326,15 @@ def _time_config(bench, fn, ref, flops, cfg, title):
 
 
 
+def _t_schedules(suffix):
+    """Launch configs of a with-transpose quantiser (CFG keys ending in ``_t`` / ``_tg``): warps x pass width (ch),
+    and the grid order reversed."""
+    out = [dict(warps=wp, ch=ch) for wp, ch in ((2, 32), (2, 64), (4, 32), (4, 64), (4, 128), (8, 64), (8, 128),
+                                                (16, 128))]
+    out += [dict(warps=8, ch=128, k_fastest=0), dict(warps=4, ch=128, k_fastest=0)]
+    return [{f"{k}_{suffix}": v for k, v in c.items()} for c in out]
+
+
 def _sweep_quant(bench, spec, grouped_spec=""):
     """Time each fp8_quant kernel per launch config; the outputs must equal the default config's bit for bit."""
     import itertools
@@ -345,7 +354,7 @@ def _sweep_quant(bench, spec, grouped_spec=""):
         "quant_1x128": (lambda: FQ.quant_1x128(x), M * K * 3 + sc(M * K // 128),
                         [dict(block_m=bm, warps_1x128=wp) for bm, wp in itertools.product((8, 16, 32, 64), (2, 4, 8))]),
         "quant_1x128_t": (lambda: FQ.quant_1x128_with_transpose(x), M * K * 4 + 2 * sc(M * K // 128),
-                          [dict(warps_t=wp, k_fastest_t=kf) for wp, kf in itertools.product((4, 8, 16), (0, 1))]),
+                          _t_schedules("t")),
         "quant_128x128": (lambda: FQ.quant_128x128(w), N * K * 3, [dict(warps_128=wp) for wp in (4, 8, 16)]),
     }
     if grouped_spec:
@@ -357,7 +366,7 @@ def _sweep_quant(bench, spec, grouped_spec=""):
         jobs["quant_1x128_t_grouped"] = (
             lambda: FQ.quant_1x128_with_transpose_grouped(xg, tiles, group_major=True),
             Mg * Kg * 4 + 2 * sc(Mg * Kg // 128),
-            [dict(warps_tg=wp, k_fastest_tg=kf) for wp, kf in itertools.product((4, 8, 16), (0, 1))])
+            _t_schedules("tg"))
     rows = []
     saved = dict(FQ.CFG)
     for name, (fn, nbytes, cands) in jobs.items():

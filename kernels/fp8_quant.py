@@ -82,11 +82,17 @@ __all__ = [
 # Triton helpers
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _scale_from_amax(amax, nonfinite):
-    """amax (>= 0, fp32) -> dequant scale; ``nonfinite`` is 0 or NaN (sum of x*0) and poisons the scale."""
+def _abs_nan_as_inf(x):
+    """|x| with NaN read as +inf (fp32), so that one max reduction gives both the amax and the non-finite flag."""
+    return tl.where(x == x, tl.abs(x), float("inf"))
+
+
+@triton.jit
+def _scale_from_amax(amax):
+    """amax of ``_abs_nan_as_inf`` values (>= 0, fp32) -> dequant scale; inf (the tile held inf or nan) -> NaN."""
     s = tl.maximum(amax, 1e-12) / 448.0
     s = tl.where(amax > 0.0, s, 1.0)
-    return s + nonfinite
+    return tl.where(amax == float("inf"), float("nan"), s)
 
 
 @triton.jit
@@ -123,40 +129,66 @@ def _quant_1x128_kernel(x_ptr, q_ptr, s_ptr, M, K,
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
     x = x.to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)
-    nonfinite = tl.sum(x * 0.0, axis=1)
-    s = _scale_from_amax(amax, nonfinite)
+    s = _scale_from_amax(tl.max(_abs_nan_as_inf(x), axis=1))
     q = _to_e4m3(x / s[:, None], EXACT_CAST)
     tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
     tl.store(s_ptr + offs_m * stride_sm + pid_k * stride_sk, s, mask=offs_m < M)
 
 
 @triton.jit
-def _quant_tile_rows_and_cols(x_ptr, q_ptr, s_ptr, offs_m, offs_k, mask_m, mask_k, pid_k,
-                              stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, EXACT_CAST: tl.constexpr,
-                              offs_qm, mask_qm):
-    """One 128x128 tile of x (masked elements load as 0): stores its 1x128 quantisation along rows (q, and the
-    per-row scales in column ``pid_k`` of s) at rows ``offs_qm`` where ``mask_qm`` (the tile's own rows, or
-    tile-padded rows whose padding holds zeros / scale 1) and returns the quantisation along columns, transposed
-    (qt [128 (k), 128 (m)] e4m3, st [128] per column), for the caller to store."""
-    mask = mask_m[:, None] & mask_k[None, :]
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    ax = tl.abs(x)
-    zx = x * 0.0
-    s = _scale_from_amax(tl.max(ax, axis=1), tl.sum(zx, axis=1))      # [128] per row
-    st = _scale_from_amax(tl.max(ax, axis=0), tl.sum(zx, axis=0))     # [128] per column
-    q = _to_e4m3(x / s[:, None], EXACT_CAST)
-    tl.store(q_ptr + offs_qm[:, None] * stride_qm + offs_k[None, :], q, mask=mask_qm[:, None] & mask_k[None, :])
-    tl.store(s_ptr + offs_qm * stride_sm + pid_k * stride_sk, s, mask=mask_qm)
-    return tl.trans(_to_e4m3(x / st[None, :], EXACT_CAST)), st
+def _quant_tile_t(x_ptr, row0, n_rows, pid_k, K, stride_xm, stride_xk,
+                  q_ptr, qrow0, stride_qm, s_ptr, stride_sm, stride_sk, Q_PAD: tl.constexpr,
+                  qt_ptr, stride_qtk, st_ptr, stride_stk, QT_PAD: tl.constexpr,
+                  CH: tl.constexpr, EXACT_CAST: tl.constexpr):
+    """1x128 quantisation of one tile of x (rows row0 .. row0 + n_rows, n_rows <= 128; columns pid_k * 128 .. +128)
+    along its rows and along its columns, in two passes of CH rows / CH columns at a time:
+
+    pass 1 (CH rows): the rows' 1x128 quantisation -> q rows qrow0 + r, scales at s[qrow0 + r, pid_k], and the
+      running column amax; then the column scales -> st_ptr[k * stride_stk] (k: the tile's columns);
+    pass 2 (CH columns): the tile re-read transposed (from L1 / L2), divided by the column scales read back ->
+      qt_ptr[k * stride_qtk + r], r the tile's row.
+    ``Q_PAD`` / ``QT_PAD``: also store rows / columns r >= n_rows (zeros, scale 1), for the tile-padded layouts.
+    The transposition happens on the 16-bit input (a layout conversion that Triton does with ldmatrix.trans), not on
+    fp8 bytes: the former one-pass kernel transposed its fp8 tile in registers (tl.trans), which Triton did through
+    shared memory one byte per load (128 ld.shared.b8 per thread, sm_90 PTX) at 249 registers (4 warps).
+    H200 (x [16384, 7168] bf16): 198 us at CH = 128 and 8 warps (59% of a bf16 copy's bandwidth) vs 235-284 us for
+    the one-pass kernel; narrower passes (CH = 16-64) use fewer registers but serialise their loads and ran slower."""
+    offs_r = tl.arange(0, 128)
+    offs_k = pid_k * 128 + offs_r
+    mask_k = offs_k < K
+    valid_r = offs_r < n_rows
+    keep_r = (offs_r < 128) if QT_PAD else valid_r
+    offs_c = tl.arange(0, CH)
+    colmax = tl.zeros([128], dtype=tl.float32)
+    for c in tl.range(0, 128 // CH):
+        r = c * CH + offs_c
+        valid = r < n_rows
+        x = tl.load(x_ptr + (row0 + r)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=valid[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        ax = _abs_nan_as_inf(x)
+        sc = _scale_from_amax(tl.max(ax, axis=1))
+        keep = (r < 128) if Q_PAD else valid
+        tl.store(q_ptr + (qrow0 + r)[:, None] * stride_qm + offs_k[None, :], _to_e4m3(x / sc[:, None], EXACT_CAST),
+                 mask=keep[:, None] & mask_k[None, :])
+        tl.store(s_ptr + (qrow0 + r) * stride_sm + pid_k * stride_sk, sc, mask=keep)
+        colmax = tl.maximum(colmax, tl.max(ax, axis=0))
+    tl.store(st_ptr + offs_k * stride_stk, _scale_from_amax(colmax), mask=mask_k)
+    tl.debug_barrier()          # the column scales, written by other threads of this program, are read back below
+    for c in tl.range(0, 128 // CH):
+        kk = pid_k * 128 + c * CH + offs_c
+        mkc = kk < K
+        stc = tl.load(st_ptr + kk * stride_stk, mask=mkc, other=1.0)
+        xt = tl.load(x_ptr + (row0 + offs_r)[None, :] * stride_xm + kk[:, None] * stride_xk,
+                     mask=mkc[:, None] & valid_r[None, :], other=0.0).to(tl.float32)
+        tl.store(qt_ptr + kk[:, None] * stride_qtk + offs_r[None, :], _to_e4m3(xt / stc[:, None], EXACT_CAST),
+                 mask=mkc[:, None] & keep_r[None, :])
 
 
 @triton.jit
 def _quant_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K,
                           stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, stride_qtk, stride_stk, stride_stm,
-                          EXACT_CAST: tl.constexpr, K_FASTEST: tl.constexpr):
-    # one 128x128 tile of x: row amax -> 1x128 scales of x, column amax -> 1x128 scales of x^T;
+                          EXACT_CAST: tl.constexpr, K_FASTEST: tl.constexpr, CH: tl.constexpr):
+    # one 128x128 tile of x per program: row amax -> 1x128 scales of x, column amax -> 1x128 scales of x^T.
     # K_FASTEST: grid (k tiles, m tiles), so consecutive programs read neighbouring column tiles of the same rows
     if K_FASTEST:
         pid_k = tl.program_id(0)
@@ -164,16 +196,10 @@ def _quant_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K,
     else:
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
-    offs_m = pid_m * 128 + tl.arange(0, 128)
-    offs_k = pid_k * 128 + tl.arange(0, 128)
-    mask_m = offs_m < M
-    mask_k = offs_k < K
-    qt, st = _quant_tile_rows_and_cols(x_ptr, q_ptr, s_ptr, offs_m, offs_k, mask_m, mask_k, pid_k,
-                                       stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, EXACT_CAST,
-                                       offs_m, mask_m)
-    tl.store(qt_ptr + offs_k[:, None] * stride_qtk + offs_m[None, :], qt,
-             mask=mask_k[:, None] & mask_m[None, :])
-    tl.store(st_ptr + offs_k * stride_stk + pid_m * stride_stm, st, mask=mask_k)
+    m0 = pid_m * 128
+    _quant_tile_t(x_ptr, m0, tl.minimum(M - m0, 128), pid_k, K, stride_xm, stride_xk,
+                  q_ptr, m0, stride_qm, s_ptr, stride_sm, stride_sk, False,
+                  qt_ptr + m0, stride_qtk, st_ptr + pid_m * stride_stm, stride_stk, False, CH, EXACT_CAST)
 
 
 @triton.jit
@@ -190,9 +216,7 @@ def _quant_128x128_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, N, K,
     w = tl.load(w_ptr + pid_b * stride_wb + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                 mask=mask, other=0.0)
     w = w.to(tl.float32)
-    amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
-    nonfinite = tl.sum(tl.sum(w * 0.0, axis=1), axis=0)
-    s = _scale_from_amax(amax, nonfinite)
+    s = _scale_from_amax(tl.max(tl.max(_abs_nan_as_inf(w), axis=1), axis=0))
     q = _to_e4m3(w / s, EXACT_CAST)
     tl.store(q_ptr + pid_b * stride_qb + offs_n[:, None] * stride_qn + offs_k[None, :], q, mask=mask)
     if WRITE_T:
@@ -215,10 +239,19 @@ INTERPRETED: bool = type(_quant_1x128_kernel).__name__ == "InterpretedFunction"
 #: H200 (2026-11-30, x [4096, 2048], W [7168, 2048]): 1x128 32 rows / 2 warps 12.4 us (16 / 4: 13.0), with-transpose
 #: 4 warps 25.6 us (8: 32.5), 128x128 8 warps 19.2 us (4: 20.8). H200 (2026-12-01, ninth session, x [16384, 7168];
 #: grouped x [131072, 7168] over 16 experts): with-transpose k_fastest 235.0 us vs 242.4 (4 warps; 8: 340.8, 16: 439.2),
-#: grouped 1770 us vs 1814 (4 warps; 8: 2681): about half of a bf16 copy's bandwidth either way.
+#: grouped 1770 us vs 1814 (4 warps; 8: 2681): about half of a bf16 copy's bandwidth either way. Tenth session (the
+#: two-pass with-transpose tile, ``ch``: rows / columns per pass): dense 198 us at 8 warps, ch 128 (59% of a copy;
+#: 4 warps 224, ch 64 at 2 warps 228), grouped 1439 us at 4 warps, ch 128 (65%; 8 warps 1478).
 #: ``MOETRAIN_FP8_QUANT_CFG="warps_tg=8,k_fastest_tg=1"`` (read at import) overrides entries, for sweeps in a training run.
-CFG = {"block_m": 32, "warps_1x128": 2, "warps_t": 4, "k_fastest_t": 1, "warps_tg": 4, "k_fastest_tg": 1,
-       "warps_128": 8}
+CFG = {"block_m": 32, "warps_1x128": 2, "warps_t": 8, "k_fastest_t": 1, "ch_t": 128, "warps_tg": 4, "k_fastest_tg": 1,
+       "ch_tg": 128, "warps_128": 8}
+
+
+def _chunk(ch: int) -> int:
+    """A with-transpose kernel's pass width CH (``ch_t`` / ``ch_tg``): a power of two from 16 to 128."""
+    if ch not in (16, 32, 64, 128):
+        raise ValueError(f"kernels.fp8_quant.CFG: chunk {ch} must be 16, 32, 64 or 128")
+    return ch
 
 
 def _cfg_from_env(text: str) -> dict:
@@ -306,7 +339,8 @@ def quant_1x128_with_transpose(x: torch.Tensor, check_finite: bool = False, col_
         kf = bool(CFG["k_fastest_t"]) and mt <= 65535      # grid dims past the first hold at most 65535
         _quant_1x128_t_kernel[(kt, mt) if kf else (mt, kt)](
             x, q, s, qt, st, M, K, x.stride(0), x.stride(1), q.stride(0), s.stride(0), s.stride(1), qt.stride(0),
-            st.stride(0), st.stride(1), EXACT_CAST=INTERPRETED, K_FASTEST=kf, num_warps=CFG["warps_t"])
+            st.stride(0), st.stride(1), EXACT_CAST=INTERPRETED, K_FASTEST=kf, CH=_chunk(CFG["ch_t"]),
+            num_warps=CFG["warps_t"])
     if check_finite:
         _check_scales_finite("quant_1x128_with_transpose", s, st)
     return q, s, qt, st
@@ -497,11 +531,11 @@ def grouped_tiles(counts: torch.Tensor, M: int) -> GroupedTiles:
 def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, tg_ptr, gts_ptr, K, E, T,
                                   stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, stride_qtk, stride_stk,
                                   stride_stt, EXACT_CAST: tl.constexpr, GROUP_MAJOR: tl.constexpr,
-                                  K_FASTEST: tl.constexpr):
+                                  K_FASTEST: tl.constexpr, CH: tl.constexpr):
     # one (row tile of one group) x (128 columns): rows -> 1x128 scales of x; columns -> 1x128 scales of x^T,
-    # stored in the tile-padded transposed layout qt[K, n_tiles * 128] (tile t owns columns t*128 .. +128);
-    # GROUP_MAJOR: q / s in the tile-padded row layout too (tile t owns rows t*128 .. +128, padding zeros / 1),
-    # and qt and s are flat, group g's part a row-major [K, n_g * 128] (qt) /
+    # stored in the tile-padded transposed layout qt[K, n_tiles * 128] (tile t owns columns t*128 .. +128; zeros past
+    # the tile's rows); GROUP_MAJOR: q / s in the tile-padded row layout too (tile t owns rows t*128 .. +128, padding
+    # zeros / 1), and qt and s are flat, group g's part a row-major [K, n_g * 128] (qt) /
     # [ceil(K/128), n_g * 128] (s) block at element offset g0 * 128 * K (qt) / g0 * 128 * ceil(K/128) (s), where
     # g0 = its first tile and n_g its tiles; the empty tiles past the real ones form one more block at the end.
     # K_FASTEST: grid (k tiles, row tiles) instead of (row tiles, k tiles)
@@ -513,39 +547,20 @@ def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, t
         pid_k = tl.program_id(1)
     rs = tl.load(ts_ptr + t)
     re = tl.load(te_ptr + t)
-    offs_r = tl.arange(0, 128)
-    offs_m = rs + offs_r
-    offs_k = pid_k * 128 + tl.arange(0, 128)
-    mask_m = offs_m < re
-    mask_k = offs_k < K
-    # masked rows load as 0 -> the padding columns of the transposed tile hold zeros
     if GROUP_MAJOR:
-        offs_qm = t * 128 + offs_r
-        mask_qm = offs_r < 128
         g = tl.load(tg_ptr + t)
         g0 = tl.load(gts_ptr + g)
         g1 = tl.load(gts_ptr + g + 1, mask=g < E, other=T)
         pitch = (g1 - g0) * 128            # the block's row length; its element (i, j) is at i * pitch + j
         # element (i, t*128 + r) of a block lands at g0*128*width + i*pitch + (t - g0)*128 + r
-        s_base = s_ptr + g0 * 128 * (tl.cdiv(K, 128) - 1)
-        qt_base = qt_ptr + g0 * 128 * (K - 1)
-        stride_sm_ = 1
-        stride_sk_ = pitch
-        stride_qtk_ = pitch
+        _quant_tile_t(x_ptr, rs, re - rs, pid_k, K, stride_xm, stride_xk,
+                      q_ptr, t * 128, stride_qm, s_ptr + g0 * 128 * (tl.cdiv(K, 128) - 1), 1, pitch, True,
+                      qt_ptr + g0 * 128 * (K - 1) + t * 128, pitch, st_ptr + t * stride_stt, stride_stk, True,
+                      CH, EXACT_CAST)
     else:
-        offs_qm = offs_m
-        mask_qm = mask_m
-        s_base = s_ptr
-        qt_base = qt_ptr
-        stride_sm_ = stride_sm
-        stride_sk_ = stride_sk
-        stride_qtk_ = stride_qtk
-    qt, st = _quant_tile_rows_and_cols(x_ptr, q_ptr, s_base, offs_m, offs_k, mask_m, mask_k, pid_k,
-                                       stride_xm, stride_xk, stride_qm, stride_sm_, stride_sk_, EXACT_CAST,
-                                       offs_qm, mask_qm)
-    tl.store(qt_base + offs_k[:, None] * stride_qtk_ + (t * 128 + offs_r)[None, :], qt,
-             mask=mask_k[:, None])
-    tl.store(st_ptr + offs_k * stride_stk + t * stride_stt, st, mask=mask_k)
+        _quant_tile_t(x_ptr, rs, re - rs, pid_k, K, stride_xm, stride_xk,
+                      q_ptr, rs, stride_qm, s_ptr, stride_sm, stride_sk, False,
+                      qt_ptr + t * 128, stride_qtk, st_ptr + t * stride_stt, stride_stk, True, CH, EXACT_CAST)
 
 
 def quant_1x128_with_transpose_grouped(x: torch.Tensor, tiles: GroupedTiles, group_major: bool = False):
@@ -588,7 +603,7 @@ def quant_1x128_with_transpose_grouped(x: torch.Tensor, tiles: GroupedTiles, gro
             x, q, s, qt, st, tiles.tile_start, tiles.tile_end, tiles.tile_group, tiles.group_tile_start, K,
             tiles.n_groups, T, x.stride(0), x.stride(1), q.stride(0), *stride_s, 1 if group_major else qt.stride(0),
             st.stride(0), st.stride(1), EXACT_CAST=INTERPRETED, GROUP_MAJOR=group_major, K_FASTEST=kf,
-            num_warps=CFG["warps_tg"])
+            CH=_chunk(CFG["ch_tg"]), num_warps=CFG["warps_tg"])
     return q, s, qt, st
 
 

@@ -374,15 +374,14 @@ def test_gpu_real_sizes(shape, dtype):
                 _same_fp8(o, r)
 
 
-@pytest.mark.parametrize("warps", [4, 8])
-@pytest.mark.parametrize("k_fastest", [0, 1])
-def test_with_transpose_grid_order_and_warps_same_bytes(monkeypatch, warps, k_fastest):
-    """The with-transpose kernels' launch tunables (CFG: grid order k_fastest, warps) change the schedule only:
-    every output equals the reference, dense and grouped (both layouts)."""
-    monkeypatch.setitem(fq.CFG, "k_fastest_t", k_fastest)
-    monkeypatch.setitem(fq.CFG, "k_fastest_tg", k_fastest)
-    monkeypatch.setitem(fq.CFG, "warps_t", warps)
-    monkeypatch.setitem(fq.CFG, "warps_tg", warps)
+@pytest.mark.parametrize("warps,k_fastest,ch", [(4, 0, 32), (8, 1, 32), (4, 1, 16), (2, 1, 64), (4, 0, 128),
+                                             (8, 1, 128)])
+def test_with_transpose_schedules_same_bytes(monkeypatch, warps, k_fastest, ch):
+    """The with-transpose kernels' launch tunables (CFG: grid order k_fastest, warps, pass width ch) change the
+    schedule only: every output equals the reference, dense and grouped (both layouts)."""
+    for suffix in ("t", "tg"):
+        for key, val in (("k_fastest", k_fastest), ("warps", warps), ("ch", ch)):
+            monkeypatch.setitem(fq.CFG, f"{key}_{suffix}", val)
     x = _data(130, 300, seed=11)
     for got, ref in zip(quant_1x128_with_transpose(x), quant_1x128_with_transpose_ref(x)):
         if got.dtype == torch.float8_e4m3fn:
@@ -400,6 +399,10 @@ def test_with_transpose_grid_order_and_warps_same_bytes(monkeypatch, warps, k_fa
                 _same_fp8(a, b)
             else:
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
+    x[129, 290] = float("nan")           # the last row tile's last column tile: NaN row and column scales there only
+    _, s, _, st = quant_1x128_with_transpose(x)
+    assert torch.isnan(s[129, 2]) and torch.isnan(st[290, 1])
+    assert int(torch.isnan(s).sum()) == 1 and int(torch.isnan(st).sum()) == 1
 
 
 def test_cfg_from_env():
@@ -408,3 +411,5 @@ def test_cfg_from_env():
     for bad in ("warps=8", "warps_tg=eight", "warps_tg"):
         with pytest.raises(ValueError, match="MOETRAIN_FP8_QUANT_CFG: bad entry"):
             fq._cfg_from_env(bad)
+    with pytest.raises(ValueError, match="chunk 48 must be 16, 32, 64 or 128"):
+        fq._chunk(48)
