@@ -1,7 +1,8 @@
 """Puts the Triton kernels of ``kernels/`` on a plain model's hot path, from outside.
 
-Each op replaces one swappable attribute the model exposes (docs/interfaces.md): ``MLA.attn_core``
-(flash-style MLA attention), ``MLA.rope_fn``, ``RMSNorm`` modules, ``MLP.act_fn`` and
+Each op replaces one swappable attribute the model exposes (docs/interfaces.md): ``MLA.attn_core`` and
+``MLA.attn_core_split`` (flash-style MLA attention; the split form reads q/k's nope and rope parts in place and
+the shared rope key once for all heads), ``MLA.rope_fn``, ``RMSNorm`` modules, ``MLP.act_fn`` and
 ``GroupedExperts.act_fn`` / ``act_packed_fn`` (SwiGLU), ``Gate.topk_fn`` (fused router) and the dispatcher's
 ``permute_fn`` / ``unpermute_fn``. Parameters and state-dict keys are unchanged, so checkpoints move
 freely between kernels on and off. Where Triton cannot run (not installed, or a CPU tensor without
@@ -85,7 +86,7 @@ def apply_kernels(model: nn.Module, kcfg, device: Optional[torch.device] = None)
     device = device or next(model.parameters()).device
     if triton_unavailable(device):
         return {}
-    from kernels.mla_attention import mla_attention
+    from kernels.mla_attention import mla_attention, mla_attention_split
     from kernels.permute import RowOps, permute, stable_order, unpermute
     from kernels.rope import rope
     from kernels.swiglu import swiglu, swiglu_packed
@@ -94,7 +95,8 @@ def apply_kernels(model: nn.Module, kcfg, device: Optional[torch.device] = None)
     for name, module in list(model.named_modules()):
         if isinstance(module, MLA):
             if kcfg.attention:
-                module.attn_core, changed["attention"] = mla_attention, changed["attention"] + 1
+                module.attn_core, module.attn_core_split = mla_attention, mla_attention_split
+                changed["attention"] += 1
             if kcfg.rope:
                 module.rope_fn, changed["rope"] = rope, changed["rope"] + 1
         elif isinstance(module, (MLP, GroupedExperts)) and kcfg.swiglu:

@@ -18,7 +18,10 @@ RoPE is applied with real ``cos``/``sin`` tables (no complex tensors: friendly t
 bf16) on interleaved pairs ``(x[2i], x[2i+1])``, the layout of DeepSeek-V3's ``inference/model.py``.
 
 Swappable hot-path ops (replace from outside, e.g. with Triton kernels):
-``MLA.attn_core`` (instance attribute, default :func:`sdpa_attention`), ``MLA.rope_fn`` (default
+``MLA.attn_core`` (instance attribute, default :func:`sdpa_attention`), ``MLA.attn_core_split`` (default None;
+when set, called instead of ``attn_core`` as ``attn_core_split(q_nope, q_pe, k_nope, k_pe, v, causal=True,
+softmax_scale=)`` with ``[B, H, T, .]`` views and the shared ``k_pe`` as ``[B, 1, T, Dr]``, so neither the q/k
+concatenation nor the per-head copy of ``k_pe`` is materialised), ``MLA.rope_fn`` (default
 :func:`apply_rotary_emb`), and the ``q_norm`` / ``kv_norm`` RMSNorm modules.
 """
 from __future__ import annotations
@@ -156,7 +159,7 @@ class MLA(nn.Module):
 
     Modules: ``wq`` (``q_lora_rank == 0``) or ``wq_a``, ``q_norm``, ``wq_b``; ``wkv_a``,
     ``kv_norm``, ``wkv_b``, ``wo`` (all ``nn.Linear`` without bias, norms ``RMSNorm``).
-    Attributes: ``softmax_scale`` (YaRN-adjusted), ``attn_core``, ``rope_fn`` (swappable).
+    Attributes: ``softmax_scale`` (YaRN-adjusted), ``attn_core``, ``attn_core_split``, ``rope_fn`` (swappable).
     """
 
     def __init__(self, args: ModelArgs):
@@ -185,6 +188,7 @@ class MLA(nn.Module):
         self.wo = nn.Linear(H * self.v_head_dim, self.dim, bias=False)
         self.softmax_scale = yarn_softmax_scale(args)
         self.attn_core = sdpa_attention
+        self.attn_core_split = None
         self.rope_fn = apply_rotary_emb
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -216,6 +220,11 @@ class MLA(nn.Module):
         q_nope, q_pe, c_kv, k_pe = self.project(x, cos[:T], sin[:T])
         kv = self.wkv_b(c_kv).view(B, T, H, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = torch.split(kv, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        if self.attn_core_split is not None:
+            o = self.attn_core_split(q_nope.transpose(1, 2), q_pe.transpose(1, 2), k_nope.transpose(1, 2),
+                                     k_pe.unsqueeze(1), v.transpose(1, 2), causal=True,
+                                     softmax_scale=self.softmax_scale)
+            return self.wo(o.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, H, -1)], dim=-1).transpose(1, 2)
         o = self.attn_core(q, k, v.transpose(1, 2), causal=True, softmax_scale=self.softmax_scale)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moetrain.model import MLA, ModelArgs, LatentKVCache, mla_absorbed_attention, precompute_freqs_cis
-from moetrain.model.mla import apply_rotary_emb, yarn_softmax_scale
+from moetrain.model.mla import apply_rotary_emb, sdpa_attention, yarn_softmax_scale
 
 
 def small_args(**kw):
@@ -119,6 +119,33 @@ def test_attn_core_is_swappable():
     out = m(torch.randn(1, 5, args.dim), cos, sin)
     assert calls == [((1, 3, 5, 14), (1, 3, 5, 14), (1, 3, 5, 10), True, m.softmax_scale)]
     assert out.abs().sum() == 0
+
+
+def test_attn_core_split_gets_the_unconcatenated_parts():
+    """With ``attn_core_split`` set, MLA hands it q/k's nope and rope parts and the shared k_pe [B, 1, T, Dr];
+    a split core that concatenates them itself gives the default forward's output and gradients."""
+    args = small_args()
+    m = build(args)
+    cos, sin = precompute_freqs_cis(args)
+    x = torch.randn(2, 7, args.dim, requires_grad=True)
+    ref = m(x, cos, sin)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *m.parameters()])
+    seen = []
+
+    def split_core(qn, qr, kn, kr, v, causal=True, softmax_scale=None):
+        seen.append((qn.shape, qr.shape, kn.shape, kr.shape, v.shape, causal, softmax_scale))
+        H = qn.shape[1]
+        return sdpa_attention(torch.cat([qn, qr], -1), torch.cat([kn, kr.expand(-1, H, -1, -1)], -1), v,
+                              causal=causal, softmax_scale=softmax_scale)
+
+    m.attn_core_split = split_core
+    out = m(x, cos, sin)
+    grads = torch.autograd.grad(out.square().sum(), [x, *m.parameters()])
+    dn, dr, dv = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+    assert seen == [((2, 3, 7, dn), (2, 3, 7, dr), (2, 3, 7, dn), (2, 1, 7, dr), (2, 3, 7, dv), True, m.softmax_scale)]
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
 
 
 def v3_reference_freqs(a):
