@@ -12,7 +12,8 @@
 # same time as the others (small models: the GPU is shared, so the tokens/s columns are not speeds). Then
 # benchmarks/parity_seeds.py prints FP8 vs the baseline and the control vs the baseline per seed (final
 # training loss = mean of the last 40 logs, i.e. the last 200 steps; val loss over the whole split) and plots the
-# curves. Everything lands in $OUT/parity.tgz; the tables in $OUT/parity_summary.md.
+# curves. Everything lands in $OUT/parity.tgz; the tables in $OUT/parity_summary.md. WORK (default /tmp/parity):
+# the scratch folder (emptied first), distinct for runs side by side.
 set -uo pipefail
 OUT=${OUT:-out}
 SEEDS=${SEEDS:-1337 2 3 4}
@@ -20,7 +21,7 @@ STEPS=${STEPS:-600}
 DEADLINE_S=${DEADLINE_S:-540}
 CONFIG=${CONFIG:-configs/parity-wikitext2.yaml}
 VARIANTS=${VARIANTS:-kernels fp8-blockwise+kernels bf16}   # without bf16: no control pair
-W=/tmp/parity; rm -rf "$W"; mkdir -p "$W" "$OUT"
+W=${WORK:-/tmp/parity}; rm -rf "$W"; mkdir -p "$W" "$OUT"
 cd "$(dirname "$0")/.."
 pids=()
 for s in $SEEDS; do

@@ -100,26 +100,32 @@ def plot(res: dict, baseline: str, variant: str, path: Path, title: str, alpha: 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=(2, 1))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, height_ratios=(2, 1))
+    n = len(res["rows"])
+    colour = (lambda i: f"C{i}") if n <= 10 else plt.get_cmap("tab20")   # noqa: E731
     for i, r in enumerate(res["rows"]):
         base, var = r["curves"]
         sb, yb = _smooth(base, alpha)
         sv, yv = _smooth(var, alpha)
-        ax1.plot(sb, yb, color=f"C{i}", label=f"{baseline}, seed {r['seed']}")
-        ax1.plot(sv, yv, color=f"C{i}", ls="--", label=f"{variant}, seed {r['seed']}")
+        ax1.plot(sb, yb, color=colour(i), label=f"{baseline}, seed {r['seed']}")
+        ax1.plot(sv, yv, color=colour(i), ls="--", label=f"{variant}, seed {r['seed']}")
         common = [k for k, s in enumerate(sv) if s in set(sb)]
         ref = dict(zip(sb, yb))
-        ax2.plot([sv[k] for k in common], [100 * (yv[k] / ref[sv[k]] - 1) for k in common], color=f"C{i}",
+        ax2.plot([sv[k] for k in common], [100 * (yv[k] / ref[sv[k]] - 1) for k in common], color=colour(i),
                  label=f"seed {r['seed']}")
     ax1.set_ylabel(f"training loss (EMA, alpha {alpha})")
-    ax1.legend(fontsize=8)
+    if n <= 3:
+        ax1.legend(fontsize=8)
+    else:   # one entry per line style; the seeds' colours are keyed in the lower panel's legend
+        ax1.legend(handles=[plt.Line2D([], [], color="k", label=baseline),
+                            plt.Line2D([], [], color="k", ls="--", label=variant)], fontsize=8)
     ax1.set_title(title, fontsize=9)
     ax2.axhline(0, color="k", lw=0.5)
     for b in (TOL["fp8_rel"] * 100, -TOL["fp8_rel"] * 100):   # the parity bound
         ax2.axhline(b, color="r", lw=0.5, ls=":")
     ax2.set_ylabel(f"{variant} vs {baseline} (%)", fontsize=8)
     ax2.set_xlabel("step")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if n <= 8 else 2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
