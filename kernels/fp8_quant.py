@@ -185,17 +185,21 @@ def _quant_tile_t(x_ptr, row0, n_rows, pid_k, K, stride_xm, stride_xk,
 
 
 @triton.jit
+def _k_and_row_tile(K_FASTEST: tl.constexpr):
+    """(column tile, row tile) of this program: grid (k tiles, row tiles) when K_FASTEST, else the reverse."""
+    if K_FASTEST:
+        return tl.program_id(0), tl.program_id(1)
+    else:
+        return tl.program_id(1), tl.program_id(0)
+
+
+@triton.jit
 def _quant_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K,
                           stride_xm, stride_xk, stride_qm, stride_sm, stride_sk, stride_qtk, stride_stk, stride_stm,
                           EXACT_CAST: tl.constexpr, K_FASTEST: tl.constexpr, CH: tl.constexpr):
     # one 128x128 tile of x per program: row amax -> 1x128 scales of x, column amax -> 1x128 scales of x^T.
     # K_FASTEST: grid (k tiles, m tiles), so consecutive programs read neighbouring column tiles of the same rows
-    if K_FASTEST:
-        pid_k = tl.program_id(0)
-        pid_m = tl.program_id(1)
-    else:
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
+    pid_k, pid_m = _k_and_row_tile(K_FASTEST)
     m0 = pid_m * 128
     _quant_tile_t(x_ptr, m0, tl.minimum(M - m0, 128), pid_k, K, stride_xm, stride_xk,
                   q_ptr, m0, stride_qm, s_ptr, stride_sm, stride_sk, False,
@@ -539,12 +543,7 @@ def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, t
     # [ceil(K/128), n_g * 128] (s) block at element offset g0 * 128 * K (qt) / g0 * 128 * ceil(K/128) (s), where
     # g0 = its first tile and n_g its tiles; the empty tiles past the real ones form one more block at the end.
     # K_FASTEST: grid (k tiles, row tiles) instead of (row tiles, k tiles)
-    if K_FASTEST:
-        pid_k = tl.program_id(0)
-        t = tl.program_id(1)
-    else:
-        t = tl.program_id(0)
-        pid_k = tl.program_id(1)
+    pid_k, t = _k_and_row_tile(K_FASTEST)
     rs = tl.load(ts_ptr + t)
     re = tl.load(te_ptr + t)
     if GROUP_MAJOR:
