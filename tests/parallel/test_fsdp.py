@@ -158,15 +158,23 @@ def run_fused_clip_case(rank: int, world: int, dp: int, ep: int, steps: int = 4)
         opt_ref.step()
         opt_ref.zero_grad(set_to_none=True)
         assert not hasattr(opt, "grad_scale"), name
-        assert torch.equal(norm, norm_ref), f"{name} step {step}: norm {norm} vs {norm_ref}"
-        coef_ref = (0.05 / (norm_ref + 1e-6)).clamp(max=1.0)  # what clip_grad_norm multiplied by
-        assert torch.equal(scales[-1], coef_ref.reciprocal()), f"{name} step {step}: grad_scale {scales[-1]}"
-        # g / (1 / coef) and g * coef differ in the last bit; the next forward amplifies that a little:
-        # rtol 1e-5 of each tensor's scale (workers._close), a wrong coefficient is off by O(1)
+        # step 0: identical parameters and gradients, so the same norm to the bit; later steps start from parameters
+        # that differ in the last bits (below), and so do their gradients: the norms agree to rtol 1e-5
+        if step == 0:
+            assert torch.equal(norm, norm_ref), f"{name} step {step}: norm {norm} vs {norm_ref}"
+        else:
+            torch.testing.assert_close(norm, norm_ref, rtol=1e-5, atol=0, msg=f"{name} step {step}: norm")
+        coef = (0.05 / (norm + 1e-6)).clamp(max=1.0)  # what clip_grad_norm would multiply by, from this norm
+        assert torch.equal(scales[-1], coef.reciprocal()), f"{name} step {step}: grad_scale {scales[-1]}"
+        # g / (1 / coef) and g * coef differ in the last bit; later steps amplify that (Adam normalises the 1e-4-scaled
+        # gradients of the odd steps back to O(1) updates; how far depends on the CPU's matmul kernels: 1.7e-5 of
+        # the tensor's scale seen at step 3): rtol 1e-4 of each tensor's scale (workers._close). A wrong coefficient
+        # is off by O(1): exp_avg is linear in the gradients, and the coefficient changes from step to step
         for (n, p), p_ref in zip(raw.named_parameters(), raw_ref.parameters()):
             for what, a, b in [("param", p, p_ref)] + [(k, opt.state[p][k], opt_ref.state[p_ref][k])
                                                        for k in ("exp_avg", "exp_avg_sq")]:
-                workers._close(f"{name} step {step} {what} {n}", _local(a.detach()), _local(b.detach()), 1e-5, 0)
+                workers._close(f"{name} step {step} {what} {n}", _local(a.detach()), _local(b.detach()),
+                               1e-5 if step == 0 else 1e-4, 0)
         norms.append(float(norm))
     return norms
 
