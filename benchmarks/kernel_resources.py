@@ -12,8 +12,9 @@ the PTX by kind: global loads / stores by vector width, shared-memory loads by w
 transposition done byte by byte), ldmatrix. This is how the tenth session found why the with-transpose quantiser ran
 at half of a copy's bandwidth (249 registers and 128 one-byte shared loads per thread; benchmarks/README.md).
 
-Only a compile: nothing runs, so the numbers are the compiler's, not timings. Exit 2 with one line when the installed
-Triton has no NVIDIA backend tools (ptxas / cuobjdump).
+Only a compile: nothing runs, so the numbers are the compiler's (this machine's Triton, which may differ from the
+GPU machine's: Triton 3.9 here, 3.6 on the H200s so far), not timings. Exit 2 with one line when the installed Triton
+has no NVIDIA backend tools (ptxas / cuobjdump) or lacks the compiler API used.
 """
 from __future__ import annotations
 
@@ -34,13 +35,16 @@ REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 
 
+class ToolsMissing(RuntimeError):
+    """This Triton cannot compile for sm_90 here (no NVIDIA backend tools, or an older compiler API)."""
+
+
 def _tools():
-    from triton import knobs
     try:
+        from triton import knobs
         return knobs.nvidia.cuobjdump.path
-    except Exception as e:  # noqa: BLE001  the tool lookup raises where the backend ships no binaries
-        raise SystemExit(f"kernel_resources: Triton's NVIDIA tools are missing ({e}); install the triton wheel "
-                         "that bundles them") from None
+    except Exception as e:  # noqa: BLE001  the lookup raises where the backend ships no binaries
+        raise ToolsMissing(f"Triton's NVIDIA tools are missing ({type(e).__name__}: {e})") from None
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, unit: tuple = ()):
@@ -48,8 +52,11 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, unit: tu
     ``unit``: integer arguments that a launch passes as 1 (made constants); every other pointer / integer argument is
     marked divisible by 16. Returns Triton's compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``)."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        raise ToolsMissing(f"this Triton ({triton.__version__}) lacks the compiler API used here: {e}") from None
 
     sig, cx = dict(signature), dict(constexprs)
     for n in unit:
@@ -58,7 +65,12 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, unit: tu
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if n in sig and sig[n] != "constexpr" and (sig[n].startswith("*") or sig[n] == "i32")}
     src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    try:
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    except (FileNotFoundError, RuntimeError) as e:
+        if "ptxas" in str(e) or isinstance(e, FileNotFoundError):
+            raise ToolsMissing(f"Triton could not run ptxas ({type(e).__name__}: {str(e)[:200]})") from None
+        raise
 
 
 def resources(compiled, num_warps: int) -> dict:
@@ -120,6 +132,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ValueError as e:   # a bad --ch
+    except (ValueError, ToolsMissing) as e:   # a bad --ch, or no sm_90 toolchain in this Triton
         print(f"kernel_resources: {e}", file=sys.stderr)
         sys.exit(2)

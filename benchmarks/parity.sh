@@ -21,7 +21,10 @@ STEPS=${STEPS:-600}
 DEADLINE_S=${DEADLINE_S:-540}
 CONFIG=${CONFIG:-configs/parity-wikitext2.yaml}
 VARIANTS=${VARIANTS:-kernels fp8-blockwise+kernels bf16}   # without bf16: no control pair
-W=${WORK:-/tmp/parity}; rm -rf "$W"; mkdir -p "$W" "$OUT"
+W=${WORK:-/tmp/parity}
+case "$W" in /|"$HOME"|.|"") echo "parity.sh: WORK=$W would be emptied; name a scratch folder" >&2; exit 2;; esac
+rm -rf "$W"; mkdir -p "$W" "$OUT"
+OUT=$(cd "$OUT" && pwd); W=$(cd "$W" && pwd)          # absolute: the script changes directory next
 cd "$(dirname "$0")/.."
 pids=()
 for s in $SEEDS; do
@@ -31,7 +34,8 @@ for s in $SEEDS; do
     --set train.eval_batches=100000 "run.seed=$s" ${PARITY_SET:-} > "$W/seed$s.log" 2>&1 &
   pids+=($!)
 done
-for p in "${pids[@]}"; do wait "$p"; done
+failed=0
+for p in "${pids[@]}"; do wait "$p" || failed=$((failed + 1)); done
 folders=(); for s in $SEEDS; do folders+=("$W/seed$s"); done
 {
   echo "# Loss parity, $(date -u +%F), $CONFIG, $STEPS steps, seeds $SEEDS"
@@ -51,3 +55,4 @@ for s in $SEEDS; do tail -n 30 "$W/seed$s.log"; done
 rm -rf "$W"/work*
 cp "$W/parity_summary.md" "$OUT/"
 tar czf "$OUT/parity.tgz" -C "$W" .
+if (( failed )); then echo "parity.sh: $failed of the seeds' runs failed (their logs are in parity.tgz)" >&2; exit 1; fi

@@ -150,7 +150,7 @@ def _quant_tile_t(x_ptr, row0, n_rows, pid_k, K, stride_xm, stride_xk,
     ``Q_PAD`` / ``QT_PAD``: also store rows / columns r >= n_rows (zeros, scale 1), for the tile-padded layouts.
     The transposition happens on the 16-bit input (a layout conversion that Triton does with ldmatrix.trans), not on
     fp8 bytes: the former one-pass kernel transposed its fp8 tile in registers (tl.trans), which Triton did through
-    shared memory one byte per load (128 ld.shared.b8 per thread, sm_90 PTX) at 249 registers (4 warps).
+    shared memory one byte per load (128 ld.shared.b8 per thread, sm_90 PTX) at 249-255 registers (4 warps).
     H200 (x [16384, 7168] bf16): 198 us at CH = 128 and 8 warps (59% of a bf16 copy's bandwidth) vs 235-284 us for
     the one-pass kernel; narrower passes (CH = 16-64) use fewer registers but serialise their loads and ran slower."""
     offs_r = tl.arange(0, 128)
@@ -325,7 +325,8 @@ def quant_1x128(x: torch.Tensor, check_finite: bool = False,
 
 
 def quant_1x128_with_transpose(x: torch.Tensor, check_finite: bool = False, col_major_scales: bool = False):
-    """1x128 quantisation of x and of x^T in one pass over x (one 128x128 tile per program).
+    """1x128 quantisation of x and of x^T, one 128x128 tile per program (x read from HBM once; the tile's
+    transposed re-read hits L1 / L2).
 
     x: [M, K] float32/bfloat16/float16. Returns (x_fp8 [M, K], scales [M, ceil(K/128)],
     xt_fp8 [K, M], xt_scales [K, ceil(M/128)]), fp8 tensors contiguous, scales row-major (or both with strides

@@ -8,6 +8,7 @@ Data path for ``x[B, T, D]`` (``H`` heads, ``Dn = qk_nope_head_dim``, ``Dr = qk_
     c_kv, k_pe = split(wkv_a(x), [R, Dr]);  k_pe = rope(k_pe)      k_pe shared by all heads
     k_nope, v  = split(wkv_b(kv_norm(c_kv)), [Dn, Dv])              [B, T, H, Dn], [B, T, H, Dv]
     o = attn_core(cat(q_nope, q_pe), cat(k_nope, k_pe), v)         [B, H, T, Dv]
+        (or, when set, attn_core_split(q_nope, q_pe, k_nope, k_pe [B, 1, T, Dr], v): no concatenation)
     out = wo(o)                                                    [B, T, D]
 
 Training uses this "naive" form (per-head K/V materialised). :func:`mla_absorbed_attention` is the
@@ -21,7 +22,8 @@ Swappable hot-path ops (replace from outside, e.g. with Triton kernels):
 ``MLA.attn_core`` (instance attribute, default :func:`sdpa_attention`), ``MLA.attn_core_split`` (default None;
 when set, called instead of ``attn_core`` as ``attn_core_split(q_nope, q_pe, k_nope, k_pe, v, causal=True,
 softmax_scale=)`` with ``[B, H, T, .]`` views and the shared ``k_pe`` as ``[B, 1, T, Dr]``, so neither the q/k
-concatenation nor the per-head copy of ``k_pe`` is materialised), ``MLA.rope_fn`` (default
+concatenation nor the per-head copy of ``k_pe`` is materialised; code that swaps ``attn_core`` after
+:func:`moetrain.kernels_apply.apply_kernels` must reset ``attn_core_split`` to None), ``MLA.rope_fn`` (default
 :func:`apply_rotary_emb`), and the ``q_norm`` / ``kv_norm`` RMSNorm modules.
 """
 from __future__ import annotations
