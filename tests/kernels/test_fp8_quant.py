@@ -374,8 +374,7 @@ def test_gpu_real_sizes(shape, dtype):
                 _same_fp8(o, r)
 
 
-@pytest.mark.parametrize("warps,k_fastest,ch", [(4, 0, 32), (8, 1, 32), (4, 1, 16), (2, 1, 64), (4, 0, 128),
-                                             (8, 1, 128)])
+@pytest.mark.parametrize("warps,k_fastest,ch", [(4, 0, 32), (2, 1, 64), (4, 0, 128), (8, 1, 128)])
 def test_with_transpose_schedules_same_bytes(monkeypatch, warps, k_fastest, ch):
     """The with-transpose kernels' launch tunables (CFG: grid order k_fastest, warps, pass width ch) change the
     schedule only: every output equals the reference, dense and grouped (both layouts)."""
