@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)   # compile for the GPU even where the tests set the interpreter
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # Triton's current default, stated (silences its warning)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -115,6 +116,9 @@ def main(argv=None) -> int:
     p.add_argument("--warps", type=int, nargs="+", default=None, help="num_warps (default: kernels.fp8_quant.CFG's)")
     p.add_argument("--ch", type=int, nargs="+", default=None, help="rows / columns per pass (default: CFG's)")
     a = p.parse_args(argv)
+    bad = [w for w in a.warps or [] if w not in (1, 2, 4, 8, 16, 32)]
+    if bad:
+        raise ValueError(f"--warps {bad[0]}: num_warps must be a power of two from 1 to 32")
     import kernels.fp8_quant as fq
 
     print(f"{'kernel':>22s} {'warps':>5s} {'ch':>4s} {'regs':>5s} {'spill B':>7s} {'blocks/SM':>9s} "

@@ -25,6 +25,8 @@ from train_step import TOL, final_loss  # noqa: E402
 
 
 def _info(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: does not exist (give benchmarks/train_step.py output folders)")
     meta = sorted(folder.glob("train_step_*.json"))
     if not meta:
         raise FileNotFoundError(f"{folder}: no train_step_*.json (not a benchmarks/train_step.py output folder)")
