@@ -553,14 +553,19 @@ def _quant_1x128_t_grouped_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, t
         g1 = tl.load(gts_ptr + g + 1, mask=g < E, other=T)
         pitch = (g1 - g0) * 128            # the block's row length; its element (i, j) is at i * pitch + j
         # element (i, t*128 + r) of a block lands at g0*128*width + i*pitch + (t - g0)*128 + r
-        _quant_tile_t(x_ptr, rs, re - rs, pid_k, K, stride_xm, stride_xk,
-                      q_ptr, t * 128, stride_qm, s_ptr + g0 * 128 * (tl.cdiv(K, 128) - 1), 1, pitch, True,
-                      qt_ptr + g0 * 128 * (K - 1) + t * 128, pitch, st_ptr + t * stride_stt, stride_stk, True,
-                      CH, EXACT_CAST)
+        qrow0 = t * 128
+        s_base = s_ptr + g0 * 128 * (tl.cdiv(K, 128) - 1)
+        sm, sk = 1, pitch
+        qt_base = qt_ptr + g0 * 128 * (K - 1)
+        qtk = pitch
     else:
-        _quant_tile_t(x_ptr, rs, re - rs, pid_k, K, stride_xm, stride_xk,
-                      q_ptr, rs, stride_qm, s_ptr, stride_sm, stride_sk, False,
-                      qt_ptr + t * 128, stride_qtk, st_ptr + t * stride_stt, stride_stk, True, CH, EXACT_CAST)
+        qrow0 = rs
+        s_base = s_ptr
+        sm, sk = stride_sm, stride_sk
+        qt_base = qt_ptr
+        qtk = stride_qtk
+    _quant_tile_t(x_ptr, rs, re - rs, pid_k, K, stride_xm, stride_xk, q_ptr, qrow0, stride_qm, s_base, sm, sk,
+                  GROUP_MAJOR, qt_base + t * 128, qtk, st_ptr + t * stride_stt, stride_stk, True, CH, EXACT_CAST)
 
 
 def quant_1x128_with_transpose_grouped(x: torch.Tensor, tiles: GroupedTiles, group_major: bool = False):

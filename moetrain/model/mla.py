@@ -226,10 +226,10 @@ class MLA(nn.Module):
             o = self.attn_core_split(q_nope.transpose(1, 2), q_pe.transpose(1, 2), k_nope.transpose(1, 2),
                                      k_pe.unsqueeze(1), v.transpose(1, 2), causal=True,
                                      softmax_scale=self.softmax_scale)
-            return self.wo(o.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
-        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, H, -1)], dim=-1).transpose(1, 2)
-        o = self.attn_core(q, k, v.transpose(1, 2), causal=True, softmax_scale=self.softmax_scale)
+        else:
+            q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, H, -1)], dim=-1).transpose(1, 2)
+            o = self.attn_core(q, k, v.transpose(1, 2), causal=True, softmax_scale=self.softmax_scale)
         return self.wo(o.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
 
 
